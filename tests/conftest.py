@@ -1,0 +1,19 @@
+"""Test-wide setup: 8 fake CPU devices, float64 available, shared fixtures."""
+
+import os
+
+# Must happen before jax is imported anywhere: the suite runs on 8 fake CPU devices
+# so sharded code paths are exercised exactly as on an 8-accelerator host.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Keep TensorFlow (used only by the tfds data path) quiet and off any accelerator.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+
+# Parity tests compare against the float64 reference; model code picks its dtype
+# explicitly, so enabling x64 does not change what the library computes in float32.
+jax.config.update("jax_enable_x64", True)
