@@ -12,6 +12,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# TensorFlow (tfds test paths) imported before torchvision segfaults the process
+# (conflicting bundled native libraries); loading torch/torchvision first is safe, so
+# the suite fixes that order here, before any test module imports either.
+try:
+    import torch  # noqa: E402, F401
+    import torchvision  # noqa: E402, F401
+except ImportError:  # the parity-test dependencies are optional for the library
+    pass
+
 import jax  # noqa: E402
 
 # Parity tests compare against the float64 reference; model code picks its dtype

@@ -1,0 +1,94 @@
+"""Defaults shared by every config; paper configs override only what differs.
+
+Field names follow the paper code's flags (openai/guided-diffusion `script_util.py`) so
+its users can move over without a dictionary. Lists are tuples.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns the base ConfigDict with every section and field defined."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # --- Network (UNet, super-resolution UNet, or noise-aware classifier). -----------
+    model = config.model = ml_collections.ConfigDict()
+    model.kind = "unet"  # 'unet' | 'superres' | 'classifier'
+    model.image_size = 64
+    model.in_channels = 3
+    model.num_channels = 128
+    model.num_res_blocks = 2
+    model.attention_resolutions = (16, 8)  # resolutions (pixels), as the paper's flags
+    model.channel_mult = ()  # () = the paper code's default for image_size
+    model.num_heads = 4
+    model.num_head_channels = -1
+    model.num_heads_upsample = -1
+    model.use_scale_shift_norm = True
+    model.resblock_updown = False
+    model.use_new_attention_order = False
+    model.conv_resample = True
+    model.dropout = 0.0
+    model.num_classes = ml_collections.FieldReference(None, field_type=int)
+    model.learn_sigma = False
+    model.dtype = "float32"  # compute dtype; parameters are always float32
+    model.remat = False  # rematerialise blocks to save memory
+    model.pool = "attention"  # classifier only: attention | adaptive | spatial | spatial_v2
+
+    # --- Gaussian diffusion (the paper code's create_gaussian_diffusion arguments). --
+    diffusion = config.diffusion = ml_collections.ConfigDict()
+    diffusion.steps = 1000
+    diffusion.learn_sigma = False
+    diffusion.sigma_small = False
+    diffusion.noise_schedule = "linear"
+    diffusion.use_kl = False
+    diffusion.predict_xstart = False
+    diffusion.rescale_timesteps = False
+    diffusion.rescale_learned_sigmas = False
+    diffusion.timestep_respacing = ""  # "" = all steps; int, "250", "10,15,20", "ddim25"
+
+    # --- Input pipeline. ---------------------------------------------------------------
+    data = config.data = ml_collections.ConfigDict()
+    data.dataset = "mnist_5k"  # tfds name, 'folder', or a built-in dataset
+    data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    data.split = "train"
+    data.image_size = 64
+    data.class_cond = False
+    data.random_crop = False
+    data.random_flip = True
+    data.shuffle_buffer = 10_000
+    data.prefetch = 2
+
+    # --- Optimiser. --------------------------------------------------------------------
+    optim = config.optim = ml_collections.ConfigDict()
+    optim.lr = 1e-4
+    optim.weight_decay = 0.0
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    optim.warmup_steps = 0
+    optim.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
+
+    # --- Training loop. ----------------------------------------------------------------
+    training = config.training = ml_collections.ConfigDict()
+    training.num_steps = 500_000
+    training.batch_size = 256  # global
+    training.microbatch = -1  # -1 = no gradient accumulation
+    training.ema_rates = (0.9999,)
+    training.log_every = 100
+    training.checkpoint_every = 10_000
+    training.keep_checkpoints = 3
+    training.schedule_sampler = "uniform"  # 'uniform' | 'loss-second-moment'
+
+    # --- Sampling (one FID-table row per config by default). ---------------------------
+    sampling = config.sampling = ml_collections.ConfigDict()
+    sampling.num_samples = 50_000
+    sampling.batch_size = 256  # global
+    sampling.method = "ancestral"  # 'ancestral' | 'ddim'
+    sampling.timestep_respacing = 250
+    sampling.eta = 0.0
+    sampling.clip_denoised = True
+    sampling.classifier_scale = 0.0  # 0 = no classifier guidance
+    sampling.classifier_config = ""  # e.g. 'configs/classifier256.py'
+    sampling.classifier_checkpoint = ""
+    return config
