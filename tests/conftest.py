@@ -16,12 +16,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # (conflicting bundled native libraries); loading torch/torchvision first is safe, so
 # the suite fixes that order here, before any test module imports either.
 try:
-    import torch  # noqa: E402, F401
-    import torchvision  # noqa: E402, F401
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
 except ImportError:  # the parity-test dependencies are optional for the library
     pass
 
-import jax  # noqa: E402
+import jax
 
 # Parity tests compare against the float64 reference; model code picks its dtype
 # explicitly, so enabling x64 does not change what the library computes in float32.
