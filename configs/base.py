@@ -58,6 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     data.random_flip = True
     data.shuffle_buffer = 10_000
     data.prefetch = 2
+    data.low_res_size = 0  # super-resolution: side of batch["low_res"]; 0 = none
 
     # --- Optimiser. --------------------------------------------------------------------
     optim = config.optim = ml_collections.ConfigDict()

@@ -6,6 +6,7 @@ opened, so `import diffusion_jax.data` works without them.
 
 from diffusion_jax.data.builtin import MNIST_5K, Mnist5kSource, load_mnist_5k
 from diffusion_jax.data.folder import ImageFolderSource, list_image_files
+from diffusion_jax.data.pipeline import InputPipeline, create_input_pipeline
 from diffusion_jax.data.preprocessing import (
     UnreadableImageError,
     area_downsample,
@@ -20,10 +21,12 @@ from diffusion_jax.data.uint8_images import iterate_uint8_images
 __all__ = [
     "MNIST_5K",
     "ImageFolderSource",
+    "InputPipeline",
     "Mnist5kSource",
     "UnreadableImageError",
     "area_downsample",
     "center_crop_arr",
+    "create_input_pipeline",
     "decode_image",
     "iterate_uint8_images",
     "list_image_files",

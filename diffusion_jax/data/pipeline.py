@@ -1,0 +1,336 @@
+"""Training input pipeline: seeded order, per-host shards, exact resume, prefetching.
+
+Every source is random access, so the order is a pure function of (seed, epoch): each
+epoch every host computes the same seeded permutation of all records and takes every
+`process_count`-th entry starting at its `process_index`. Hosts therefore read disjoint
+records that together cover the epoch (the last `len % process_count` records of the
+permutation are dropped so all hosts see equally many). Augmentation draws come from a
+generator seeded by (seed, epoch, record index), independent of thread scheduling. The
+position - (epoch, records consumed this epoch) - is a pair of ints: saved with a
+checkpoint and restored with `set_state`, the pipeline yields exactly the batches an
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from concurrent import futures
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from diffusion_jax import parallel
+from diffusion_jax.data.preprocessing import (
+    UnreadableImageError,
+    area_downsample,
+    center_crop_arr,
+    random_crop_arr,
+    to_float,
+)
+from diffusion_jax.data.sources import ImageSource, open_source
+
+# Stream ids keep the order generator and the augmentation generators independent.
+_ORDER_STREAM = 0
+_AUGMENT_STREAM = 1
+
+
+class InputPipeline:
+    """An endless iterator of training batches with a checkpointable position.
+
+    Batches are dicts: `image` float32 [B, S, S, 3] in [-1, 1]; `label` int32 [B] when
+    class-conditional; `low_res` float32 [B, s, s, 3] for super-resolution. With a mesh
+    they are global `jax.Array`s sharded over the batch axis (B = global batch);
+    without, numpy arrays of this process's share.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        *,
+        image_size: int,
+        batch_size: int,
+        seed: int,
+        class_cond: bool = False,
+        random_crop: bool = False,
+        random_flip: bool = True,
+        shuffle: bool = True,
+        low_res_size: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        mesh: Mesh | None = None,
+        prefetch: int = 2,
+        device_prefetch: int = 2,
+        num_threads: int = 4,
+    ):
+        """Configures the pipeline; reading starts at the first `next()`.
+
+        Args:
+          source: a random-access source (`open_source`).
+          image_size: output side in pixels.
+          batch_size: this process's examples per batch.
+          seed: fixes the order and the augmentation.
+          class_cond: include `label`.
+          random_crop: the paper's random-crop augmentation instead of a center crop.
+          random_flip: random horizontal flips.
+          shuffle: reshuffle every epoch; False reads records in dataset order.
+          low_res_size: if > 0, add `low_res`, the area-downsampled image.
+          process_index: this host's index (multi-host); tests simulate hosts with it.
+          process_count: number of hosts.
+          mesh: if given, batches become global arrays sharded over its 'data' axis.
+          prefetch: host batches prepared ahead in the background thread.
+          device_prefetch: batches transferred to devices ahead of use (with a mesh).
+          num_threads: image decoding threads.
+
+        Raises:
+          ValueError: for inconsistent arguments (names the argument).
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size (per process) must be positive, got {batch_size}.")
+        if not 0 <= process_index < process_count:
+            raise ValueError(
+                f"process_index={process_index} must be in [0, process_count={process_count})."
+            )
+        if len(source) < process_count:
+            raise ValueError(
+                f"the dataset has {len(source)} records, fewer than process_count={process_count}."
+            )
+        if class_cond and source.num_classes <= 0:
+            raise ValueError(
+                "config.data.class_cond=True but the dataset has no class labels; set "
+                "class_cond=False or use labelled data (folder: name files CLASS_xxx.jpg)."
+            )
+        self.source = source
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.class_cond = class_cond
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.shuffle = shuffle
+        self.low_res_size = low_res_size
+        self.process_index = process_index
+        self.process_count = process_count
+        self.mesh = mesh
+        self.prefetch = max(1, prefetch)
+        self.device_prefetch = max(1, device_prefetch)
+        self.num_threads = max(1, num_threads)
+        self.records_per_epoch = len(source) // process_count  # per host
+        self._state = {"epoch": 0, "position": 0, "skipped": 0}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._host_queue: queue.Queue = queue.Queue(self.prefetch)
+        self._device_queue: collections.deque = collections.deque()
+
+    # ----- order and examples (pure functions of seed, epoch, index) ----------------
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Record indices this host reads in `epoch`, in reading order."""
+        n = len(self.source)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, _ORDER_STREAM, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        usable = self.records_per_epoch * self.process_count
+        return order[:usable].reshape(-1, self.process_count)[:, self.process_index]
+
+    def _load_example(self, epoch: int, index: int) -> tuple[np.ndarray, int] | None:
+        try:
+            image, label = self.source[int(index)]
+        except UnreadableImageError as e:
+            logging.warning("skipping unreadable image (epoch %d, record %d): %s", epoch, index, e)
+            return None
+        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch, int(index)])
+        if self.random_crop:
+            arr = random_crop_arr(image, self.image_size, rng)
+        else:
+            arr = center_crop_arr(image, self.image_size)
+        if self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return arr, label  # [S, S, 3] uint8
+
+    def _assemble(self, examples: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+        images = to_float(np.stack([a for a, _ in examples]))  # [B, S, S, 3]
+        batch = {"image": images}
+        if self.class_cond:
+            batch["label"] = np.asarray([label for _, label in examples], np.int32)  # [B]
+        if self.low_res_size:
+            batch["low_res"] = area_downsample(images, self.low_res_size)  # [B, s, s, 3]
+        return batch
+
+    # ----- background production -----------------------------------------------------
+
+    def _produce(self, state: dict[str, int]) -> None:
+        epoch, position, skipped = state["epoch"], state["position"], state["skipped"]
+        order = self.epoch_indices(epoch)
+        bad_in_a_row = 0
+        try:
+            with futures.ThreadPoolExecutor(self.num_threads) as pool:
+                while not self._stop.is_set():
+                    examples: list[tuple[np.ndarray, int]] = []
+                    while len(examples) < self.batch_size:
+                        # Take exactly the records still needed, so the position after
+                        # a batch does not depend on thread timing.
+                        chunk = []
+                        while len(chunk) < self.batch_size - len(examples):
+                            if position == len(order):
+                                epoch, position = epoch + 1, 0
+                                order = self.epoch_indices(epoch)
+                            chunk.append((epoch, order[position]))
+                            position += 1
+                        loaded = list(pool.map(lambda ei: self._load_example(*ei), chunk))
+                        for item in loaded:
+                            if item is None:
+                                skipped += 1
+                                bad_in_a_row += 1
+                            else:
+                                examples.append(item)
+                                bad_in_a_row = 0
+                        if bad_in_a_row >= self.records_per_epoch:
+                            raise ValueError(
+                                f"a whole epoch ({self.records_per_epoch} records) of the "
+                                "dataset was unreadable; check the data files."
+                            )
+                    new_state = {"epoch": epoch, "position": position, "skipped": skipped}
+                    self._put((self._assemble(examples), new_state))
+        except Exception as e:  # handed to the consumer, which re-raises it
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._host_queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._host_queue = queue.Queue(self.prefetch)
+        self._device_queue.clear()
+        self._thread = threading.Thread(
+            target=self._produce, args=(dict(self._state),), daemon=True, name="input_pipeline"
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stops the background thread and drops prefetched batches."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self._device_queue.clear()
+
+    # ----- iterator protocol and position ---------------------------------------------
+
+    def __iter__(self) -> InputPipeline:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._thread is None:
+            self._start()
+        while len(self._device_queue) < self.device_prefetch:
+            item = self._host_queue.get()
+            if isinstance(item, Exception):
+                self.close()
+                raise item
+            batch, state = item
+            if self.mesh is not None:
+                # Starts the host->device copy now; the step that uses it comes later.
+                batch = parallel.host_to_global(batch, self.mesh)
+            self._device_queue.append((batch, state))
+        batch, self._state = self._device_queue.popleft()
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        """The position after the last batch returned: save it with a checkpoint.
+
+        Returns:
+          {'epoch', 'position' (records of this host's epoch consumed), 'skipped'
+          (unreadable records so far)}: plain ints, JSON-serialisable.
+        """
+        return dict(self._state)
+
+    def set_state(self, state: dict[str, int]) -> None:
+        """Moves to a position from `get_state`; the next batch follows it exactly."""
+        missing = {"epoch", "position"} - set(state)
+        if missing:
+            raise ValueError(f"pipeline state {state} lacks {sorted(missing)}; use get_state().")
+        self.close()
+        self._state = {
+            "epoch": int(state["epoch"]),
+            "position": int(state["position"]),
+            "skipped": int(state.get("skipped", 0)),
+        }
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable records skipped up to the last batch returned."""
+        return self._state["skipped"]
+
+
+def create_input_pipeline(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    mesh: Mesh | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    low_res_size: int | None = None,
+    num_threads: int = 4,
+) -> InputPipeline:
+    """Builds the training pipeline described by `config.data`.
+
+    Args:
+      data_config: `config.data` (dataset, data_dir, split, image_size, class_cond,
+        random_crop, random_flip, shuffle_buffer (0 = no shuffle; otherwise a full
+        per-epoch shuffle, as random access allows), prefetch, low_res_size).
+      global_batch_size: `config.training.batch_size`, over all hosts.
+      seed: `config.seed`.
+      mesh: yields global sharded arrays on it; None yields this host's numpy share.
+      process_index: this host (default `jax.process_index()`).
+      process_count: number of hosts (default `jax.process_count()`).
+      low_res_size: overrides `data_config.low_res_size` (super-resolution input side).
+      num_threads: image decoding threads.
+
+    Returns:
+      An `InputPipeline` (iterator with `get_state` / `set_state` / `close`).
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if mesh is not None:
+        parallel.check_global_batch(global_batch_size, mesh)
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"batch_size={global_batch_size} must be divisible by the number of processes "
+            f"({process_count})."
+        )
+    if low_res_size is None:
+        low_res_size = int(data_config.get("low_res_size", 0) or 0)
+    source = open_source(
+        data_config.dataset,
+        data_dir=data_config.data_dir,
+        split=data_config.split,
+        class_cond=data_config.class_cond,
+    )
+    return InputPipeline(
+        source,
+        image_size=data_config.image_size,
+        batch_size=global_batch_size // process_count,
+        seed=seed,
+        class_cond=data_config.class_cond,
+        random_crop=data_config.random_crop,
+        random_flip=data_config.random_flip,
+        shuffle=data_config.shuffle_buffer != 0,
+        low_res_size=low_res_size,
+        process_index=process_index,
+        process_count=process_count,
+        mesh=mesh,
+        prefetch=data_config.prefetch,
+        num_threads=num_threads,
+    )
