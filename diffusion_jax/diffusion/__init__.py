@@ -1,0 +1,38 @@
+"""Gaussian diffusion in pure, jit-compatible JAX (the paper code's GaussianDiffusion).
+
+`create_diffusion(config.diffusion)` returns a `Diffusion` with q_sample,
+training_losses, p_sample_loop, ddim_sample_loop, calc_bpd_loop and the other pieces
+as methods; `classifier_cond_fn` builds the guidance gradient from a classifier.
+"""
+
+from diffusion_jax.diffusion.factory import Diffusion, create_diffusion
+from diffusion_jax.diffusion.gaussian import (
+    LOSS_TYPES,
+    MODEL_MEAN_TYPES,
+    MODEL_VAR_TYPES,
+    GaussianDiffusion,
+)
+from diffusion_jax.diffusion.guidance import classifier_cond_fn
+from diffusion_jax.diffusion.losses import (
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
+from diffusion_jax.diffusion.respace import space_timesteps
+from diffusion_jax.diffusion.schedules import NOISE_SCHEDULES, get_named_beta_schedule
+
+__all__ = [
+    "LOSS_TYPES",
+    "MODEL_MEAN_TYPES",
+    "MODEL_VAR_TYPES",
+    "NOISE_SCHEDULES",
+    "Diffusion",
+    "GaussianDiffusion",
+    "classifier_cond_fn",
+    "create_diffusion",
+    "discretized_gaussian_log_likelihood",
+    "get_named_beta_schedule",
+    "mean_flat",
+    "normal_kl",
+    "space_timesteps",
+]

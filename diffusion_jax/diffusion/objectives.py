@@ -1,0 +1,257 @@
+"""Training objectives and likelihoods: L_simple, the VLB terms, bits/dim.
+
+Functions take a `GaussianDiffusion` first; `Diffusion` (factory.py) exposes them as
+methods.
+"""
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.diffusion import jit_cache, losses
+from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, stop_gradient_mean
+from diffusion_jax.diffusion.progress import HostProgress
+
+_LOG2 = math.log(2.0)
+
+
+def vb_terms_bpd_from_output(
+    diffusion: GaussianDiffusion, model_output, x_start, x_t, t, *, clip_denoised: bool = True
+) -> dict[str, jnp.ndarray]:
+    """One term of the variational bound, in bits per dimension.
+
+    Args:
+      diffusion: the process.
+      model_output: model output at (x_t, t), [B, H, W, C or 2C].
+      x_start: [B, H, W, C] data in [-1, 1].
+      x_t: [B, H, W, C] diffused data.
+      t: int [B] timesteps.
+      clip_denoised: clip the x_0 prediction.
+
+    Returns:
+      dict: 'output' [B], the decoder NLL where t == 0 and
+      KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) elsewhere; 'pred_xstart'.
+    """
+    true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(x_start, x_t, t)
+    out = diffusion.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=clip_denoised)
+    kl = (
+        losses.mean_flat(
+            losses.normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
+        )
+        / _LOG2
+    )
+    decoder_nll = (
+        -losses.mean_flat(
+            losses.discretized_gaussian_log_likelihood(
+                x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+            )
+        )
+        / _LOG2
+    )
+    return {"output": jnp.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+
+
+def vb_terms_bpd(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    x_start,
+    x_t,
+    t,
+    *,
+    clip_denoised: bool = True,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, jnp.ndarray]:
+    """`vb_terms_bpd_from_output` with the model applied at (x_t, t)."""
+    diffusion.check_batch(x_t, t, model_kwargs, x_name="x_t")
+    output = diffusion.call_model(model_fn, x_t, t, model_kwargs)
+    return vb_terms_bpd_from_output(diffusion, output, x_start, x_t, t, clip_denoised=clip_denoised)
+
+
+def training_losses(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    x_start,
+    t,
+    *,
+    rng=None,
+    noise=None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, jnp.ndarray]:
+    """Per-example training loss at timesteps t.
+
+    mse / rescaled_mse: L_simple (MSE to eps, x_0 or x_{t-1}); with learned variance
+    plus the VLB term computed with gradients stopped through the mean (the hybrid
+    objective), scaled by T/1000 for rescaled_mse. kl / rescaled_kl: the VLB term
+    (times T for rescaled_kl).
+
+    Args:
+      diffusion: the process.
+      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
+      x_start: [B, H, W, C] data in [-1, 1].
+      t: int [B] timesteps of this process.
+      rng: key for the noise when `noise` is None.
+      noise: fixed standard normal noise like x_start.
+      model_kwargs: extra model inputs.
+
+    Returns:
+      dict of [B] arrays: 'loss', 'mse' and, with learned variance or a KL loss, 'vb'
+      (the VLB term in bits/dim before the T or T/1000 factor).
+    """
+    diffusion.check_batch(x_start, t, model_kwargs, x_name="x_start")
+    if noise is None:
+        if rng is None:
+            raise ValueError("training_losses needs rng (a jax.random.key) or noise")
+        noise = jax.random.normal(rng, x_start.shape, x_start.dtype)
+    x_t = diffusion.q_sample(x_start, t, noise)
+    output = diffusion.call_model(model_fn, x_t, t, model_kwargs)
+    channels = x_start.shape[-1]
+    learned = diffusion.model_var_type in ("learned", "learned_range")
+    num_steps = diffusion.num_timesteps
+    terms = {}
+    if diffusion.loss_type in ("kl", "rescaled_kl"):
+        terms["vb"] = vb_terms_bpd_from_output(
+            diffusion, output, x_start, x_t, t, clip_denoised=False
+        )["output"]
+        terms["loss"] = terms["vb"] * (num_steps if diffusion.loss_type == "rescaled_kl" else 1.0)
+    elif learned:
+        terms["vb"] = vb_terms_bpd_from_output(
+            diffusion, stop_gradient_mean(output, channels), x_start, x_t, t, clip_denoised=False
+        )["output"]
+    mean_output = output[..., :channels]
+    if diffusion.model_mean_type == "previous_x":
+        target = diffusion.q_posterior_mean_variance(x_start, x_t, t)[0]
+    elif diffusion.model_mean_type == "start_x":
+        target = x_start
+    else:
+        target = noise
+    terms["mse"] = losses.mean_flat(jnp.square(target.astype(mean_output.dtype) - mean_output))
+    if diffusion.loss_type in ("mse", "rescaled_mse"):
+        if "vb" in terms:
+            # 1/1000 keeps the VLB from swamping L_simple (Nichol & Dhariwal's lambda).
+            scale = num_steps / 1000.0 if diffusion.loss_type == "rescaled_mse" else 1.0
+            terms["loss"] = terms["mse"] + terms["vb"] * scale
+        else:
+            terms["loss"] = terms["mse"]
+    return terms
+
+
+def prior_bpd(diffusion: GaussianDiffusion, x_start) -> jnp.ndarray:
+    """KL(q(x_T | x_0) || N(0, I)) in bits/dim, [B]; constant in the model."""
+    t = jnp.full((x_start.shape[0],), diffusion.num_timesteps - 1, jnp.int32)
+    mean, _, log_variance = diffusion.q_mean_variance(x_start, t)
+    return losses.mean_flat(losses.normal_kl(mean, log_variance, 0.0, 0.0)) / _LOG2
+
+
+def _bpd_program(
+    diffusion, fn_key, clip_denoised, reporter, fn_arrays, x_start, rng, noise, model_kwargs
+):
+    model_fn = jit_cache.merge_callables(fn_key, fn_arrays)[0]
+    batch = x_start.shape[0]
+    num_steps = diffusion.num_timesteps
+
+    def body(_, step):
+        t_value = num_steps - 1 - step  # the paper code walks t from T-1 down to 0
+        t = jnp.full((batch,), t_value, jnp.int32)
+        if noise is None:
+            step_noise = jax.random.normal(
+                jax.random.fold_in(rng, t_value), x_start.shape, x_start.dtype
+            )
+        else:
+            step_noise = noise[t_value]
+        x_t = diffusion.q_sample(x_start, t, step_noise)
+        out = vb_terms_bpd(
+            diffusion,
+            model_fn,
+            x_start,
+            x_t,
+            t,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+        )
+        eps = diffusion.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+        if reporter is not None:
+            reporter.tick(step)
+        return None, (
+            out["output"],
+            losses.mean_flat(jnp.square(out["pred_xstart"] - x_start)),
+            losses.mean_flat(jnp.square(eps - step_noise)),
+        )
+
+    _, (vb, xstart_mse, mse) = jax.lax.scan(body, None, jnp.arange(num_steps))  # each [T, B]
+    prior = prior_bpd(diffusion, x_start)
+    vb, xstart_mse, mse = vb.T, xstart_mse.T, mse.T  # [B, T]
+    return {
+        "total_bpd": jnp.sum(vb, axis=1) + prior,
+        "prior_bpd": prior,
+        "vb": vb,
+        "xstart_mse": xstart_mse,
+        "mse": mse,
+    }
+
+
+def calc_bpd_loop(
+    diffusion: GaussianDiffusion,
+    cache: jit_cache.LoopCache,
+    model_fn: ModelFn,
+    x_start,
+    rng=None,
+    *,
+    noise=None,
+    clip_denoised: bool = True,
+    model_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, jnp.ndarray]:
+    """The full variational bound in bits/dim, as one compiled scan over all T steps.
+
+    Args:
+      diffusion: the process.
+      cache: where the compiled program is memoised.
+      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
+      x_start: [B, H, W, C] data in [-1, 1].
+      rng: key for the per-step q_sample noise (step t uses fold_in(rng, t)).
+      noise: optional fixed noise [T, B, H, W, C]; noise[t] is used at timestep t.
+      clip_denoised: clip x_0 predictions.
+      model_kwargs: extra model inputs.
+      progress: show a host-side progress bar.
+
+    Returns:
+      dict: 'total_bpd' [B] (prior + sum of VLB terms), 'prior_bpd' [B], and [B, T]
+      arrays 'vb', 'xstart_mse', 'mse' whose column j is timestep T-1-j (the paper
+      code's loop order).
+    """
+    model_kwargs = dict(model_kwargs or {})
+    num_steps = diffusion.num_timesteps
+    diffusion.check_batch(
+        x_start, jnp.zeros((x_start.shape[0],), jnp.int32), model_kwargs, x_name="x_start"
+    )
+    if noise is None:
+        if rng is None:
+            raise ValueError("calc_bpd_loop needs rng (a jax.random.key) or noise")
+    elif tuple(noise.shape) != (num_steps, *x_start.shape):
+        raise ValueError(
+            f"noise must have shape {(num_steps, *x_start.shape)} ([T, *x_start.shape]), "
+            f"got {tuple(noise.shape)}"
+        )
+    fn_key, fn_arrays = jit_cache.split_callables((model_fn,))
+    key = ("calc_bpd_loop", fn_key, bool(clip_denoised), bool(progress), noise is None)
+
+    def build():
+        reporter = HostProgress("calc_bpd_loop") if progress else None
+        program = jax.jit(
+            functools.partial(_bpd_program, diffusion, fn_key, bool(clip_denoised), reporter)
+        )
+        return program, reporter
+
+    program, reporter = cache.get(key, build)
+    if reporter is not None:
+        reporter.start(num_steps)
+    try:
+        result = jax.block_until_ready(program(fn_arrays, x_start, rng, noise, model_kwargs))
+    finally:
+        if reporter is not None:
+            reporter.close()
+    return result
