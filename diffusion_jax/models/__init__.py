@@ -1,0 +1,211 @@
+"""The paper's networks: ADM UNet, super-resolution UNet, noise-aware classifier.
+
+`create_model(model_config)` / `create_classifier(model_config)` turn a
+`config.model` section (field names as the paper code's flags) into Flax modules.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from diffusion_jax.models.attention import AttentionBlock, AttentionPool2d, qkv_attention
+from diffusion_jax.models.classifier import POOLS, EncoderUNet
+from diffusion_jax.models.layers import GroupNorm32, timestep_embedding
+from diffusion_jax.models.unet import ResBlock, SuperResUNet, UNet
+
+__all__ = [
+    "POOLS",
+    "AttentionBlock",
+    "AttentionPool2d",
+    "EncoderUNet",
+    "GroupNorm32",
+    "ResBlock",
+    "SuperResUNet",
+    "UNet",
+    "create_classifier",
+    "create_model",
+    "default_channel_mult",
+    "qkv_attention",
+    "timestep_embedding",
+    "validate_model_config",
+]
+
+# The paper code's channel multipliers per resolution (script_util.create_model /
+# create_classifier); its upsamplers use 6 levels at 512 (sr_create_model).
+_DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+_SUPERRES_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+KINDS = ("unet", "superres", "classifier")
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default) if hasattr(cfg, name) else default
+
+
+def default_channel_mult(image_size: int, kind: str = "unet") -> tuple[float, ...]:
+    """The paper code's channel_mult for `image_size` when the config leaves it empty.
+
+    Args:
+      image_size: the network's input resolution (the large size for upsamplers).
+      kind: 'unet', 'superres' or 'classifier'.
+
+    Returns:
+      The tuple of channel multipliers.
+    """
+    table = _SUPERRES_CHANNEL_MULT if kind == "superres" else _DEFAULT_CHANNEL_MULT
+    if image_size not in table:
+        raise ValueError(
+            f"model.channel_mult is empty and image_size={image_size} has no paper default "
+            f"for kind={kind!r} (defaults exist for {sorted(table)}): set model.channel_mult, "
+            "e.g. --config.model.channel_mult='(1, 2, 2)'."
+        )
+    return table[image_size]
+
+
+def validate_model_config(model_config: Any) -> dict[str, Any]:
+    """Checks a `config.model` section and resolves its defaults.
+
+    Args:
+      model_config: ConfigDict (or mapping) with the paper code's flag names.
+
+    Returns:
+      A dict of resolved settings: kind, channel_mult (tuple), attention_resolutions
+      (tuple of ints), dtype (a jnp dtype), out_channels and the remaining fields.
+
+    Raises:
+      ValueError: naming the offending field and how to fix it.
+    """
+    kind = _get(model_config, "kind", "unet")
+    if kind not in KINDS:
+        raise ValueError(f"model.kind must be one of {KINDS}, got {kind!r}.")
+    image_size = int(_get(model_config, "image_size"))
+    channel_mult = tuple(_get(model_config, "channel_mult", ()) or ())
+    if not channel_mult:
+        channel_mult = default_channel_mult(image_size, kind)
+    if any(m <= 0 for m in channel_mult):
+        raise ValueError(f"model.channel_mult entries must be positive, got {channel_mult}.")
+    levels = len(channel_mult)
+    if image_size % 2 ** (levels - 1):
+        raise ValueError(
+            f"model.image_size={image_size} cannot be halved {levels - 1} times "
+            f"(channel_mult={channel_mult}): change image_size or channel_mult."
+        )
+    attn = _get(model_config, "attention_resolutions", ())
+    if isinstance(attn, str):  # the paper code's "32,16,8" flag form
+        attn = tuple(int(r) for r in attn.split(",") if r.strip())
+    attn = tuple(int(r) for r in attn)
+    reachable = {image_size // 2**i for i in range(levels)}
+    for res in attn:
+        if res not in reachable:
+            raise ValueError(
+                f"model.attention_resolutions contains {res}, but the feature maps are "
+                f"{sorted(reachable, reverse=True)} pixels for image_size={image_size} and "
+                f"channel_mult={channel_mult}: attention_resolutions are in pixels, "
+                "e.g. (32, 16, 8)."
+            )
+    num_channels = int(_get(model_config, "num_channels"))
+    for mult in channel_mult:
+        if int(mult * num_channels) % 32:
+            raise ValueError(
+                f"model.num_channels={num_channels} x channel_mult {mult} = "
+                f"{int(mult * num_channels)} is not a multiple of 32 (GroupNorm32 groups)."
+            )
+    num_head_channels = int(_get(model_config, "num_head_channels", -1))
+    num_heads = int(_get(model_config, "num_heads", 1))
+    if num_head_channels == -1 and num_heads < 1:
+        raise ValueError("model.num_heads must be >= 1 when model.num_head_channels is -1.")
+    dtype_name = str(_get(model_config, "dtype", "float32"))
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}.")
+    num_classes = _get(model_config, "num_classes", None)
+    learn_sigma = bool(_get(model_config, "learn_sigma", False))
+    in_channels = int(_get(model_config, "in_channels", 3))
+    pool = _get(model_config, "pool", "attention")
+    if kind == "classifier" and pool not in POOLS:
+        raise ValueError(f"model.pool must be one of {POOLS}, got {pool!r}.")
+    if kind == "classifier" and not num_classes:
+        raise ValueError("model.num_classes must be set for a classifier (1000 for ImageNet).")
+    dropout = float(_get(model_config, "dropout", 0.0))
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {dropout}.")
+    return dict(
+        kind=kind,
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        num_res_blocks=int(_get(model_config, "num_res_blocks")),
+        attention_resolutions=attn,
+        channel_mult=channel_mult,
+        dropout=dropout,
+        conv_resample=bool(_get(model_config, "conv_resample", True)),
+        num_classes=None if num_classes is None else int(num_classes),
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=int(_get(model_config, "num_heads_upsample", -1)),
+        use_scale_shift_norm=bool(_get(model_config, "use_scale_shift_norm", False)),
+        resblock_updown=bool(_get(model_config, "resblock_updown", False)),
+        use_new_attention_order=bool(_get(model_config, "use_new_attention_order", False)),
+        pool=pool,
+        dtype=_DTYPES[dtype_name],
+        remat=bool(_get(model_config, "remat", False)),
+    )
+
+
+def create_model(model_config: Any) -> UNet:
+    """Builds the diffusion UNet (kind 'unet') or the upsampler (kind 'superres').
+
+    Args:
+      model_config: the `config.model` section.
+
+    Returns:
+      An unbound `UNet` / `SuperResUNet`; call `module.apply({'params': p}, x, t, y=...)`
+      (upsamplers also `low_res=`).
+    """
+    s = validate_model_config(model_config)
+    if s["kind"] == "classifier":
+        raise ValueError("model.kind is 'classifier': use create_classifier(model_config).")
+    cls = SuperResUNet if s["kind"] == "superres" else UNet
+    fields = {k: v for k, v in s.items() if k not in ("kind", "pool")}
+    return cls(**fields)
+
+
+def create_classifier(model_config: Any) -> EncoderUNet:
+    """Builds the noise-aware classifier (the paper code's EncoderUNetModel).
+
+    Args:
+      model_config: the `config.model` section of a classifier config: num_channels is
+        the paper's classifier_width, num_res_blocks its classifier_depth, num_classes
+        the number of logits, plus `pool`.
+
+    Returns:
+      An unbound `EncoderUNet`; call `module.apply({'params': p}, x, t)` for logits.
+    """
+    s = validate_model_config(model_config)
+    return EncoderUNet(
+        image_size=s["image_size"],
+        in_channels=s["in_channels"],
+        model_channels=s["model_channels"],
+        out_channels=s["num_classes"],
+        num_res_blocks=s["num_res_blocks"],
+        attention_resolutions=s["attention_resolutions"],
+        channel_mult=s["channel_mult"],
+        dropout=s["dropout"],
+        conv_resample=s["conv_resample"],
+        num_heads=s["num_heads"],
+        num_head_channels=s["num_head_channels"],
+        use_scale_shift_norm=s["use_scale_shift_norm"],
+        resblock_updown=s["resblock_updown"],
+        use_new_attention_order=s["use_new_attention_order"],
+        pool=s["pool"],
+        dtype=s["dtype"],
+        remat=s["remat"],
+    )

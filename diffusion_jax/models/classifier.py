@@ -1,0 +1,146 @@
+"""The noise-aware classifier: the UNet's encoder half plus a pooling head (NHWC).
+
+Mirrors the paper code's EncoderUNetModel; submodule names follow its state-dict keys.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffusion_jax.models.attention import AttentionBlock, AttentionPool2d
+from diffusion_jax.models.layers import (
+    BlockSequence,
+    Downsample,
+    GroupNorm32,
+    conv,
+    dense,
+    timestep_embedding,
+)
+from diffusion_jax.models.unet import ResBlock
+
+Dtype = Any
+POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
+
+
+class EncoderUNet(nn.Module):
+    """Timestep-conditioned image classifier p(y | x_t).
+
+    Called as `module.apply(variables, x, t, train=False)` with x [B, H, W, C] and
+    t [B]; returns float32 logits [B, out_channels]. Attributes as `UNet`'s, plus
+    `pool`: 'attention' (attention pooling, the paper's), 'adaptive' (global average
+    + 1x1 conv), 'spatial' / 'spatial_v2' (MLP on the spatial means of every block).
+    """
+
+    image_size: int
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]
+    channel_mult: Sequence[float]
+    dropout: float = 0.0
+    conv_resample: bool = True
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    pool: str = "attention"
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        t: jnp.ndarray,
+        y: jnp.ndarray | None = None,
+        train: bool = False,
+    ) -> jnp.ndarray:
+        del y  # Accepted so classifiers and UNets share a calling convention.
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
+        res_cls = nn.remat(ResBlock) if self.remat else ResBlock
+        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        res = functools.partial(
+            res_cls,
+            dropout=self.dropout,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            deterministic=not train,
+            dtype=self.dtype,
+        )
+        attn = functools.partial(
+            attn_cls,
+            num_heads=self.num_heads,
+            num_head_channels=self.num_head_channels,
+            use_new_attention_order=self.use_new_attention_order,
+            dtype=self.dtype,
+        )
+        mc = self.model_channels
+        emb = timestep_embedding(t, mc)
+        emb = dense(4 * mc, name="time_embed_0", dtype=jnp.float32)(emb)
+        emb = dense(4 * mc, name="time_embed_2", dtype=jnp.float32)(nn.silu(emb))
+        emb = emb.astype(self.dtype)  # [B, 4 mc]
+
+        spatial = self.pool.startswith("spatial")
+        means = []  # per-block spatial means, [B, C_i] each, for the spatial pools
+
+        def run(layers, name, h):
+            h = BlockSequence(tuple(layers), name=name)(h, emb)
+            if spatial:
+                means.append(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
+            return h
+
+        ch = int(self.channel_mult[0] * mc)
+        h = run(
+            [functools.partial(conv, ch, 3, dtype=self.dtype)],
+            "input_blocks_0",
+            x.astype(self.dtype),
+        )
+        block, res_px = 1, self.image_size
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers = [functools.partial(res, ch, int(mult * mc))]
+                ch = int(mult * mc)
+                if res_px in self.attention_resolutions:
+                    layers.append(functools.partial(attn, ch))
+                h = run(layers, f"input_blocks_{block}", h)
+                block += 1
+            if level != len(self.channel_mult) - 1:
+                if self.resblock_updown:
+                    down = functools.partial(res, ch, ch, down=True)
+                else:
+                    down = functools.partial(Downsample, ch, self.conv_resample, dtype=self.dtype)
+                h = run([down], f"input_blocks_{block}", h)
+                block += 1
+                res_px //= 2
+        middle = [
+            functools.partial(res, ch, ch),
+            functools.partial(attn, ch),
+            functools.partial(res, ch, ch),
+        ]
+        h = run(middle, "middle_block", h)
+
+        if spatial:
+            h = jnp.concatenate(means, axis=-1)  # [B, sum of block widths]
+            h = dense(2048, name="out_0", dtype=jnp.float32)(h)
+            if self.pool == "spatial":
+                h = nn.relu(h)
+                return dense(self.out_channels, name="out_2", dtype=jnp.float32)(h)
+            h = nn.silu(GroupNorm32(name="out_1")(h))
+            return dense(self.out_channels, name="out_3", dtype=jnp.float32)(h)
+
+        # Non-spatial heads run in float32, as the paper code's.
+        h = nn.silu(GroupNorm32(name="out_0")(h.astype(jnp.float32)))
+        if self.pool == "adaptive":
+            h = jnp.mean(h, axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
+            h = conv(self.out_channels, 1, name="out_3", dtype=jnp.float32, zero=True)(h)
+            return h[:, 0, 0]
+        if self.num_head_channels == -1:
+            raise ValueError("pool='attention' needs num_head_channels (64 in the paper).")
+        return AttentionPool2d(
+            res_px, self.num_head_channels, self.out_channels, dtype=jnp.float32, name="out_2"
+        )(h)

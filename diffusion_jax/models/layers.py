@@ -1,0 +1,184 @@
+"""Building blocks shared by the UNet and the classifier (NHWC throughout).
+
+Parameter names mirror the paper code's state-dict keys (see
+`diffusion_jax.checkpoints.openai`): a Flax submodule called `in_layers_2` holds what
+PyTorch calls `in_layers.2`, and a `layers_N` child of a block holds its `N`-th entry.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# PyTorch's default Conv/Linear weight distribution, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+# so freshly initialised models train like the paper's.
+torch_like_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros_init = nn.initializers.zeros
+
+
+def timestep_embedding(timesteps: jnp.ndarray, dim: int, max_period: int = 10_000) -> jnp.ndarray:
+    """Sinusoidal embedding of (possibly fractional) timesteps, in float32.
+
+    Args:
+      timesteps: [B] integer or float timesteps.
+      dim: embedding width.
+      max_period: the longest period of the sinusoids.
+
+    Returns:
+      [B, dim] float32 array: cosines of all frequencies, then sines (zero-padded
+      to `dim` when it is odd), the layout the paper's checkpoints were trained with.
+    """
+    half = dim // 2
+    # Frequencies are rounded once from float64 so they are the correctly rounded
+    # float32 values; large timesteps amplify any ulp difference in the phase.
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half)
+    freqs = jnp.asarray(freqs.astype(np.float32))
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]  # [B, half]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm with 32 groups, always computed in float32 (eps 1e-5, as PyTorch).
+
+    The input dtype is restored on the way out, so bf16 activations keep their dtype
+    while mean and variance never lose precision.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(
+                f"GroupNorm32 needs channels divisible by {self.num_groups}, got {channels}: "
+                "choose num_channels (and channel_mult) so every width is a multiple of 32."
+            )
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        h = jnp.asarray(x, jnp.float32)
+        grouped = h.reshape(*h.shape[:-1], self.num_groups, channels // self.num_groups)
+        # Reduce over every spatial axis and the channels of a group: [B, ..., G, C/G].
+        axes = (*range(1, grouped.ndim - 2), grouped.ndim - 1)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+        grouped = (grouped - mean) / jnp.sqrt(var + self.epsilon)
+        h = grouped.reshape(h.shape) * scale + bias
+        return h.astype(x.dtype)
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    name: str,
+    dtype: Dtype,
+    stride: int = 1,
+    zero: bool = False,
+) -> nn.Conv:
+    """A 2-D convolution with PyTorch's padding (kernel // 2) and float32 parameters.
+
+    Args:
+      features: output channels.
+      kernel: square kernel size (1 or 3).
+      name: submodule name (mirrors the paper code's key).
+      dtype: compute dtype.
+      stride: spatial stride.
+      zero: zero-initialise the weights (the paper code's output projections).
+
+    Returns:
+      The `nn.Conv` module.
+    """
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=zeros_init if zero else torch_like_init,
+        name=name,
+    )
+
+
+def dense(features: int, *, name: str, dtype: Dtype, zero: bool = False) -> nn.Dense:
+    """A linear layer (also used for the paper code's 1x1 Conv1d) with float32 params."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=zeros_init if zero else torch_like_init,
+        name=name,
+    )
+
+
+def upsample_nearest(x: jnp.ndarray) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, 2H, 2W, C] by nearest-neighbour repetition."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def downsample_avg(x: jnp.ndarray) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, H/2, W/2, C] by 2x2 average pooling."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling, optionally followed by a 3x3 convolution."""
+
+    channels: int
+    use_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, emb: jnp.ndarray | None = None) -> jnp.ndarray:
+        del emb  # Blocks share one signature; resampling ignores the embedding.
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = conv(self.channels, 3, name="conv", dtype=self.dtype)(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """x2 downsampling: a strided 3x3 convolution or 2x2 average pooling."""
+
+    channels: int
+    use_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, emb: jnp.ndarray | None = None) -> jnp.ndarray:
+        del emb
+        if self.use_conv:
+            return conv(self.channels, 3, stride=2, name="op", dtype=self.dtype)(x)
+        return downsample_avg(x)
+
+
+class BlockSequence(nn.Module):
+    """A sequence of blocks that each receive the timestep embedding.
+
+    The blocks are built here from factories so that their parameters nest under this
+    module as `layers_0`, `layers_1`, ... (the paper code's `input_blocks.3.0`, ...).
+
+    Attributes:
+      factories: callables `factory(name=...) -> module`; modules called as
+        `module(x, emb)`, except plain convolutions (`nn.Conv`), called as `module(x)`.
+    """
+
+    factories: Sequence[Callable[..., nn.Module]]
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, emb: jnp.ndarray) -> jnp.ndarray:
+        for i, factory in enumerate(self.factories):
+            layer = factory(name=f"layers_{i}")
+            x = layer(x) if isinstance(layer, nn.Conv) else layer(x, emb)
+        return x
