@@ -1,0 +1,198 @@
+"""Weights of the FID Inception: pytorch-fid's `.pth`, a converted `.npz`, cache, download.
+
+The standard FID weights are TF's inception-2015-12-05 graph converted by pytorch-fid to
+`pt_inception-2015-12-05-6726825d.pth` (a plain tensor state dict). This module reads
+that file (through `torch.load(weights_only=True)`, so no arbitrary pickles) or the same
+state dict saved as `.npz` (no torch needed), and maps it onto `InceptionV3FID`'s
+parameter tree: conv weights OIHW -> HWIO, batch norm's weight/bias/running stats -> the
+`scale`/`bias`/`mean`/`var` of each `ConvBN`, and the classifier weight transposed. The
+classifier bias is not used: the paper's evaluator computes its softmax from the
+`softmax/logits/MatMul` weight alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.request
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from diffusion_jax.evaluation import inception
+
+FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILENAME
+)
+# torch.hub convention: the file name carries the first hex digits of its sha256.
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+DEFAULT_CACHE_DIR = "~/.cache/diffusion_jax"
+
+_BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def read_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
+    """Reads a pytorch-fid style state dict from `.pth` (torch) or `.npz` (numpy).
+
+    Args:
+      path: the weights file.
+
+    Returns:
+      `{torch parameter name: float32 numpy array}` in torch layout.
+
+    Raises:
+      FileNotFoundError: if `path` does not exist.
+      ValueError: if the file cannot be read as a state dict.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Inception weights file {path} does not exist.")
+    if path.suffix == ".npz":
+        try:
+            with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
+                return {k: np.asarray(data[k], np.float32) for k in data.files}
+        except (ValueError, OSError) as e:
+            raise ValueError(f"Cannot read Inception weights {path} as an .npz: {e}") from e
+    import torch  # Heavy import only for the .pth route.
+
+    try:
+        with path.open("rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt/unsafe files.
+        raise ValueError(
+            f"Cannot read Inception weights {path} as a torch state dict ({e}). Expected "
+            f"pytorch-fid's {FID_WEIGHTS_FILENAME} or an .npz written by save_inception_npz."
+        ) from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()}
+
+
+def save_inception_npz(state_dict_path: str | epath.PathLike, npz_path: str | epath.PathLike):
+    """Converts pytorch-fid's `.pth` to an `.npz` that loads without torch.
+
+    Args:
+      state_dict_path: the `.pth` (or another `.npz`) weights file.
+      npz_path: where to write the `.npz` (same parameter names, torch layout).
+    """
+    state = read_state_dict(state_dict_path)
+    with epath.Path(npz_path).open("wb") as f:
+        np.savez(f, **state)
+
+
+def _flax_path(torch_name: str) -> tuple[str, ...] | None:
+    """Maps a torch parameter name to its path in `InceptionV3FID`'s params (None: unused)."""
+    parts = torch_name.split(".")
+    if parts == ["fc", "weight"]:
+        return ("fc_kernel",)
+    if parts == ["fc", "bias"] or parts[-1] == "num_batches_tracked":
+        return None
+    *modules, layer, leaf = parts
+    if layer == "conv" and leaf == "weight":
+        return (*modules, "kernel")
+    if layer == "bn" and leaf in _BN_NAMES:
+        return (*modules, _BN_NAMES[leaf])
+    return ("<unknown>", torch_name)
+
+
+def state_dict_to_params(state: dict[str, np.ndarray]) -> dict:
+    """Converts a pytorch-fid FID-Inception state dict into `InceptionV3FID` params.
+
+    Args:
+      state: `{torch name: array}` as returned by `read_state_dict`.
+
+    Returns:
+      The nested float32 parameter dict for `InceptionV3FID().apply({"params": ...})`.
+
+    Raises:
+      ValueError: naming missing, unexpected or wrongly shaped parameters.
+    """
+    expected = inception.flatten_names(inception.init_params_shapes(inception.InceptionV3FID()))
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected = []
+    for name, value in state.items():
+        path = _flax_path(name)
+        if path is None:
+            continue
+        if path not in expected:
+            unexpected.append(name)
+            continue
+        if value.ndim == 4:  # conv: [O, I, kh, kw] -> [kh, kw, I, O]
+            value = value.transpose(2, 3, 1, 0)
+        elif path == ("fc_kernel",):  # linear: [out, in] -> [in, out]
+            value = value.T
+        if value.shape != tuple(expected[path].shape):
+            raise ValueError(
+                f"Inception weight {name!r} has shape {value.shape} after conversion, "
+                f"expected {tuple(expected[path].shape)}: not the FID Inception-v3 weights."
+            )
+        flat[path] = np.ascontiguousarray(value, np.float32)
+    missing = sorted(".".join(p) for p in expected if p not in flat)
+    if missing or unexpected:
+        raise ValueError(
+            "The weights are not pytorch-fid's FID Inception state dict: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
+            f"unexpected {sorted(unexpected)[:5]} ({len(unexpected)}). Use "
+            f"{FID_WEIGHTS_FILENAME} ({FID_WEIGHTS_URL})."
+        )
+    params: dict = {}
+    for path, value in flat.items():
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return params
+
+
+def _download(url: str, dest: epath.Path, timeout_s: float) -> None:
+    """Downloads `url` to `dest` atomically (a temporary file renamed on success)."""
+    tmp = dest.parent / (dest.name + ".tmp")
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, tmp.open("wb") as f:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+    tmp.rename(dest)
+
+
+def fetch_default_weights(
+    cache_dir: str | epath.PathLike = DEFAULT_CACHE_DIR, *, timeout_s: float = 30.0, download=None
+) -> epath.Path:
+    """Returns the cached standard FID weights, downloading them once if needed.
+
+    Args:
+      cache_dir: where the weights file lives (created if missing).
+      timeout_s: network timeout for the download.
+      download: `(url, dest_path, timeout_s) -> None`; the urllib downloader by default
+        (tests pass one that fails, to check the offline message).
+
+    Returns:
+      The path of `pt_inception-2015-12-05-6726825d.pth`.
+
+    Raises:
+      FileNotFoundError: if the file is not cached and cannot be downloaded (offline);
+        the message names the file, its URL and where to put it.
+    """
+    cache = epath.Path(cache_dir).expanduser()
+    dest = cache / FID_WEIGHTS_FILENAME
+    if dest.exists():
+        return dest
+    download = download or _download
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        logging.info("Downloading FID Inception weights %s to %s", FID_WEIGHTS_URL, dest)
+        download(FID_WEIGHTS_URL, dest, timeout_s)
+    except Exception as e:  # urllib raises URLError, socket timeouts, HTTP errors...
+        raise FileNotFoundError(
+            f"The FID Inception weights {FID_WEIGHTS_FILENAME} are not in {cache} and could "
+            f"not be downloaded ({type(e).__name__}: {e}). Download {FID_WEIGHTS_URL} on a "
+            f"machine with network access and put it at {dest}, or pass its path as "
+            "inception_weights (--inception_weights=PATH)."
+        ) from e
+    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+    if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
+        dest.unlink()
+        raise ValueError(
+            f"Downloaded {FID_WEIGHTS_FILENAME} has sha256 {digest[:8]}..., expected "
+            f"{FID_WEIGHTS_SHA256_PREFIX}...; the file was removed, try again."
+        )
+    return dest
