@@ -1,0 +1,55 @@
+"""Evaluates a sample batch against a reference batch, printing what the paper's evaluator prints.
+
+  python -m launch.evaluate REF.npz SAMPLE.npz [--inception_weights=PATH]
+
+REF.npz is a reference batch (e.g. the paper's VIRTUAL_imagenet256_labeled.npz, or one from
+`launch.make_reference`); SAMPLE.npz holds `arr_0` uint8 NHWC samples. Output lines:
+Inception Score, FID, sFID, Precision, Recall. Activations are cached beside both files.
+"""
+
+from absl import app, flags
+
+from diffusion_jax import evaluation
+
+_WEIGHTS = flags.DEFINE_string(
+    "inception_weights",
+    None,
+    "pt_inception-2015-12-05-6726825d.pth or a converted .npz; default: cached/downloaded.",
+)
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size of the Inception pass.")
+_SPLIT = flags.DEFINE_integer(
+    "is_split_size", 5000, "Inception Score split size (5000 as in the paper)."
+)
+_MISMATCH = flags.DEFINE_bool(
+    "allow_resolution_mismatch", False, "Evaluate files with different image sizes anyway."
+)
+_DISTANCE = flags.DEFINE_enum(
+    "pr_distance_dtype",
+    "float16",
+    ["float16", "float32"],
+    "Precision/recall distance precision (float16 as the paper's evaluator).",
+)
+_CACHE = flags.DEFINE_bool("cache", True, "Cache activations beside the npz files.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3:
+        raise app.UsageError("usage: python -m launch.evaluate REF.npz SAMPLE.npz [flags]")
+    inception_model = evaluation.load_inception(_WEIGHTS.value)
+    result = evaluation.evaluate_npz(
+        argv[1],
+        argv[2],
+        inception_model,
+        batch_size=_BATCH.value,
+        split_size=_SPLIT.value,
+        allow_resolution_mismatch=_MISMATCH.value,
+        distance_dtype=_DISTANCE.value,
+        cache=_CACHE.value,
+    )
+    print("Computing evaluations...")
+    for line in result.lines():
+        print(line)
+
+
+if __name__ == "__main__":
+    app.run(main)
