@@ -6,6 +6,7 @@ import logging
 import sys
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 from etils import epath
@@ -170,3 +171,29 @@ def test_missing_tfds_dataset_says_where_and_how(tfds, tmp_path):
     assert "tfds build imagenet2012 --manual_dir=" in msg and "array_record" in msg
     with pytest.raises(FileNotFoundError, match="tfds build lsun/horse"):
         open_source("lsun/horse", data_dir=str(tmp_path))
+
+
+def test_tfds_training_pipeline_and_resume(tfds):
+    from diffusion_jax.data import create_input_pipeline
+
+    config = ml_collections.ConfigDict(
+        dict(dataset="imagenet2012", data_dir=None, split="train", image_size=16,
+             class_cond=True, random_crop=True, random_flip=True, shuffle_buffer=1,
+             prefetch=1, low_res_size=4)
+    )  # fmt: skip
+    with tfds.testing.mock_data(num_examples=12):
+        uninterrupted = create_input_pipeline(config, global_batch_size=4, seed=2)
+        full = [next(uninterrupted) for _ in range(5)]
+        uninterrupted.close()
+        first = create_input_pipeline(config, global_batch_size=4, seed=2)
+        next(first), next(first)
+        resumed = create_input_pipeline(config, global_batch_size=4, seed=2)
+        resumed.set_state(first.get_state())
+        rest = [next(resumed) for _ in range(3)]
+        first.close()
+        resumed.close()
+    assert full[0]["image"].shape == (4, 16, 16, 3) and full[0]["low_res"].shape == (4, 4, 4, 3)
+    assert ((full[0]["label"] >= 0) & (full[0]["label"] < 1000)).all()
+    for a, b in zip(full[2:], rest):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
