@@ -28,6 +28,13 @@ import numpy as np
 from scipy import linalg
 
 
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        # scipy warns about near-singular products; callers check finiteness instead.
+        warnings.simplefilter("ignore")
+        return linalg.sqrtm(a)
+
+
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
@@ -56,21 +63,18 @@ def frechet_distance(
             "sFID?)."
         )
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # scipy warns about near-singular products; the finite check below handles them.
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            warnings.warn(
-                f"Frechet distance: singular product; adding {eps} to the covariance diagonals.",
-                stacklevel=2,
-            )
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"Frechet distance: singular product; adding {eps} to the covariance diagonals.",
+            stacklevel=2,
+        )
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(
-                f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))} in the "
+                f"Frechet distance: Imaginary component {np.max(np.abs(covmean.imag))} in the "
                 "matrix square root; the covariances are not valid (too few samples?)."
             )
         covmean = covmean.real
