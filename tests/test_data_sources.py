@@ -197,3 +197,8 @@ def test_tfds_training_pipeline_and_resume(tfds):
     for a, b in zip(full[2:], rest):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_unknown_dataset_name(tfds):
+    with pytest.raises(ValueError, match="neither 'mnist_5k', 'folder' nor a tfds"):
+        open_source("imagenet_typo")

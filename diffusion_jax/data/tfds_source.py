@@ -42,7 +42,13 @@ def prepare_hint(name: str) -> str:
 def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any, Any]:
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"config.data.dataset={name!r} is neither 'mnist_5k', 'folder' nor a tfds dataset "
+            "name (e.g. 'imagenet2012', 'lsun/bedroom', 'downsampled_imagenet/64x64')."
+        ) from e
     try:
         source = tfds.data_source(
             name,
