@@ -98,8 +98,10 @@ def training_losses(
       model_kwargs: extra model inputs.
 
     Returns:
-      dict of [B] arrays: 'loss', 'mse' and, with learned variance or a KL loss, 'vb'
-      (the VLB term in bits/dim before the T or T/1000 factor).
+      dict of [B] arrays: 'loss', 'mse' and, with learned variance or a KL loss, 'vb'.
+      As in the paper code, with mse losses 'vb' is the term added to 'mse' (already
+      times T/1000 for rescaled_mse); with kl losses it is the VLB term in bits/dim and
+      'loss' is vb (times T for rescaled_kl).
     """
     diffusion.check_batch(x_start, t, model_kwargs, x_name="x_start")
     if noise is None:
@@ -121,6 +123,9 @@ def training_losses(
         terms["vb"] = vb_terms_bpd_from_output(
             diffusion, stop_gradient_mean(output, channels), x_start, x_t, t, clip_denoised=False
         )["output"]
+        if diffusion.loss_type == "rescaled_mse":
+            # T/1000 keeps the VLB from swamping L_simple (Nichol & Dhariwal's lambda).
+            terms["vb"] = terms["vb"] * (num_steps / 1000.0)
     mean_output = output[..., :channels]
     if diffusion.model_mean_type == "previous_x":
         target = diffusion.q_posterior_mean_variance(x_start, x_t, t)[0]
@@ -130,12 +135,7 @@ def training_losses(
         target = noise
     terms["mse"] = losses.mean_flat(jnp.square(target.astype(mean_output.dtype) - mean_output))
     if diffusion.loss_type in ("mse", "rescaled_mse"):
-        if "vb" in terms:
-            # 1/1000 keeps the VLB from swamping L_simple (Nichol & Dhariwal's lambda).
-            scale = num_steps / 1000.0 if diffusion.loss_type == "rescaled_mse" else 1.0
-            terms["loss"] = terms["mse"] + terms["vb"] * scale
-        else:
-            terms["loss"] = terms["mse"]
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
     return terms
 
 

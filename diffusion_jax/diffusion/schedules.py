@@ -72,6 +72,12 @@ def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
         # Ho et al.'s 1000-step endpoints, rescaled so that any T gives a similar
         # alpha_bar curve.
         scale = 1000.0 / num_steps
+        if scale * 0.02 >= 1.0:
+            # beta = 1 makes alpha_bar 0 and every later coefficient infinite.
+            raise ValueError(
+                f"noise_schedule='linear' with steps={num_steps} reaches beta >= 1 (its "
+                "last beta is 20/steps); use steps > 20 or noise_schedule='cosine'"
+            )
         return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
     if name == "cosine":
         return betas_for_alpha_bar(num_steps, _cosine_alpha_bar)
