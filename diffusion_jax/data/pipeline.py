@@ -151,10 +151,11 @@ class InputPipeline:
             arr = center_crop_arr(image, self.image_size)
         if self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-        return arr, label  # [S, S, 3] uint8
+        # Converted here, in the decoding threads, rather than per batch afterwards.
+        return to_float(arr), label  # [S, S, 3] float32
 
     def _assemble(self, examples: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
-        images = to_float(np.stack([a for a, _ in examples]))  # [B, S, S, 3]
+        images = np.stack([a for a, _ in examples])  # [B, S, S, 3] float32
         batch = {"image": images}
         if self.class_cond:
             batch["label"] = np.asarray([label for _, label in examples], np.int32)  # [B]
