@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import logging
+import subprocess
 import sys
 import types
 
@@ -161,6 +162,14 @@ def test_tfds_lsun_is_unconditional(tfds):
         assert batch.shape == (3, 8, 8, 3)
         with pytest.raises(ValueError, match="no 'label' feature"):
             open_source("lsun/cat", class_cond=True)
+        # downsampled_imagenet (unlabelled in tfds) goes through the same tfds path.
+        (small,) = iterate_uint8_images("downsampled_imagenet/64x64", 64)
+        assert small.shape == (3, 64, 64, 3)
+
+
+def test_import_does_not_load_tensorflow():
+    code = "import sys, diffusion_jax.data; assert 'tensorflow' not in sys.modules, 'tf'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=epath.Path(__file__).parents[1])
 
 
 def test_missing_tfds_dataset_says_where_and_how(tfds, tmp_path):
