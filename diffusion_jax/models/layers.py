@@ -34,10 +34,11 @@ def timestep_embedding(timesteps: jnp.ndarray, dim: int, max_period: int = 10_00
       to `dim` when it is odd), the layout the paper's checkpoints were trained with.
     """
     half = dim // 2
-    # Frequencies are rounded once from float64 so they are the correctly rounded
-    # float32 values; large timesteps amplify any ulp difference in the phase.
-    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half)
-    freqs = jnp.asarray(freqs.astype(np.float32))
+    # Exponents in float32 as the paper code forms them, exponentials rounded from
+    # float64: large timesteps amplify any ulp difference in a frequency into the phase.
+    exponents = np.arange(half, dtype=np.float32) * np.float32(-math.log(max_period))
+    exponents = exponents / np.float32(half)
+    freqs = jnp.asarray(np.exp(exponents.astype(np.float64)).astype(np.float32))  # [half]
     args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]  # [B, half]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:

@@ -1,0 +1,273 @@
+"""Loads the paper's released PyTorch checkpoints (guided-diffusion state dicts).
+
+Flax parameter paths are named after the PyTorch keys (see `diffusion_jax.models`), so
+the mapping is a rename plus a layout change per tensor kind:
+
+  PyTorch key                         Flax leaf                   layout
+  `*.weight` of Conv2d [O, I, kh, kw] `.../kernel` [kh, kw, I, O]  transpose
+  `*.weight` of Linear [O, I]         `.../kernel` [I, O]          transpose
+  `qkv / proj_out / qkv_proj / c_proj` Conv1d [O, I, 1]  -> Dense kernel [I, O]
+  GroupNorm `*.weight` / `*.bias`     `.../scale` / `.../bias`     as is
+  `label_emb.weight` [classes, D]     `label_emb/embedding`        as is
+  `out.2.positional_embedding` [C, T+1] -> [T+1, C]                transpose
+
+The qkv channel order (legacy [head][q|k|v][ch] or new [q|k|v][head][ch]) is kept as
+stored; `model.use_new_attention_order` tells the network how to split it, so it must
+match the checkpoint (True only for 64x64_diffusion.pt).
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from diffusion_jax import models
+from diffusion_jax.checkpoints.orbax_io import save_params
+
+# Flax module names whose Dense kernels were Conv1d(kernel_size=1) weights in PyTorch.
+_CONV1D_NAMES = frozenset({"qkv", "proj_out", "qkv_proj", "c_proj"})
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_MAX_LISTED = 8
+
+
+def build_module(model_config: Any):
+    """The Flax module described by `model_config` (UNet, upsampler or classifier)."""
+    if model_config.kind == "classifier":
+        return models.create_classifier(model_config)
+    return models.create_model(model_config)
+
+
+def _example_inputs(module: Any, model_config: Any) -> tuple[tuple, dict]:
+    size = int(model_config.image_size)
+    channels = int(getattr(model_config, "in_channels", 3))
+    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    kwargs = {}
+    if isinstance(module, models.UNet) and module.num_classes is not None:
+        kwargs["y"] = jax.ShapeDtypeStruct((1,), jnp.int32)
+    if isinstance(module, models.SuperResUNet):
+        kwargs["low_res"] = jax.ShapeDtypeStruct((1, size // 4, size // 4, channels), jnp.float32)
+    return (x, t), kwargs
+
+
+def abstract_params(model_config: Any) -> dict:
+    """The params tree of `model_config`'s network as ShapeDtypeStructs (no allocation)."""
+    module = build_module(model_config)
+    args, kwargs = _example_inputs(module, model_config)
+    variables = jax.eval_shape(lambda a, k: module.init(jax.random.key(0), *a, **k), args, kwargs)
+    return variables["params"]
+
+
+def torch_key(flax_path: tuple[str, ...]) -> str:
+    """Maps a Flax param path to its guided-diffusion state-dict key.
+
+    `('input_blocks_4', 'layers_1', 'qkv', 'kernel')` -> `'input_blocks.4.1.qkv.weight'`.
+    """
+    parts = []
+    for name in flax_path[:-1]:
+        match = re.fullmatch(r"(.*?)_(\d+)", name)
+        if match is None:
+            parts.append(name)
+        elif match.group(1) == "layers":  # BlockSequence children are bare indices
+            parts.append(match.group(2))
+        else:
+            parts.extend(match.groups())
+    leaf = flax_path[-1]
+    parts.append(_LEAF_TO_TORCH.get(leaf, leaf))
+    return ".".join(parts)
+
+
+def _torch_shape(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax leaf (inverse of `_to_flax`)."""
+    leaf = flax_path[-1]
+    if leaf == "kernel" and len(shape) == 4:
+        kh, kw, cin, cout = shape
+        return (cout, cin, kh, kw)
+    if leaf == "kernel":
+        cin, cout = shape
+        return (cout, cin, 1) if flax_path[-2] in _CONV1D_NAMES else (cout, cin)
+    if leaf == "positional_embedding":
+        return tuple(reversed(shape))
+    return tuple(shape)
+
+
+def _to_flax(flax_path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Converts one PyTorch tensor (as float32 numpy) to its Flax layout."""
+    leaf = flax_path[-1]
+    if leaf == "kernel" and value.ndim == 4:
+        return np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+    if leaf == "kernel":
+        return np.transpose(value.reshape(value.shape[0], value.shape[1]))  # [O, I(, 1)] -> [I, O]
+    if leaf == "positional_embedding":
+        return np.transpose(value)  # [C, T] -> [T, C]
+    return value
+
+
+def _hint(key: str, kind: str) -> str:
+    """The config fields a bad key most likely comes from."""
+    if key.startswith("label_emb"):
+        return "model.num_classes (None = unconditional, 1000 = the paper's class_cond=True)"
+    if key.startswith("input_blocks.0.0"):
+        return (
+            "model.in_channels / model.kind (an upsampler's first conv sees 2 x in_channels) / "
+            "model.num_channels / model.channel_mult"
+        )
+    if key.startswith("out."):
+        if kind == "classifier":
+            return "model.pool / model.num_classes / model.num_channels"
+        return "model.learn_sigma (6 output channels when True) / model.num_channels"
+    if key.startswith("time_embed"):
+        return "model.num_channels"
+    if ".emb_layers." in key:
+        return "model.use_scale_shift_norm (doubles emb_layers) / model.num_channels"
+    if any(f".{n}." in key for n in ("qkv", "proj_out", "norm")):
+        return "model.num_channels / model.channel_mult / model.attention_resolutions"
+    if ".op." in key or re.search(r"\.\d+\.conv\.", key):
+        return "model.conv_resample / model.resblock_updown"
+    return (
+        "model.num_channels / model.channel_mult / model.num_res_blocks / "
+        "model.attention_resolutions / model.resblock_updown / model.image_size"
+    )
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor; torch is already imported by the caller
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def read_torch_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
+    """Reads a guided-diffusion `.pt` file safely (`weights_only=True`) as numpy float32.
+
+    Args:
+      path: local or remote (`gs://...`) path of the `.pt` file.
+
+    Returns:
+      {state-dict key: float32 array in PyTorch layout}.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"torch checkpoint {path} does not exist.")
+    try:
+        import torch  # heavy and optional: only this reader needs it
+    except ImportError as e:
+        raise ImportError(
+            "reading a PyTorch .pt checkpoint needs torch (CPU is enough): "
+            "pip install torch, or pass a dict of numpy arrays instead."
+        ) from e
+    with path.open("rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(
+            f"{path} is not a flat state dict of tensors (guided-diffusion's format): save "
+            "it with torch.save(model.state_dict(), path)."
+        )
+    return {k: _as_numpy(v) for k, v in state.items()}
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict:
+    """Converts a guided-diffusion state dict to Flax params for `model_config`.
+
+    Args:
+      state_dict: {key: tensor/array} in PyTorch layout.
+      model_config: the `config.model` section describing the same architecture.
+
+    Returns:
+      The Flax params tree (float32 numpy arrays).
+
+    Raises:
+      ValueError: on missing, unexpected or mis-shaped keys, naming each key and the
+        config fields that probably disagree with the checkpoint.
+    """
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}  # DDP-wrapped
+    abstract = abstract_params(model_config)
+    expected = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        flax_path = tuple(p.key for p in path)
+        expected[torch_key(flax_path)] = (flax_path, _torch_shape(flax_path, leaf.shape))
+
+    kind = model_config.kind
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    for key in missing[:_MAX_LISTED]:
+        problems.append(
+            f"missing key {key} (expected shape {list(expected[key][1])}): check {_hint(key, kind)}"
+        )
+    for key in unexpected[:_MAX_LISTED]:
+        shape = list(np.shape(state_dict[key]))
+        problems.append(f"unexpected key {key} with shape {shape}: check {_hint(key, kind)}")
+    converted = {}
+    for key, (flax_path, shape) in expected.items():
+        if key not in state_dict:
+            continue
+        value = _as_numpy(state_dict[key])
+        if tuple(value.shape) != shape:
+            problems.append(
+                f"{key} has shape {list(value.shape)} but the config gives {list(shape)}: "
+                f"check {_hint(key, kind)}"
+            )
+            continue
+        converted[flax_path] = _to_flax(flax_path, value)
+    if problems:
+        extra = len(missing) + len(unexpected) - min(len(missing), _MAX_LISTED)
+        extra -= min(len(unexpected), _MAX_LISTED)
+        more = f"\n  ... and {extra} more missing/unexpected keys" if extra > 0 else ""
+        raise ValueError(
+            "the checkpoint does not match the model config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys):\n  "
+            + "\n  ".join(problems)
+            + more
+        )
+    params: dict = {}
+    for flax_path, value in converted.items():
+        node = params
+        for name in flax_path[:-1]:
+            node = node.setdefault(name, {})
+        node[flax_path[-1]] = value
+    return params
+
+
+def load_openai_checkpoint(
+    path_or_state_dict: str | epath.PathLike | Mapping[str, Any], model_config: Any
+) -> dict:
+    """Loads a guided-diffusion checkpoint (a `.pt` path or a state dict) for Flax.
+
+    Args:
+      path_or_state_dict: path of a released `.pt` file (read with
+        `torch.load(weights_only=True)`), or a mapping of key -> tensor/array.
+      model_config: `config.model` of the matching config (e.g. configs/imagenet256.py).
+
+    Returns:
+      The variables `{'params': params}`, usable directly as
+      `module.apply(variables, x, t, y=...)` (float32 numpy leaves).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        state_dict = path_or_state_dict
+    else:
+        state_dict = read_torch_state_dict(path_or_state_dict)
+    return {"params": convert_state_dict(state_dict, model_config)}
+
+
+def convert_to_orbax(
+    torch_checkpoint: str | epath.PathLike, config: Any, output: str | epath.PathLike
+) -> epath.Path:
+    """Converts a released `.pt` file into an Orbax params checkpoint plus config.
+
+    Args:
+      torch_checkpoint: path of the guided-diffusion `.pt` file.
+      config: the full config whose `model` section matches the checkpoint.
+      output: directory to write (see `orbax_io.save_params` for the layout).
+
+    Returns:
+      The output directory.
+    """
+    variables = load_openai_checkpoint(torch_checkpoint, config.model)
+    return save_params(output, variables["params"], config)
