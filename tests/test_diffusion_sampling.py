@@ -316,3 +316,19 @@ def test_progress_bar_reports_every_step_and_changes_nothing(capsys):
     shown = diff.ddim_sample_loop(_counted_model, SHAPE, None, noise=x_T, progress=True)
     np.testing.assert_array_equal(quiet, shown)
     assert "10/10" in capsys.readouterr().err
+
+
+def test_sharded_batch_samples_equal_single_device():
+    """x_T sharded over the 8-device 'data' mesh: same samples, batch stays sharded."""
+    from diffusion_jax import parallel
+
+    mesh = parallel.create_mesh()
+    shape = (8, 2, 2, 3)
+    diff = ours.create_diffusion(steps=100, timestep_respacing="ddim10")
+    rng = jax.random.key(5)
+    x_T = jax.random.normal(jax.random.key(6), shape, jnp.float32)
+    single = diff.p_sample_loop(_counted_model, shape, rng, noise=x_T)
+    sharded_x_T = jax.device_put(x_T, parallel.data_sharding(mesh))
+    sharded = diff.p_sample_loop(_counted_model, shape, rng, noise=sharded_x_T)
+    assert sharded.sharding.is_equivalent_to(parallel.data_sharding(mesh), len(shape))
+    np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
