@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,7 +38,7 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class GaussianDiffusion:
     """A (possibly respaced) Gaussian diffusion process.
 
@@ -123,6 +122,14 @@ class GaussianDiffusion:
         }
         set_(self, "tables", tables)
 
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_timesteps={self.num_timesteps} of "
+            f"{self.original_num_steps}, model_mean_type={self.model_mean_type!r}, "
+            f"model_var_type={self.model_var_type!r}, loss_type={self.loss_type!r}, "
+            f"rescale_timesteps={self.rescale_timesteps})"
+        )
+
     # --- Helpers. -------------------------------------------------------------------
 
     @property
@@ -136,7 +143,17 @@ class GaussianDiffusion:
         return values.reshape(values.shape + (1,) * (x.ndim - 1))
 
     def check_batch(self, x: jnp.ndarray, t: jnp.ndarray, model_kwargs=None, *, x_name="x"):
-        """Raises ValueError naming the argument when x, t and labels disagree."""
+        """Checks that x, t and labels describe the same batch.
+
+        Args:
+          x: [B, ...] array.
+          t: timesteps, must be int [B].
+          model_kwargs: model inputs; 'y' must have a leading axis of B.
+          x_name: how error messages call x.
+
+        Raises:
+          ValueError: naming the argument whose shape or dtype is wrong.
+        """
         if x.ndim < 2:
             raise ValueError(f"{x_name} must be batched [B, ...], got shape {x.shape}")
         batch = x.shape[0]
@@ -174,7 +191,21 @@ class GaussianDiffusion:
         return mapped
 
     def call_model(self, model_fn: ModelFn, x, t, model_kwargs=None) -> jnp.ndarray:
-        """model_fn on x at this process's t, output checked and cast to x's dtype."""
+        """Applies model_fn at this process's t (mapped to the original timesteps).
+
+        Args:
+          model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
+          x: [B, H, W, C] input.
+          t: int [B] timesteps of this process.
+          model_kwargs: extra model inputs.
+
+        Returns:
+          The output, [B, H, W, C] or [B, H, W, 2C] with learned variance, in the
+          compute dtype of x.
+
+        Raises:
+          ValueError: if the output shape does not fit model_var_type.
+        """
         out = model_fn(x, self.model_timesteps(t, compute_dtype(x.dtype)), **(model_kwargs or {}))
         channels = x.shape[-1]
         learned = self.model_var_type in ("learned", "learned_range")
@@ -190,7 +221,15 @@ class GaussianDiffusion:
     # --- The forward process q. -----------------------------------------------------
 
     def q_mean_variance(self, x_start, t):
-        """Mean, variance and log variance of q(x_t | x_0), each shaped like x_start."""
+        """The forward marginal q(x_t | x_0).
+
+        Args:
+          x_start: [B, H, W, C] clean data.
+          t: int [B] timesteps.
+
+        Returns:
+          (mean, variance, log_variance), each shaped like x_start.
+        """
         self.check_batch(x_start, t, x_name="x_start")
         mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
         variance = jnp.broadcast_to(
@@ -221,7 +260,17 @@ class GaussianDiffusion:
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
-        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
+        """The forward-process posterior q(x_{t-1} | x_t, x_0).
+
+        Args:
+          x_start: [B, H, W, C] x_0 (or a prediction of it).
+          x_t: [B, H, W, C] diffused data at t.
+          t: int [B] timesteps.
+
+        Returns:
+          (mean, variance, log_variance_clipped), each shaped like x_t; the log
+          variance at t=0 (where the variance is 0) takes the t=1 value.
+        """
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {x_start.shape} and x_t {x_t.shape} must share a shape")
         self.check_batch(x_t, t, x_name="x_t")
@@ -238,20 +287,47 @@ class GaussianDiffusion:
     # --- Conversions between parameterisations. -------------------------------------
 
     def predict_xstart_from_eps(self, x_t, t, eps):
-        """x_0 implied by x_t and the noise eps."""
+        """x_0 implied by x_t and the noise eps.
+
+        Args:
+          x_t: [B, H, W, C] diffused data.
+          t: int [B] timesteps.
+          eps: predicted noise like x_t.
+
+        Returns:
+          The x_0 prediction, like x_t.
+        """
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def predict_xstart_from_xprev(self, x_t, t, xprev):
-        """x_0 implied by x_t and the posterior mean x_{t-1} (inverts the posterior)."""
+        """x_0 implied by x_t and the posterior mean x_{t-1} (inverts the posterior).
+
+        Args:
+          x_t: [B, H, W, C] diffused data.
+          t: int [B] timesteps.
+          xprev: predicted posterior mean like x_t.
+
+        Returns:
+          The x_0 prediction, like x_t.
+        """
         coef1 = self._extract("posterior_mean_coef1", t, x_t)
         coef2 = self._extract("posterior_mean_coef2", t, x_t)
         return (xprev - coef2 * x_t) / coef1
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        """The noise eps implied by x_t and a prediction of x_0."""
+        """The noise eps implied by x_t and a prediction of x_0.
+
+        Args:
+          x_t: [B, H, W, C] diffused data.
+          t: int [B] timesteps.
+          pred_xstart: x_0 prediction like x_t.
+
+        Returns:
+          The implied eps, like x_t.
+        """
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
         ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
@@ -403,23 +479,10 @@ class GaussianDiffusion:
         return out
 
 
-def stop_gradient_mean(model_output: jnp.ndarray, channels: int) -> jnp.ndarray:
-    """Blocks gradients through the mean channels of a [.., 2C] learned-variance output.
-
-    The hybrid objective trains the variance with the VLB but lets only L_simple
-    move the mean (Nichol & Dhariwal, section 3.1).
-    """
-    return jnp.concatenate(
-        [jax.lax.stop_gradient(model_output[..., :channels]), model_output[..., channels:]],
-        axis=-1,
-    )
-
-
 __all__ = [
     "LOSS_TYPES",
     "MODEL_MEAN_TYPES",
     "MODEL_VAR_TYPES",
     "GaussianDiffusion",
     "compute_dtype",
-    "stop_gradient_mean",
 ]

@@ -6,7 +6,14 @@ import jax.numpy as jnp
 
 
 def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
-    """Mean over every axis but the batch axis: [B, ...] -> [B]."""
+    """Mean over every axis but the batch axis.
+
+    Args:
+      x: [B, ...] array.
+
+    Returns:
+      [B] means.
+    """
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
@@ -35,6 +42,12 @@ def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
     """The tanh approximation of the standard normal CDF used by the paper code.
 
     Kept instead of the exact erf so likelihoods are comparable with published bits/dim.
+
+    Args:
+      x: any array.
+
+    Returns:
+      Approximate Phi(x), like x.
     """
     return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 

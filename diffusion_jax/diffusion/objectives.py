@@ -13,10 +13,22 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import jit_cache, losses
-from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, stop_gradient_mean
+from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
 from diffusion_jax.diffusion.progress import HostProgress
 
 _LOG2 = math.log(2.0)
+
+
+def stop_gradient_mean(model_output: jnp.ndarray, channels: int) -> jnp.ndarray:
+    """Blocks gradients through the mean channels of a [.., 2C] learned-variance output.
+
+    The hybrid objective trains the variance with the VLB but lets only L_simple
+    move the mean (Nichol & Dhariwal, section 3.1).
+    """
+    return jnp.concatenate(
+        [jax.lax.stop_gradient(model_output[..., :channels]), model_output[..., channels:]],
+        axis=-1,
+    )
 
 
 def vb_terms_bpd_from_output(
