@@ -7,6 +7,8 @@ REF.npz is a reference batch (e.g. the paper's VIRTUAL_imagenet256_labeled.npz, 
 Inception Score, FID, sFID, Precision, Recall. Activations are cached beside both files.
 """
 
+import sys
+
 from absl import app, flags
 
 from diffusion_jax import evaluation
@@ -35,17 +37,20 @@ _CACHE = flags.DEFINE_bool("cache", True, "Cache activations beside the npz file
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise app.UsageError("usage: python -m launch.evaluate REF.npz SAMPLE.npz [flags]")
-    inception_model = evaluation.load_inception(_WEIGHTS.value)
-    result = evaluation.evaluate_npz(
-        argv[1],
-        argv[2],
-        inception_model,
-        batch_size=_BATCH.value,
-        split_size=_SPLIT.value,
-        allow_resolution_mismatch=_MISMATCH.value,
-        distance_dtype=_DISTANCE.value,
-        cache=_CACHE.value,
-    )
+    try:
+        inception_model = evaluation.load_inception(_WEIGHTS.value)
+        result = evaluation.evaluate_npz(
+            argv[1],
+            argv[2],
+            inception_model,
+            batch_size=_BATCH.value,
+            split_size=_SPLIT.value,
+            allow_resolution_mismatch=_MISMATCH.value,
+            distance_dtype=_DISTANCE.value,
+            cache=_CACHE.value,
+        )
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to fix
+        sys.exit(f"error: {e}")
     print("Computing evaluations...")
     for line in result.lines():
         print(line)

@@ -7,6 +7,8 @@ FID statistics `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial), so
 `launch.evaluate REF.npz SAMPLES.npz` works with it exactly as with the paper's batches.
 """
 
+import sys
+
 from absl import app, flags, logging
 
 from diffusion_jax import data, evaluation
@@ -31,18 +33,21 @@ flags.mark_flags_as_required(["images", "output"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    inception_model = evaluation.load_inception(_WEIGHTS.value)
-    batches = data.iterate_uint8_images(
-        _IMAGES.value,
-        _SIZE.value,
-        data_dir=_DATA_DIR.value,
-        split=_SPLIT.value,
-        batch_size=_BATCH.value,
-        limit=_NUM.value,
-    )
-    n = evaluation.write_reference_batch(
-        batches, _OUTPUT.value, inception_model, batch_size=_BATCH.value
-    )
+    try:
+        inception_model = evaluation.load_inception(_WEIGHTS.value)
+        batches = data.iterate_uint8_images(
+            _IMAGES.value,
+            _SIZE.value,
+            data_dir=_DATA_DIR.value,
+            split=_SPLIT.value,
+            batch_size=_BATCH.value,
+            limit=_NUM.value,
+        )
+        n = evaluation.write_reference_batch(
+            batches, _OUTPUT.value, inception_model, batch_size=_BATCH.value
+        )
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to fix
+        sys.exit(f"error: {e}")
     logging.info("Wrote %d images and their FID statistics to %s", n, _OUTPUT.value)
     print(f"Wrote a reference batch of {n} images to {_OUTPUT.value}")
 
