@@ -12,7 +12,12 @@ Semantics follow guided-diffusion's `evaluations/evaluator.py`:
     reference manifold, recall = fraction of reference points inside the sample manifold.
     Squared distances come from `|u|^2 - 2 u.v + |v|^2` clamped at 0, computed in float16
     as the reference's TF graph does (float32 for a block whose float16 result overflows);
-    `distance_dtype="float32"` computes everything in float32 instead.
+    `distance_dtype="float32"` computes everything in float32 instead. The float16 mode
+    rounds every op's result to float16 and accumulates the norm/dot-product sums in
+    float32; TF's own accumulation order depends on its version and device, so single
+    distances can differ from a given TF run by a float16 ulp or two. This matters: at
+    Inception-feature scales the float16 grid creates ties that `<=` counts as inside, so
+    float16 and float32 precision/recall can differ by ~0.01 on the same features.
 Distance blocks are `[row_batch, col_batch]` jitted JAX computations, so 50k x 50k never
 materialises; the k-NN radius keeps a running top-(k+1) per row across column blocks.
 """
