@@ -174,7 +174,7 @@ def test_unet_matches_reference(case):
     y_arg = y if cfg.num_classes else None
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(y) if y_arg is not None else None)
-    got = create_model(cfg).apply(variables, jnp.asarray(x), jnp.asarray(t), y=y_arg)
+    got = jax.jit(create_model(cfg).apply)(variables, jnp.asarray(x), jnp.asarray(t), y=y_arg)
     assert got.dtype == jnp.float32
     np.testing.assert_array_less(rel_err(got, want.numpy().transpose(0, 2, 3, 1)), RTOL)
 
@@ -193,7 +193,9 @@ def test_superres_matches_reference():
     low = np.random.default_rng(1).uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t), low_res=nchw(low), y=torch.from_numpy(y))
-    got = create_model(cfg).apply(variables, jnp.asarray(x), jnp.asarray(t), y=y, low_res=low)
+    got = jax.jit(create_model(cfg).apply)(
+        variables, jnp.asarray(x), jnp.asarray(t), y=y, low_res=low
+    )
     np.testing.assert_array_less(rel_err(got, want.numpy().transpose(0, 2, 3, 1)), RTOL)
 
 
@@ -220,7 +222,7 @@ def test_classifier_matches_reference(pool):
     x, t, _ = inputs(cfg)
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t))
-    got = create_classifier(cfg).apply(variables, jnp.asarray(x), jnp.asarray(t))
+    got = jax.jit(create_classifier(cfg).apply)(variables, jnp.asarray(x), jnp.asarray(t))
     assert got.shape == (2, 10)
     np.testing.assert_array_less(rel_err(got, want.numpy()), RTOL)
 
@@ -246,7 +248,7 @@ def test_float_timesteps_match_reference():
     t = np.array([0.5, 123.25], np.float32)
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(y))
-    got = create_model(cfg).apply(variables, jnp.asarray(x), jnp.asarray(t), y=y)
+    got = jax.jit(create_model(cfg).apply)(variables, jnp.asarray(x), jnp.asarray(t), y=y)
     np.testing.assert_array_less(rel_err(got, want.numpy().transpose(0, 2, 3, 1)), RTOL)
 
 
