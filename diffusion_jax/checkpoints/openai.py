@@ -113,25 +113,29 @@ def _hint(key: str, kind: str) -> str:
         return "model.num_classes (None = unconditional, 1000 = the paper's class_cond=True)"
     if key.startswith("input_blocks.0.0"):
         return (
-            "model.in_channels / model.kind (an upsampler's first conv sees 2 x in_channels) / "
-            "model.num_channels / model.channel_mult"
+            "model.num_channels / channel_mult / in_channels / kind (upsamplers: 2 x in_channels)"
         )
     if key.startswith("out."):
         if kind == "classifier":
-            return "model.pool / model.num_classes / model.num_channels"
-        return "model.learn_sigma (6 output channels when True) / model.num_channels"
+            return "model.pool / num_classes / num_channels"
+        return "model.learn_sigma (6 output channels when True) / num_channels"
     if key.startswith("time_embed"):
         return "model.num_channels"
     if ".emb_layers." in key:
-        return "model.use_scale_shift_norm (doubles emb_layers) / model.num_channels"
+        return "model.use_scale_shift_norm (doubles emb_layers) / num_channels"
     if any(f".{n}." in key for n in ("qkv", "proj_out", "norm")):
-        return "model.num_channels / model.channel_mult / model.attention_resolutions"
+        return "model.attention_resolutions / num_channels / channel_mult"
     if ".op." in key or re.search(r"\.\d+\.conv\.", key):
-        return "model.conv_resample / model.resblock_updown"
+        return "model.resblock_updown / conv_resample"
     return (
-        "model.num_channels / model.channel_mult / model.num_res_blocks / "
-        "model.attention_resolutions / model.resblock_updown / model.image_size"
+        "model.num_channels / channel_mult / num_res_blocks / attention_resolutions / "
+        "resblock_updown"
     )
+
+
+def _network_order(key: str) -> list:
+    """Sort key that puts `input_blocks.2` before `input_blocks.10`."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -194,37 +198,37 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict
         expected[torch_key(flax_path)] = (flax_path, _torch_shape(flax_path, leaf.shape))
 
     kind = model_config.kind
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    for key in missing[:_MAX_LISTED]:
-        problems.append(
-            f"missing key {key} (expected shape {list(expected[key][1])}): check {_hint(key, kind)}"
-        )
-    for key in unexpected[:_MAX_LISTED]:
-        shape = list(np.shape(state_dict[key]))
-        problems.append(f"unexpected key {key} with shape {shape}: check {_hint(key, kind)}")
+    problems = []  # (key, message)
+    for key in state_dict:
+        if key not in expected:
+            shape = list(np.shape(state_dict[key]))
+            problems.append((key, f"unexpected key {key} {shape}: check {_hint(key, kind)}"))
     converted = {}
     for key, (flax_path, shape) in expected.items():
         if key not in state_dict:
+            problems.append((key, f"missing key {key} {list(shape)}: check {_hint(key, kind)}"))
             continue
         value = _as_numpy(state_dict[key])
         if tuple(value.shape) != shape:
             problems.append(
-                f"{key} has shape {list(value.shape)} but the config gives {list(shape)}: "
-                f"check {_hint(key, kind)}"
+                (
+                    key,
+                    f"{key} has shape {list(value.shape)} but the config gives {list(shape)}: "
+                    f"check {_hint(key, kind)}",
+                )
             )
             continue
         converted[flax_path] = _to_flax(flax_path, value)
     if problems:
-        extra = len(missing) + len(unexpected) - min(len(missing), _MAX_LISTED)
-        extra -= min(len(unexpected), _MAX_LISTED)
-        more = f"\n  ... and {extra} more missing/unexpected keys" if extra > 0 else ""
+        # Network order: the first entries show where the two architectures part.
+        problems.sort(key=lambda item: _network_order(item[0]))
+        listed = [message for _, message in problems[:_MAX_LISTED]]
+        if len(problems) > _MAX_LISTED:
+            listed.append(f"... and {len(problems) - _MAX_LISTED} more")
         raise ValueError(
-            "the checkpoint does not match the model config "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys):\n  "
-            + "\n  ".join(problems)
-            + more
+            f"the checkpoint does not match the model config: {len(problems)} tensors "
+            f"missing, extra or mis-shaped (the config expects {len(expected)}):\n  "
+            + "\n  ".join(listed)
         )
     params: dict = {}
     for flax_path, value in converted.items():
