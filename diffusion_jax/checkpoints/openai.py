@@ -36,14 +36,14 @@ _MAX_LISTED = 8
 
 def build_module(model_config: Any):
     """The Flax module described by `model_config` (UNet, upsampler or classifier)."""
-    if model_config.kind == "classifier":
+    if models.validate_model_config(model_config)["kind"] == "classifier":
         return models.create_classifier(model_config)
     return models.create_model(model_config)
 
 
 def _example_inputs(module: Any, model_config: Any) -> tuple[tuple, dict]:
-    size = int(model_config.image_size)
-    channels = int(getattr(model_config, "in_channels", 3))
+    settings = models.validate_model_config(model_config)
+    size, channels = settings["image_size"], settings["in_channels"]
     x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     kwargs = {}
@@ -197,7 +197,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict
         flax_path = tuple(p.key for p in path)
         expected[torch_key(flax_path)] = (flax_path, _torch_shape(flax_path, leaf.shape))
 
-    kind = model_config.kind
+    kind = models.validate_model_config(model_config)["kind"]
     problems = []  # (key, message)
     for key in state_dict:
         if key not in expected:

@@ -28,6 +28,14 @@ from diffusion_jax.models.layers import (
 Dtype = Any
 
 
+def _check_channels(x: jnp.ndarray, channels: int, name: str = "x") -> None:
+    if x.ndim != 4 or x.shape[-1] != channels:
+        raise ValueError(
+            f"{name} must be NHWC with {channels} channels (model.in_channels), got shape "
+            f"{x.shape}."
+        )
+
+
 class ResBlock(nn.Module):
     """Residual block conditioned on the timestep (and class) embedding.
 
@@ -131,6 +139,7 @@ class UNet(nn.Module):
         y: jnp.ndarray | None = None,
         train: bool = False,
     ) -> jnp.ndarray:
+        _check_channels(x, self.in_channels)
         return self._forward(x, t, y, train)
 
     def _forward(self, x, t, y, train):
@@ -238,6 +247,8 @@ class SuperResUNet(UNet):
     ) -> jnp.ndarray:
         if low_res is None:
             raise ValueError("SuperResUNet needs low_res=, the [B, h, w, C] low-resolution image.")
+        _check_channels(x, self.in_channels)
+        _check_channels(low_res, self.in_channels, "low_res")
         batch, height, width, _ = x.shape
         # Half-pixel-centred bilinear upsampling, PyTorch's align_corners=False.
         up = jax.image.resize(
