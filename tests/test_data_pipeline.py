@@ -1,6 +1,9 @@
 """Training pipeline: determinism, exact resume, per-host shards, mesh batches, bad data."""
 
+import gc
 import io
+import threading
+import weakref
 
 import jax
 import ml_collections
@@ -186,3 +189,39 @@ def test_bad_configuration_messages(mnist_test, tmp_path):
         InputPipeline(folder, image_size=8, batch_size=1, seed=0, class_cond=True)
     with pytest.raises(ValueError, match="lacks"):
         InputPipeline(mnist_test, image_size=8, batch_size=2, seed=0).set_state({"epoch": 1})
+
+
+def _pipeline_threads():
+    return {t for t in threading.enumerate() if t.name == "input_pipeline"}
+
+
+def test_background_thread_stops_on_with_exit_and_on_garbage_collection(mnist_test):
+    kw = dict(image_size=8, batch_size=4, seed=0, prefetch=1)
+    before = _pipeline_threads()
+    with InputPipeline(mnist_test, **kw) as p:
+        next(p)
+        (thread,) = _pipeline_threads() - before
+        assert thread.is_alive()  # blocked on the full prefetch queue
+    assert not thread.is_alive()
+    # Still usable after close: the next batch restarts the thread where it stopped.
+    with p:
+        resumed = next(p)
+    _assert_same(resumed, _take(InputPipeline(mnist_test, **kw), 2)[1])
+
+    # Never closed: dropping the last reference stops the thread.
+    p = InputPipeline(mnist_test, **kw)
+    next(p)
+    (thread,) = _pipeline_threads() - before
+    ref = weakref.ref(p)
+    del p
+    gc.collect()
+    assert ref() is None and not thread.is_alive()
+    assert _pipeline_threads() == before
+
+
+def test_create_input_pipeline_is_a_context_manager():
+    before = _pipeline_threads()
+    with create_input_pipeline(_config(), global_batch_size=8, seed=0) as batches:
+        assert next(batches)["image"].shape == (8, 16, 16, 3)
+        assert len(_pipeline_threads() - before) == 1
+    assert _pipeline_threads() == before

@@ -177,9 +177,14 @@ def test_missing_tfds_dataset_says_where_and_how(tfds, tmp_path):
         open_source("imagenet2012", data_dir=str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path / "imagenet2012") in msg
-    assert "tfds build imagenet2012 --manual_dir=" in msg and "array_record" in msg
-    with pytest.raises(FileNotFoundError, match="tfds build lsun/horse"):
+    # The command to run, with this data_dir filled in (the tfds CLI needs apache_beam).
+    command = "python -m launch.prepare_data --dataset=imagenet2012 --manual_dir=MANUAL_DIR"
+    assert f"`{command} --data_dir={tmp_path}`" in msg and "tfds build" not in msg
+    with pytest.raises(FileNotFoundError) as e:
         open_source("lsun/horse", data_dir=str(tmp_path))
+    assert f"`python -m launch.prepare_data --dataset=lsun/horse --data_dir={tmp_path}`" in str(
+        e.value
+    )
 
 
 def test_tfds_training_pipeline_and_resume(tfds):

@@ -7,6 +7,7 @@ opened, so `import diffusion_jax.data` works without them.
 from diffusion_jax.data.builtin import MNIST_5K, Mnist5kSource, load_mnist_5k
 from diffusion_jax.data.folder import ImageFolderSource, list_image_files
 from diffusion_jax.data.pipeline import InputPipeline, create_input_pipeline
+from diffusion_jax.data.prepare import convert_to_array_record, prepare_tfds_dataset
 from diffusion_jax.data.preprocessing import (
     UnreadableImageError,
     area_downsample,
@@ -26,12 +27,14 @@ __all__ = [
     "UnreadableImageError",
     "area_downsample",
     "center_crop_arr",
+    "convert_to_array_record",
     "create_input_pipeline",
     "decode_image",
     "iterate_uint8_images",
     "list_image_files",
     "load_mnist_5k",
     "open_source",
+    "prepare_tfds_dataset",
     "random_crop_arr",
     "resolve_source",
     "to_float",

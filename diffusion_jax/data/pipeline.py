@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import weakref
 from concurrent import futures
 from typing import Any
 
@@ -39,6 +40,140 @@ _ORDER_STREAM = 0
 _AUGMENT_STREAM = 1
 
 
+class _BatchProducer:
+    """Makes this host's batches from a position; runs in the background thread.
+
+    Kept apart from `InputPipeline` so the thread holds no reference to the pipeline:
+    an abandoned pipeline can then be garbage-collected, which stops the thread.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        *,
+        image_size: int,
+        batch_size: int,
+        seed: int,
+        class_cond: bool,
+        random_crop: bool,
+        random_flip: bool,
+        shuffle: bool,
+        low_res_size: int,
+        process_index: int,
+        process_count: int,
+        num_threads: int,
+    ):
+        self.source = source
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.class_cond = class_cond
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.shuffle = shuffle
+        self.low_res_size = low_res_size
+        self.process_index = process_index
+        self.process_count = process_count
+        self.num_threads = num_threads
+        self.records_per_epoch = len(source) // process_count  # per host
+
+    # ----- order and examples (pure functions of seed, epoch, index) ----------------
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        n = len(self.source)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, _ORDER_STREAM, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        usable = self.records_per_epoch * self.process_count
+        return order[:usable].reshape(-1, self.process_count)[:, self.process_index]
+
+    def _load_example(self, epoch: int, index: int) -> tuple[np.ndarray, int] | None:
+        try:
+            image, label = self.source[int(index)]
+        except UnreadableImageError as e:
+            logging.warning("skipping unreadable image (epoch %d, record %d): %s", epoch, index, e)
+            return None
+        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch, int(index)])
+        if self.random_crop:
+            arr = random_crop_arr(image, self.image_size, rng)
+        else:
+            arr = center_crop_arr(image, self.image_size)
+        if self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        # Converted here, in the decoding threads, rather than per batch afterwards.
+        return to_float(arr), label  # [S, S, 3] float32
+
+    def _assemble(self, examples: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+        images = np.stack([a for a, _ in examples])  # [B, S, S, 3] float32
+        batch = {"image": images}
+        if self.class_cond:
+            batch["label"] = np.asarray([label for _, label in examples], np.int32)  # [B]
+        if self.low_res_size:
+            batch["low_res"] = area_downsample(images, self.low_res_size)  # [B, s, s, 3]
+        return batch
+
+    # ----- background production -----------------------------------------------------
+
+    def run(self, state: dict[str, int], out: queue.Queue, stop: threading.Event) -> None:
+        """Puts (batch, position after it) into `out` until `stop` is set.
+
+        An exception is put into `out` instead, for the consumer to re-raise.
+        """
+        epoch, position, skipped = state["epoch"], state["position"], state["skipped"]
+        order = self.epoch_indices(epoch)
+        bad_in_a_row = 0
+        try:
+            with futures.ThreadPoolExecutor(self.num_threads) as pool:
+                while not stop.is_set():
+                    examples: list[tuple[np.ndarray, int]] = []
+                    while len(examples) < self.batch_size:
+                        if stop.is_set():
+                            return
+                        # Take exactly the records still needed, so the position after
+                        # a batch does not depend on thread timing.
+                        chunk = []
+                        while len(chunk) < self.batch_size - len(examples):
+                            if position == len(order):
+                                epoch, position = epoch + 1, 0
+                                order = self.epoch_indices(epoch)
+                            chunk.append((epoch, order[position]))
+                            position += 1
+                        loaded = list(pool.map(lambda ei: self._load_example(*ei), chunk))
+                        for item in loaded:
+                            if item is None:
+                                skipped += 1
+                                bad_in_a_row += 1
+                            else:
+                                examples.append(item)
+                                bad_in_a_row = 0
+                        if bad_in_a_row >= self.records_per_epoch:
+                            raise ValueError(
+                                f"a whole epoch ({self.records_per_epoch} records) of the "
+                                "dataset was unreadable; check the data files."
+                            )
+                    new_state = {"epoch": epoch, "position": position, "skipped": skipped}
+                    _put(out, stop, (self._assemble(examples), new_state))
+        except Exception as e:  # handed to the consumer, which re-raises it
+            _put(out, stop, e)
+
+
+def _put(out: queue.Queue, stop: threading.Event, item: Any) -> None:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
+    # Also the finalizer of an abandoned pipeline, so it must not reference it.
+    stop.set()
+    if thread is not threading.current_thread():  # a gc pass can run on any thread
+        thread.join()
+
+
 class InputPipeline:
     """An endless iterator of training batches with a checkpointable position.
 
@@ -46,6 +181,11 @@ class InputPipeline:
     class-conditional; `low_res` float32 [B, s, s, 3] for super-resolution. With a mesh
     they are global `jax.Array`s sharded over the batch axis (B = global batch);
     without, numpy arrays of this process's share.
+
+    The first `next()` starts a background thread that prepares batches ahead. It is
+    stopped by `close()`, by leaving a `with` block (`with create_input_pipeline(...) as
+    it:`), or, failing both, when the pipeline is garbage-collected. After `close()` the
+    pipeline can still be used: the next `next()` restarts the thread where it stopped.
     """
 
     def __init__(
@@ -104,127 +244,76 @@ class InputPipeline:
                 "config.data.class_cond=True but the dataset has no class labels; set "
                 "class_cond=False or use labelled data (folder: name files CLASS_xxx.jpg)."
             )
-        self.source = source
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.seed = seed
-        self.class_cond = class_cond
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        self.shuffle = shuffle
-        self.low_res_size = low_res_size
-        self.process_index = process_index
-        self.process_count = process_count
+        self._producer = _BatchProducer(
+            source,
+            image_size=image_size,
+            batch_size=batch_size,
+            seed=seed,
+            class_cond=class_cond,
+            random_crop=random_crop,
+            random_flip=random_flip,
+            shuffle=shuffle,
+            low_res_size=low_res_size,
+            process_index=process_index,
+            process_count=process_count,
+            num_threads=max(1, num_threads),
+        )
         self.mesh = mesh
         self.prefetch = max(1, prefetch)
         self.device_prefetch = max(1, device_prefetch)
-        self.num_threads = max(1, num_threads)
-        self.records_per_epoch = len(source) // process_count  # per host
         self._state = {"epoch": 0, "position": 0, "skipped": 0}
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._finalizer: weakref.finalize | None = None
         self._host_queue: queue.Queue = queue.Queue(self.prefetch)
         self._device_queue: collections.deque = collections.deque()
 
-    # ----- order and examples (pure functions of seed, epoch, index) ----------------
+    @property
+    def source(self) -> ImageSource:
+        """The dataset read."""
+        return self._producer.source
+
+    @property
+    def batch_size(self) -> int:
+        """This process's examples per batch."""
+        return self._producer.batch_size
+
+    @property
+    def records_per_epoch(self) -> int:
+        """Records this host reads per epoch."""
+        return self._producer.records_per_epoch
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Record indices this host reads in `epoch`, in reading order."""
-        n = len(self.source)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, _ORDER_STREAM, epoch]).permutation(n)
-        else:
-            order = np.arange(n)
-        usable = self.records_per_epoch * self.process_count
-        return order[:usable].reshape(-1, self.process_count)[:, self.process_index]
+        return self._producer.epoch_indices(epoch)
 
-    def _load_example(self, epoch: int, index: int) -> tuple[np.ndarray, int] | None:
-        try:
-            image, label = self.source[int(index)]
-        except UnreadableImageError as e:
-            logging.warning("skipping unreadable image (epoch %d, record %d): %s", epoch, index, e)
-            return None
-        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch, int(index)])
-        if self.random_crop:
-            arr = random_crop_arr(image, self.image_size, rng)
-        else:
-            arr = center_crop_arr(image, self.image_size)
-        if self.random_flip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        # Converted here, in the decoding threads, rather than per batch afterwards.
-        return to_float(arr), label  # [S, S, 3] float32
-
-    def _assemble(self, examples: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
-        images = np.stack([a for a, _ in examples])  # [B, S, S, 3] float32
-        batch = {"image": images}
-        if self.class_cond:
-            batch["label"] = np.asarray([label for _, label in examples], np.int32)  # [B]
-        if self.low_res_size:
-            batch["low_res"] = area_downsample(images, self.low_res_size)  # [B, s, s, 3]
-        return batch
-
-    # ----- background production -----------------------------------------------------
-
-    def _produce(self, state: dict[str, int]) -> None:
-        epoch, position, skipped = state["epoch"], state["position"], state["skipped"]
-        order = self.epoch_indices(epoch)
-        bad_in_a_row = 0
-        try:
-            with futures.ThreadPoolExecutor(self.num_threads) as pool:
-                while not self._stop.is_set():
-                    examples: list[tuple[np.ndarray, int]] = []
-                    while len(examples) < self.batch_size:
-                        # Take exactly the records still needed, so the position after
-                        # a batch does not depend on thread timing.
-                        chunk = []
-                        while len(chunk) < self.batch_size - len(examples):
-                            if position == len(order):
-                                epoch, position = epoch + 1, 0
-                                order = self.epoch_indices(epoch)
-                            chunk.append((epoch, order[position]))
-                            position += 1
-                        loaded = list(pool.map(lambda ei: self._load_example(*ei), chunk))
-                        for item in loaded:
-                            if item is None:
-                                skipped += 1
-                                bad_in_a_row += 1
-                            else:
-                                examples.append(item)
-                                bad_in_a_row = 0
-                        if bad_in_a_row >= self.records_per_epoch:
-                            raise ValueError(
-                                f"a whole epoch ({self.records_per_epoch} records) of the "
-                                "dataset was unreadable; check the data files."
-                            )
-                    new_state = {"epoch": epoch, "position": position, "skipped": skipped}
-                    self._put((self._assemble(examples), new_state))
-        except Exception as e:  # handed to the consumer, which re-raises it
-            self._put(e)
-
-    def _put(self, item: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                self._host_queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    # ----- background thread ------------------------------------------------------------
 
     def _start(self) -> None:
-        self._stop.clear()
+        stop = threading.Event()
         self._host_queue = queue.Queue(self.prefetch)
         self._device_queue.clear()
         self._thread = threading.Thread(
-            target=self._produce, args=(dict(self._state),), daemon=True, name="input_pipeline"
+            target=self._producer.run,
+            args=(dict(self._state), self._host_queue, stop),
+            daemon=True,
+            name="input_pipeline",
         )
         self._thread.start()
+        self._finalizer = weakref.finalize(self, _stop_thread, stop, self._thread)
 
     def close(self) -> None:
         """Stops the background thread and drops prefetched batches."""
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+        if self._finalizer is not None:
+            self._finalizer()  # runs _stop_thread once and unregisters it
+            self._finalizer = None
+        self._thread = None
         self._device_queue.clear()
+
+    def __enter__(self) -> InputPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ----- iterator protocol and position ---------------------------------------------
 
@@ -300,7 +389,9 @@ def create_input_pipeline(
       num_threads: image decoding threads.
 
     Returns:
-      An `InputPipeline` (iterator with `get_state` / `set_state` / `close`).
+      An `InputPipeline` (iterator with `get_state` / `set_state` / `close`); use it as
+      a context manager, `with create_input_pipeline(...) as batches:`, to stop its
+      background thread on exit.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

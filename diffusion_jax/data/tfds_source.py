@@ -4,6 +4,9 @@ Random access (ArrayRecord files) gives a seeded full shuffle per epoch, exact r
 from an integer position and per-host sharding by index, with no TF graph. Images are
 read as their stored encoded bytes and decoded with PIL, so preprocessing follows the
 paper code's PIL path exactly. tensorflow_datasets is imported only here, lazily.
+
+Data is prepared with `python -m launch.prepare_data` (see `prepare.py`); the errors
+below print that command, filled in with the data_dir tfds looked in.
 """
 
 from __future__ import annotations
@@ -12,31 +15,14 @@ from typing import Any
 
 from PIL import Image
 
+from diffusion_jax.data.prepare import (
+    convert_command,
+    data_dir_root,
+    default_converted_dir,
+    prepare_command,
+    prepare_hint,
+)
 from diffusion_jax.data.preprocessing import decode_image
-
-# How to prepare each dataset the paper uses (all as ArrayRecord, for random access).
-PREPARE_HINTS = {
-    "imagenet2012": (
-        "ImageNet is a manual download: get ILSVRC2012_img_train.tar and "
-        "ILSVRC2012_img_val.tar from image-net.org into MANUAL_DIR, then run "
-        "`tfds build imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DATA_DIR "
-        "--file_format=array_record`."
-    ),
-    "lsun": (
-        "run `tfds build {name} --data_dir=DATA_DIR --file_format=array_record` (downloads "
-        "the LSUN archive)."
-    ),
-    "downsampled_imagenet": (
-        "run `tfds build {name} --data_dir=DATA_DIR --file_format=array_record`."
-    ),
-}
-
-
-def prepare_hint(name: str) -> str:
-    """Returns the command line that prepares tfds dataset `name` for this pipeline."""
-    family = name.split("/")[0]
-    default = "run `tfds build {name} --data_dir=DATA_DIR --file_format=array_record`."
-    return PREPARE_HINTS.get(family, default).format(name=name)
 
 
 def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any, Any]:
@@ -58,17 +44,28 @@ def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any,
             decoders={"image": tfds.decode.SkipDecoding()},
         )
     except Exception as e:
+        root = str(data_dir_root(builder))
         if not builder.is_prepared():
             raise FileNotFoundError(
                 f"tfds dataset {name!r} is not prepared: tfds looked in {builder.data_dir} "
                 f"(config.data.data_dir={data_dir!r}; None means tfds' default, "
-                f"$TFDS_DATA_DIR or ~/tensorflow_datasets). To prepare it, {prepare_hint(name)}"
+                f"$TFDS_DATA_DIR or ~/tensorflow_datasets). To prepare it, "
+                f"{prepare_hint(name, root)}"
             ) from e
         if isinstance(e, NotImplementedError):
+            target = default_converted_dir(root)
+            file_format = getattr(builder.info.file_format, "value", None)
+            if file_format == "tfrecord":
+                how = (
+                    "Convert it (reads the TFRecord files, downloads nothing, leaves them "
+                    f"as they are): `{convert_command(name, root, target)}`"
+                )
+            else:
+                how = f"Prepare it again elsewhere: `{prepare_command(name, target)}`"
             raise ValueError(
-                f"tfds dataset {name!r} at {builder.data_dir} was prepared as "
-                f"{builder.info.file_format}, which has no random access; this pipeline "
-                f"needs ArrayRecord files. Re-prepare it: {prepare_hint(name)}"
+                f"tfds dataset {name!r} at {builder.data_dir} was prepared as {file_format}, "
+                "which has no random access; this pipeline needs ArrayRecord files. "
+                f"{how}, then set config.data.data_dir={target!r}."
             ) from e
         raise
     return builder, source
