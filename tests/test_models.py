@@ -198,4 +198,6 @@ def test_classifier_config_checks():
     with pytest.raises(ValueError, match=r"model\.pool"):
         create_classifier(tiny_config(kind="classifier", num_classes=10, pool="max"))
     with pytest.raises(ValueError, match="num_classes"):
-        create_classifier(tiny_config(kind="classifier"))
+        create_classifier(tiny_config(kind="classifier", num_head_channels=32))
+    with pytest.raises(ValueError, match="num_head_channels"):
+        create_classifier(tiny_config(kind="classifier", num_classes=10, pool="attention"))

@@ -131,6 +131,10 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
     pool = _get(model_config, "pool", "attention")
     if kind == "classifier" and pool not in POOLS:
         raise ValueError(f"model.pool must be one of {POOLS}, got {pool!r}.")
+    if kind == "classifier" and pool == "attention" and num_head_channels == -1:
+        raise ValueError(
+            "model.pool='attention' needs model.num_head_channels (64 in the paper), not -1."
+        )
     if kind == "classifier" and not num_classes:
         raise ValueError("model.num_classes must be set for a classifier (1000 for ImageNet).")
     dropout = float(_get(model_config, "dropout", 0.0))
