@@ -194,9 +194,10 @@ def test_bad_model_config_is_refused_with_the_field_name(fields, match):
 
 def test_classifier_config_checks():
     with pytest.raises(ValueError, match="create_classifier"):
-        create_model(tiny_config(kind="classifier", num_classes=10))
+        create_model(tiny_config(kind="classifier", num_classes=10, num_head_channels=32))
     with pytest.raises(ValueError, match=r"model\.pool"):
         create_classifier(tiny_config(kind="classifier", num_classes=10, pool="max"))
+    create_classifier(tiny_config(kind="classifier", num_classes=10, num_head_channels=32))
     with pytest.raises(ValueError, match="num_classes"):
         create_classifier(tiny_config(kind="classifier", num_head_channels=32))
     with pytest.raises(ValueError, match="num_head_channels"):
