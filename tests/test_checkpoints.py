@@ -16,6 +16,7 @@ from diffusion_jax.checkpoints import (
     save_params,
     torch_key,
 )
+from diffusion_jax.models import create_model
 
 torch = pytest.importorskip("torch")
 gd_unet = pytest.importorskip("guided_diffusion.unet")
@@ -163,6 +164,9 @@ def test_convert_checkpoint_launcher_end_to_end(tmp_path):
     cfg = config.model
     torch.manual_seed(1)
     ref = reference_unet(cfg, use_new_attention_order=True, dropout=cfg.dropout)
+    with torch.no_grad():  # no zero-initialised layers, so the output check below can fail
+        for p in ref.parameters():
+            p.copy_(0.2 * torch.randn(p.shape))
     torch.save(ref.state_dict(), tmp_path / "tiny64.pt")
     out = tmp_path / "converted"
     cmd = [
@@ -182,6 +186,22 @@ def test_convert_checkpoint_launcher_end_to_end(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert restored_config.model.image_size == cfg.image_size
     assert restored_config.model.use_new_attention_order
+
+    # The restored config rebuilds the network, and the restored params reproduce the
+    # reference's output (what the sampling launcher does with this directory).
+    module = create_model(restored_config.model)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (1, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    t, y = np.array([500]), np.array([7])
+    ref.eval()
+    with torch.no_grad():
+        want = ref(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(y)
+        )
+    got = jax.jit(module.apply)({"params": restored}, x, t, y=y)
+    scale = float(np.abs(want.numpy()).max())
+    assert scale > 0.1
+    np.testing.assert_allclose(got, want.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-5 * scale)
 
     # A checkpoint of another architecture is refused with the key named.
     bad = [c if not c.startswith("--output") else f"--output={tmp_path / 'bad'}" for c in cmd]
