@@ -202,3 +202,17 @@ def test_classifier_config_checks():
         create_classifier(tiny_config(kind="classifier", num_head_channels=32))
     with pytest.raises(ValueError, match="num_head_channels"):
         create_classifier(tiny_config(kind="classifier", num_classes=10, pool="attention"))
+
+
+def test_classifier_remat_gives_the_same_logits():
+    fields = dict(kind="classifier", num_classes=10, num_head_channels=32)
+    plain = create_classifier(tiny_config(**fields))
+    remat = create_classifier(tiny_config(remat=True, **fields))
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), jnp.float32, -1, 1)
+    t = jnp.array([3, 900], jnp.int32)
+    variables = random_variables(plain, x, t)
+    remat_shapes = jax.eval_shape(remat.init, jax.random.key(0), x, t)
+    assert jax.tree.structure(remat_shapes) == jax.tree.structure(variables)
+    np.testing.assert_allclose(
+        jax.jit(remat.apply)(variables, x, t), jax.jit(plain.apply)(variables, x, t), rtol=1e-6
+    )

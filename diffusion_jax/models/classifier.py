@@ -19,7 +19,7 @@ from diffusion_jax.models.layers import (
     dense,
     timestep_embedding,
 )
-from diffusion_jax.models.unet import ResBlock
+from diffusion_jax.models.unet import RematAttentionBlock, RematResBlock, ResBlock
 
 Dtype = Any
 POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
@@ -63,8 +63,8 @@ class EncoderUNet(nn.Module):
         del y  # Accepted so classifiers and UNets share a calling convention.
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
-        res_cls = nn.remat(ResBlock) if self.remat else ResBlock
-        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        res_cls = RematResBlock if self.remat else ResBlock
+        attn_cls = RematAttentionBlock if self.remat else AttentionBlock
         res = functools.partial(
             res_cls,
             dropout=self.dropout,

@@ -84,6 +84,12 @@ class ResBlock(nn.Module):
         return x + h
 
 
+# Rematerialised variants (same parameters): activations are recomputed in the backward
+# pass instead of stored, trading compute for memory (`model.remat`).
+RematResBlock = nn.remat(ResBlock)
+RematAttentionBlock = nn.remat(AttentionBlock)
+
+
 class UNet(nn.Module):
     """The ADM UNet (Dhariwal & Nichol 2021), optionally class-conditional.
 
@@ -114,8 +120,8 @@ class UNet(nn.Module):
 
     def _block_factories(self, train: bool):
         """Factories for ResBlock / AttentionBlock, rematerialised when asked."""
-        res_cls = nn.remat(ResBlock) if self.remat else ResBlock
-        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        res_cls = RematResBlock if self.remat else ResBlock
+        attn_cls = RematAttentionBlock if self.remat else AttentionBlock
         res = functools.partial(
             res_cls,
             dropout=self.dropout,
