@@ -7,7 +7,8 @@ Launch (training from scratch, the paper used V100s; plan for a pod):
 Convert the released checkpoint (`64x64_diffusion.pt`):
   python -m launch.convert_checkpoint --config=configs/imagenet64.py \
     --torch_checkpoint=64x64_diffusion.pt --output=/path/to/imagenet64_converted
-Variants: `--config=configs/imagenet64.py:tiny` (CPU-sized network and run).
+Variants: `--config=configs/imagenet64.py:tiny` (CPU-sized network and run),
+  `:guided` (250 steps guided by classifier64 at scale 1.0, the README's command).
 """
 
 import ml_collections
@@ -16,7 +17,7 @@ from configs import base, variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the config; `arg` picks a variant (None, 'tiny')."""
+    """Returns the config; `arg` picks a variant (None, 'tiny', 'guided')."""
     config = base.get_base_config()
     model = config.model
     model.kind = "unet"
@@ -56,4 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sampling.timestep_respacing = 250
     sampling.classifier_scale = 0.0
     sampling.classifier_config = ""
-    return variants.apply_variant(config, arg)
+    rows = {
+        "guided": {"classifier_scale": 1.0, "classifier_config": "configs/classifier64.py"},
+    }
+    return variants.apply_variant(config, arg, rows)

@@ -101,6 +101,8 @@ def test_named_sampling_variants():
     assert (s.method, s.timestep_respacing, s.classifier_scale) == ("ddim", 25, 1.25)
     s = load("imagenet256").get_config("ddim25").sampling
     assert (s.method, s.timestep_respacing, s.classifier_scale) == ("ddim", 25, 2.5)
+    s = load("imagenet64").get_config("guided").sampling
+    assert (s.classifier_scale, s.classifier_config) == (1.0, "configs/classifier64.py")
     with pytest.raises(ValueError, match="unknown config variant"):
         load("imagenet64").get_config("huge")
 
