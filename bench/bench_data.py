@@ -8,7 +8,8 @@ sizes, ~300-500 px a side) to a temporary folder, then measures, in one run:
     one of its DataLoader workers does per image.
 Warm-up excluded; median of repeats.
 
-Usage (from the repository root): PYTHONPATH=. python bench/bench_data.py [--num_images=512] [--repeats=3]
+Usage (from the repository root):
+  PYTHONPATH=. python bench/bench_data.py [--num_images=512] [--repeats=3]
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def main():
         f"python {platform.python_version()}, jax {jax.__version__}, pillow {PIL.__version__}"
     )
     print(
-        f"{args.num_images} JPEGs, mean {mean_pixels:,.0f} px (ImageNet train averages ~400x350), quality 90; "
+        f"{args.num_images} JPEGs, mean {mean_pixels:,.0f} px "
+        "(ImageNet train averages ~400x350), quality 90; "
         f"image_size {args.image_size}, batch {args.batch_size}, median of {args.repeats}"
     )
     print(f"| {'pipeline':<40} | images/s |")

@@ -68,6 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     optim.b2 = 0.999
     optim.eps = 1e-8
     optim.warmup_steps = 0
+    optim.anneal_lr = False  # the paper code's --anneal_lr: linear decay to 0 at num_steps
     optim.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
 
     # --- Training loop. ----------------------------------------------------------------
@@ -75,7 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.num_steps = 500_000
     training.batch_size = 256  # global
     training.microbatch = -1  # -1 = no gradient accumulation
-    training.ema_rates = (0.9999,)
+    training.ema_rates = (0.9999,)  # () = keep no EMA (the paper's classifiers)
     training.log_every = 100
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3

@@ -2,7 +2,8 @@
 
 The UNet's encoder half with attention pooling, trained on x_t at uniformly drawn t
 with imagenet512's noise schedule. The paper code anneals the learning rate
-linearly to zero (`--anneal_lr True`); its AdamW uses `optim.weight_decay`.
+linearly to zero (`optim.anneal_lr`); its AdamW uses `optim.weight_decay`;
+it keeps no EMA of the weights.
 Launch (training from scratch, the paper used V100s; plan for a pod):
   python -m launch.train_classifier --config=configs/classifier512.py --workdir=/path/to/workdir
 Convert the released checkpoint (`512x512_classifier.pt`):
@@ -50,5 +51,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.05
     config.training.batch_size = 256
     config.training.num_steps = 500000
-    config.training.ema_rates = (0.9999,)
+    config.optim.anneal_lr = True
+    config.training.ema_rates = ()
     return variants.apply_variant(config, arg)

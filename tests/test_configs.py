@@ -116,6 +116,9 @@ def test_classifier_configs_follow_the_paper():
         assert (m.num_head_channels, m.attention_resolutions, m.num_classes) == (
             64, (32, 16, 8), 1000,
         )  # fmt: skip
+        config = load(f"classifier{size}").get_config()
+        # The paper code's classifier training anneals the lr to 0 and keeps no EMA.
+        assert config.optim.anneal_lr and config.training.ema_rates == ()
 
 
 @pytest.mark.parametrize("name", PAPER)
