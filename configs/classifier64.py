@@ -14,43 +14,18 @@ Variants: `--config=configs/classifier64.py:tiny` (CPU-sized network and run).
 
 import ml_collections
 
-from configs import base, variants
+from configs import families, variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the config; `arg` picks a variant (None, 'tiny')."""
-    config = base.get_base_config()
-    model = config.model
-    model.kind = "classifier"
-    model.image_size = 64
-    model.num_channels = 128  # the paper's classifier_width
-    model.num_res_blocks = 4  # the paper's classifier_depth
-    model.attention_resolutions = (32, 16, 8)
-    model.channel_mult = ()  # the paper's default for image_size
-    model.num_heads = 1  # unused: num_head_channels sets the heads
-    model.num_head_channels = 64
-    model.use_scale_shift_norm = True
-    model.resblock_updown = True
-    model.use_new_attention_order = False
-    model.dropout = 0.0
-    model.num_classes = 1000  # logits
-    model.learn_sigma = False
-    model.pool = "attention"
-
-    diffusion = config.diffusion
-    diffusion.steps = 1000
-    diffusion.learn_sigma = False
-    diffusion.noise_schedule = "cosine"
-
-    data = config.data
-    data.dataset = "imagenet2012"
-    data.image_size = 64
-    data.class_cond = True
-
-    config.optim.lr = 0.0006
-    config.optim.weight_decay = 0.2
-    config.training.batch_size = 1024
-    config.training.num_steps = 300000
-    config.optim.anneal_lr = True
-    config.training.ema_rates = ()
+    config = families.classifier(
+        64,
+        300_000,
+        num_res_blocks=4,
+        noise_schedule="cosine",
+        lr=6e-4,
+        weight_decay=0.2,
+        batch_size=1024,
+    )
     return variants.apply_variant(config, arg)

@@ -16,27 +16,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/quickstart.py takes no variant, got {arg!r}.")
     config = base.get_base_config()
     model = config.model
-    model.kind = "unet"
     model.image_size = 32
     model.num_channels = 32
     model.num_res_blocks = 1
     model.channel_mult = (1, 2, 2)
     model.attention_resolutions = (8,)
     model.num_heads = 2
-    model.num_head_channels = -1
-    model.use_scale_shift_norm = True
     model.resblock_updown = True
-    model.dropout = 0.0
     model.num_classes = 10
     model.learn_sigma = True
 
     diffusion = config.diffusion
-    diffusion.steps = 1000
     diffusion.learn_sigma = True
     diffusion.noise_schedule = "cosine"
 
     data = config.data
-    data.dataset = "mnist_5k"
     data.image_size = 32
     data.class_cond = True
     data.random_flip = False  # digits are not mirror-symmetric
