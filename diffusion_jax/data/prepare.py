@@ -48,7 +48,7 @@ def prepare_command(name: str, data_dir: str | None = None) -> str:
 
     Args:
       name: tfds name, e.g. 'imagenet2012', 'lsun/bedroom'.
-      data_dir: the target data_dir; None writes the placeholder DATA_DIR.
+      data_dir: the target data_dir; None writes the literal text DATA_DIR for the user to fill in.
 
     Returns:
       A `python -m launch.prepare_data ...` command line.
@@ -78,7 +78,7 @@ def prepare_hint(name: str, data_dir: str | None = None) -> str:
 
     Args:
       name: tfds name.
-      data_dir: where the data should go (None: the placeholder DATA_DIR).
+      data_dir: where the data should go (None: the literal text DATA_DIR).
     """
     command = prepare_command(name, data_dir)
     if name.split("/")[0] == "imagenet2012":

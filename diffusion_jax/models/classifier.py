@@ -10,16 +10,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.attention import AttentionBlock, AttentionPool2d
+from diffusion_jax.models.attention import AttentionPool2d
 from diffusion_jax.models.layers import (
     BlockSequence,
-    Downsample,
     GroupNorm32,
     conv,
     dense,
-    timestep_embedding,
 )
-from diffusion_jax.models.unet import RematAttentionBlock, RematResBlock, ResBlock
+from diffusion_jax.models.unet import block_factories, encoder_blocks, time_embedding
 
 Dtype = Any
 POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
@@ -63,27 +61,8 @@ class EncoderUNet(nn.Module):
         del y  # Accepted so classifiers and UNets share a calling convention.
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
-        res_cls = RematResBlock if self.remat else ResBlock
-        attn_cls = RematAttentionBlock if self.remat else AttentionBlock
-        res = functools.partial(
-            res_cls,
-            dropout=self.dropout,
-            use_scale_shift_norm=self.use_scale_shift_norm,
-            deterministic=not train,
-            dtype=self.dtype,
-        )
-        attn = functools.partial(
-            attn_cls,
-            num_heads=self.num_heads,
-            num_head_channels=self.num_head_channels,
-            use_new_attention_order=self.use_new_attention_order,
-            dtype=self.dtype,
-        )
-        mc = self.model_channels
-        emb = timestep_embedding(t, mc)
-        emb = dense(4 * mc, name="time_embed_0", dtype=jnp.float32)(emb)
-        emb = dense(4 * mc, name="time_embed_2", dtype=jnp.float32)(nn.silu(emb))
-        emb = emb.astype(self.dtype)  # [B, 4 mc]
+        res, attn = block_factories(self, train)
+        emb = time_embedding(t, self.model_channels).astype(self.dtype)  # [B, 4 mc]
 
         spatial = self.pool.startswith("spatial")
         means = []  # per-block spatial means, [B, C_i] each, for the spatial pools
@@ -94,29 +73,12 @@ class EncoderUNet(nn.Module):
                 means.append(jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
             return h
 
-        ch = int(self.channel_mult[0] * mc)
-        h = run(
-            [functools.partial(conv, ch, 3, dtype=self.dtype)],
-            "input_blocks_0",
-            x.astype(self.dtype),
-        )
-        block, res_px = 1, self.image_size
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                layers = [functools.partial(res, ch, int(mult * mc))]
-                ch = int(mult * mc)
-                if res_px in self.attention_resolutions:
-                    layers.append(functools.partial(attn, ch))
-                h = run(layers, f"input_blocks_{block}", h)
-                block += 1
-            if level != len(self.channel_mult) - 1:
-                if self.resblock_updown:
-                    down = functools.partial(res, ch, ch, down=True)
-                else:
-                    down = functools.partial(Downsample, ch, self.conv_resample, dtype=self.dtype)
-                h = run([down], f"input_blocks_{block}", h)
-                block += 1
-                res_px //= 2
+        h = x.astype(self.dtype)
+        blocks = encoder_blocks(self, res, attn)
+        for i, (layers, _) in enumerate(blocks):
+            h = run(layers, f"input_blocks_{i}", h)
+        ch = blocks[-1][1]
+        res_px = self.image_size // 2 ** (len(self.channel_mult) - 1)
         middle = [
             functools.partial(res, ch, ch),
             functools.partial(attn, ch),

@@ -90,6 +90,67 @@ RematResBlock = nn.remat(ResBlock)
 RematAttentionBlock = nn.remat(AttentionBlock)
 
 
+def block_factories(module: nn.Module, train: bool) -> tuple[Any, Any]:
+    """ResBlock / AttentionBlock factories bound to `module`'s options.
+
+    Shared by the UNet and the classifier; the blocks are rematerialised when
+    `module.remat` is set. The attention factory's `num_heads` can be overridden per
+    call (the UNet's decoder uses `num_heads_upsample`).
+    """
+    res_cls = RematResBlock if module.remat else ResBlock
+    attn_cls = RematAttentionBlock if module.remat else AttentionBlock
+    res = functools.partial(
+        res_cls,
+        dropout=module.dropout,
+        use_scale_shift_norm=module.use_scale_shift_norm,
+        deterministic=not train,
+        dtype=module.dtype,
+    )
+    attn = functools.partial(
+        attn_cls,
+        num_heads=module.num_heads,
+        num_head_channels=module.num_head_channels,
+        use_new_attention_order=module.use_new_attention_order,
+        dtype=module.dtype,
+    )
+    return res, attn
+
+
+def time_embedding(t: jnp.ndarray, model_channels: int) -> jnp.ndarray:
+    """The timestep MLP's input half: sinusoids -> dense -> SiLU -> dense, [B, 4 mc]."""
+    emb = timestep_embedding(t, model_channels)  # [B, mc], float32
+    emb = dense(4 * model_channels, name="time_embed_0", dtype=jnp.float32)(emb)
+    return dense(4 * model_channels, name="time_embed_2", dtype=jnp.float32)(nn.silu(emb))
+
+
+def encoder_blocks(module: nn.Module, res, attn) -> list[tuple[tuple, int]]:
+    """The encoder half's blocks: [(layer factories of input_blocks_i, out channels)].
+
+    One list serves the UNet (which keeps every block's output as a skip) and the
+    classifier (the same blocks, then a pooling head), so both map onto the paper
+    code's `input_blocks.*` keys identically.
+    """
+    mc = module.model_channels
+    ch = int(module.channel_mult[0] * mc)
+    blocks = [((functools.partial(conv, ch, 3, dtype=module.dtype),), ch)]
+    res_px = module.image_size
+    for level, mult in enumerate(module.channel_mult):
+        for _ in range(module.num_res_blocks):
+            layers = [functools.partial(res, ch, int(mult * mc))]
+            ch = int(mult * mc)
+            if res_px in module.attention_resolutions:
+                layers.append(functools.partial(attn, ch))
+            blocks.append((tuple(layers), ch))
+        if level != len(module.channel_mult) - 1:
+            if module.resblock_updown:
+                down = functools.partial(res, ch, ch, down=True)
+            else:
+                down = functools.partial(Downsample, ch, module.conv_resample, dtype=module.dtype)
+            blocks.append(((down,), ch))
+            res_px //= 2
+    return blocks
+
+
 class UNet(nn.Module):
     """The ADM UNet (Dhariwal & Nichol 2021), optionally class-conditional.
 
@@ -118,25 +179,6 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
 
-    def _block_factories(self, train: bool):
-        """Factories for ResBlock / AttentionBlock, rematerialised when asked."""
-        res_cls = RematResBlock if self.remat else ResBlock
-        attn_cls = RematAttentionBlock if self.remat else AttentionBlock
-        res = functools.partial(
-            res_cls,
-            dropout=self.dropout,
-            use_scale_shift_norm=self.use_scale_shift_norm,
-            deterministic=not train,
-            dtype=self.dtype,
-        )
-        attn = functools.partial(
-            attn_cls,
-            num_head_channels=self.num_head_channels,
-            use_new_attention_order=self.use_new_attention_order,
-            dtype=self.dtype,
-        )
-        return res, attn
-
     @nn.compact
     def __call__(
         self,
@@ -155,18 +197,15 @@ class UNet(nn.Module):
                 "pass y (class labels [B]) if and only if the model is class-conditional "
                 f"(num_classes={self.num_classes})."
             )
-        res, attn = self._block_factories(train)
+        res, attn = block_factories(self, train)
         heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
         mc = self.model_channels
-        emb_dim = 4 * mc
 
-        emb = timestep_embedding(t, mc)  # [B, mc], float32
-        emb = dense(emb_dim, name="time_embed_0", dtype=jnp.float32)(emb)
-        emb = dense(emb_dim, name="time_embed_2", dtype=jnp.float32)(nn.silu(emb))
+        emb = time_embedding(t, mc)
         if self.num_classes is not None:
             label_emb = nn.Embed(
                 self.num_classes,
-                emb_dim,
+                4 * mc,
                 param_dtype=jnp.float32,
                 embedding_init=nn.initializers.normal(1.0),
                 name="label_emb",
@@ -174,36 +213,17 @@ class UNet(nn.Module):
             emb = emb + label_emb(jnp.asarray(y, jnp.int32))
         emb = emb.astype(self.dtype)  # [B, 4 mc]
 
-        ch = int(self.channel_mult[0] * mc)
-        first = functools.partial(conv, ch, 3, dtype=self.dtype)
         h = x.astype(self.dtype)
-        h = BlockSequence((first,), name="input_blocks_0")(h, emb)
-        skips, skip_channels = [h], [ch]
-        block, res_px = 1, self.image_size
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                layers = [functools.partial(res, ch, int(mult * mc))]
-                ch = int(mult * mc)
-                if res_px in self.attention_resolutions:
-                    layers.append(functools.partial(attn, ch, num_heads=self.num_heads))
-                h = BlockSequence(tuple(layers), name=f"input_blocks_{block}")(h, emb)
-                skips.append(h)
-                skip_channels.append(ch)
-                block += 1
-            if level != len(self.channel_mult) - 1:
-                if self.resblock_updown:
-                    down = functools.partial(res, ch, ch, down=True)
-                else:
-                    down = functools.partial(Downsample, ch, self.conv_resample, dtype=self.dtype)
-                h = BlockSequence((down,), name=f"input_blocks_{block}")(h, emb)
-                skips.append(h)
-                skip_channels.append(ch)
-                block += 1
-                res_px //= 2
+        skips, skip_channels = [], []
+        for i, (layers, ch) in enumerate(encoder_blocks(self, res, attn)):
+            h = BlockSequence(layers, name=f"input_blocks_{i}")(h, emb)
+            skips.append(h)
+            skip_channels.append(ch)
+        res_px = self.image_size // 2 ** (len(self.channel_mult) - 1)
 
         middle = (
             functools.partial(res, ch, ch),
-            functools.partial(attn, ch, num_heads=self.num_heads),
+            functools.partial(attn, ch),
             functools.partial(res, ch, ch),
         )
         h = BlockSequence(middle, name="middle_block")(h, emb)
