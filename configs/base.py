@@ -31,7 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     model.dropout = 0.0
     model.num_classes = ml_collections.FieldReference(None, field_type=int)
     model.learn_sigma = False
-    model.dtype = "float32"  # compute dtype; parameters are always float32
+    # Compute dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); params stay float32.
+    model.dtype = "auto"
     model.remat = False  # rematerialise blocks to save memory
     model.pool = "attention"  # classifier only: attention | adaptive | spatial | spatial_v2
 

@@ -216,3 +216,14 @@ def test_classifier_remat_gives_the_same_logits():
     np.testing.assert_allclose(
         jax.jit(remat.apply)(variables, x, t), jax.jit(plain.apply)(variables, x, t), rtol=1e-6
     )
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    from diffusion_jax.models import resolve_compute_dtype
+
+    assert resolve_compute_dtype("auto", backend="gpu") == jnp.bfloat16
+    assert resolve_compute_dtype("auto", backend="tpu") == jnp.bfloat16
+    assert resolve_compute_dtype("auto", backend="cpu") == jnp.float32
+    assert resolve_compute_dtype("bfloat16", backend="cpu") == jnp.bfloat16
+    # The suite runs on CPU: an 'auto' model computes in float32 here.
+    assert create_model(tiny_config(dtype="auto")).dtype == jnp.float32

@@ -7,6 +7,7 @@
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.attention import AttentionBlock, AttentionPool2d, qkv_attention
@@ -27,6 +28,7 @@ __all__ = [
     "create_model",
     "default_channel_mult",
     "qkv_attention",
+    "resolve_compute_dtype",
     "timestep_embedding",
     "validate_model_config",
 ]
@@ -41,6 +43,33 @@ _DEFAULT_CHANNEL_MULT = {
 }
 _SUPERRES_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_AUTO_DTYPE = "auto"
+
+
+def resolve_compute_dtype(dtype_name: str, backend: str | None = None) -> Any:
+    """The compute dtype for `model.dtype`.
+
+    Args:
+      dtype_name: 'float32', 'bfloat16', 'float16', or 'auto': bfloat16 on accelerators
+        (GPU/TPU: bf16 matmuls run at full rate there and need no loss scaling) and
+        float32 on CPU (where bf16 is emulated and slower).
+      backend: the platform to resolve 'auto' for; default `jax.default_backend()`.
+
+    Returns:
+      A jnp dtype. Parameters stay float32 whatever it is.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if dtype_name == _AUTO_DTYPE:
+        backend = jax.default_backend() if backend is None else backend
+        return jnp.float32 if backend == "cpu" else jnp.bfloat16
+    if dtype_name not in _DTYPES:
+        choices = [*sorted(_DTYPES), _AUTO_DTYPE]
+        raise ValueError(f"model.dtype must be one of {choices}, got {dtype_name!r}.")
+    return _DTYPES[dtype_name]
+
+
 KINDS = ("unet", "superres", "classifier")
 
 
@@ -122,9 +151,7 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
     num_heads = int(_get(model_config, "num_heads", 1))
     if num_head_channels == -1 and num_heads < 1:
         raise ValueError("model.num_heads must be >= 1 when model.num_head_channels is -1.")
-    dtype_name = str(_get(model_config, "dtype", "float32"))
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}.")
+    dtype = resolve_compute_dtype(str(_get(model_config, "dtype", _AUTO_DTYPE)))
     num_classes = _get(model_config, "num_classes", None)
     learn_sigma = bool(_get(model_config, "learn_sigma", False))
     in_channels = int(_get(model_config, "in_channels", 3))
@@ -159,7 +186,7 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
         resblock_updown=bool(_get(model_config, "resblock_updown", False)),
         use_new_attention_order=bool(_get(model_config, "use_new_attention_order", False)),
         pool=pool,
-        dtype=_DTYPES[dtype_name],
+        dtype=dtype,
         remat=bool(_get(model_config, "remat", False)),
     )
 
