@@ -8,6 +8,8 @@ launcher restores. The config must describe the checkpoint's architecture; a mis
 is refused with the offending keys and the config fields to check.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -22,7 +24,10 @@ flags.mark_flags_as_required(["config", "torch_checkpoint", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    out = openai.convert_to_orbax(_TORCH_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value)
+    try:
+        out = openai.convert_to_orbax(_TORCH_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")  # bad input: the message names the key/file and the fix
     print(f"wrote {out}")
 
 

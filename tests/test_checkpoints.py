@@ -85,7 +85,7 @@ def test_torch_keys_follow_the_paper_code():
 
 
 def test_every_tensor_is_mapped_once_in_flax_layout(state_dict):
-    params = load_openai_checkpoint(state_dict, model_config())["params"]
+    params = load_openai_checkpoint(state_dict, model_config())
     leaves = jax.tree.leaves(params)
     assert len(leaves) == len(state_dict)
     assert sum(leaf.size for leaf in leaves) == sum(t.numel() for t in state_dict.values())
@@ -142,7 +142,7 @@ def test_pt_file_is_read_safely(tmp_path, state_dict):
 def test_orbax_round_trip_keeps_params_and_config(tmp_path, state_dict):
     config = base.get_base_config()
     config.model = model_config()
-    params = load_openai_checkpoint(state_dict, config.model)["params"]
+    params = load_openai_checkpoint(state_dict, config.model)
     save_params(tmp_path / "ckpt", params, config)
     restored, restored_config = restore_params(tmp_path / "ckpt")
     assert jax.tree.structure(restored) == jax.tree.structure(params)
@@ -181,7 +181,7 @@ def test_convert_checkpoint_launcher_end_to_end(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     restored, restored_config = restore_params(out)
-    want = load_openai_checkpoint(ref.state_dict(), cfg)["params"]
+    want = load_openai_checkpoint(ref.state_dict(), cfg)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert restored_config.model.image_size == cfg.image_size
@@ -209,3 +209,17 @@ def test_convert_checkpoint_launcher_end_to_end(tmp_path):
     result = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "input_blocks.0.0.weight" in result.stderr
+    # A clear one-line error, not a traceback.
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoints_import_without_ml_collections():
+    # The GPU image has no ml_collections: converting and restoring params must work there.
+    code = (
+        "import sys; sys.modules['ml_collections'] = None\n"
+        "import diffusion_jax.checkpoints as c; print(c.load_openai_checkpoint.__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

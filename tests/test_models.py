@@ -227,3 +227,24 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
     assert resolve_compute_dtype("bfloat16", backend="cpu") == jnp.bfloat16
     # The suite runs on CPU: an 'auto' model computes in float32 here.
     assert create_model(tiny_config(dtype="auto")).dtype == jnp.float32
+
+
+def test_apply_takes_params_tree_or_variables_and_checks_labels():
+    cfg = tiny_config(num_classes=10)
+    module = create_model(cfg)
+    x, t = jnp.zeros((2, 16, 16, 3), jnp.float32), jnp.array([1, 500])
+    y = jnp.array([3, 9])
+    params = module.init(jax.random.key(0), x, t, y=y)["params"]
+    np.testing.assert_array_equal(
+        module.apply(params, x, t, y=y), module.apply({"params": params}, x, t, y=y)
+    )
+    with pytest.raises(ValueError, match=r"y must have shape \[B\] = \(2,\)"):
+        module.apply(params, x, t, y=jnp.array([1, 2, 3]))
+    for bad in ([3, 10], [-1, 2]):  # would index the embedding table silently
+        with pytest.raises(ValueError, match="num_classes=10"):
+            module.apply(params, x, t, y=jnp.array(bad))
+
+
+def test_create_classifier_refuses_a_diffusion_config():
+    with pytest.raises(ValueError, match="create_classifier needs a classifier config"):
+        create_classifier(tiny_config())

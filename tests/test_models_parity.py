@@ -169,12 +169,14 @@ def unet_pair(fields, seed):
 @pytest.mark.parametrize("case", sorted(UNET_CASES))
 def test_unet_matches_reference(case):
     cfg, ref = unet_pair(UNET_CASES[case], seed=len(case))
-    variables = load_openai_checkpoint(ref.state_dict(), cfg)
+    params = load_openai_checkpoint(ref.state_dict(), cfg)
     x, t, y = inputs(cfg)
     y_arg = y if cfg.num_classes else None
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(y) if y_arg is not None else None)
-    got = jax.jit(create_model(cfg).apply)(variables, jnp.asarray(x), jnp.asarray(t), y=y_arg)
+    got = jax.jit(create_model(cfg).apply)(
+        {"params": params}, jnp.asarray(x), jnp.asarray(t), y=y_arg
+    )
     assert got.dtype == jnp.float32
     np.testing.assert_array_less(rel_err(got, want.numpy().transpose(0, 2, 3, 1)), RTOL)
 
@@ -188,14 +190,12 @@ def test_superres_matches_reference():
     ref = gd_unet.SuperResModel(out_channels=6, num_classes=10, **reference_kwargs(cfg))
     randomize_(ref, 7)
     ref.eval()
-    variables = load_openai_checkpoint(ref.state_dict(), cfg)
+    params = load_openai_checkpoint(ref.state_dict(), cfg)
     x, t, y = inputs(cfg)
     low = np.random.default_rng(1).uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t), low_res=nchw(low), y=torch.from_numpy(y))
-    got = jax.jit(create_model(cfg).apply)(
-        variables, jnp.asarray(x), jnp.asarray(t), y=y, low_res=low
-    )
+    got = jax.jit(create_model(cfg).apply)(params, jnp.asarray(x), jnp.asarray(t), y=y, low_res=low)
     np.testing.assert_array_less(rel_err(got, want.numpy().transpose(0, 2, 3, 1)), RTOL)
 
 
@@ -218,11 +218,11 @@ def test_classifier_matches_reference(pool):
     ref = gd_unet.EncoderUNetModel(out_channels=10, pool=pool, **kwargs)
     randomize_(ref, len(pool))
     ref.eval()
-    variables = load_openai_checkpoint(ref.state_dict(), cfg)
+    params = load_openai_checkpoint(ref.state_dict(), cfg)
     x, t, _ = inputs(cfg)
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t))
-    got = jax.jit(create_classifier(cfg).apply)(variables, jnp.asarray(x), jnp.asarray(t))
+    got = jax.jit(create_classifier(cfg).apply)(params, jnp.asarray(x), jnp.asarray(t))
     assert got.shape == (2, 10)
     np.testing.assert_array_less(rel_err(got, want.numpy()), RTOL)
 
@@ -243,12 +243,12 @@ def test_timestep_embedding_matches_reference(dim):
 def test_float_timesteps_match_reference():
     """Fractional t (rescale_timesteps) goes through the same sinusoidal embedding."""
     cfg, ref = unet_pair(UNET_CASES["legacy_heads_adagn_updown_cond"], seed=3)
-    variables = load_openai_checkpoint(ref.state_dict(), cfg)
+    params = load_openai_checkpoint(ref.state_dict(), cfg)
     x, _, y = inputs(cfg)
     t = np.array([0.5, 123.25], np.float32)
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(y))
-    got = jax.jit(create_model(cfg).apply)(variables, jnp.asarray(x), jnp.asarray(t), y=y)
+    got = jax.jit(create_model(cfg).apply)(params, jnp.asarray(x), jnp.asarray(t), y=y)
     np.testing.assert_array_less(rel_err(got, want.numpy().transpose(0, 2, 3, 1)), RTOL)
 
 
@@ -267,12 +267,12 @@ def test_full_imagenet64_architecture_matches_reference():
     )  # fmt: skip
     randomize_(ref, 64)
     ref.eval()
-    variables = load_openai_checkpoint(ref.state_dict(), config.model)
-    assert sum(v.size for v in jax.tree.leaves(variables)) == 295_904_454
+    params = load_openai_checkpoint(ref.state_dict(), config.model)
+    assert sum(v.size for v in jax.tree.leaves(params)) == 295_904_454
     x, t, y = inputs(config.model, batch=1)
     with torch.no_grad():
         want = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
     del ref
     module = create_model(config.model)
-    got = jax.jit(module.apply)(variables, jnp.asarray(x), jnp.asarray(t), y=jnp.asarray(y))
+    got = jax.jit(module.apply)(params, jnp.asarray(x), jnp.asarray(t), y=jnp.asarray(y))
     np.testing.assert_array_less(rel_err(got, want.transpose(0, 2, 3, 1)), RTOL)

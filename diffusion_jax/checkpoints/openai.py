@@ -250,14 +250,23 @@ def load_openai_checkpoint(
       model_config: `config.model` of the matching config (e.g. configs/imagenet256.py).
 
     Returns:
-      The variables `{'params': params}`, usable directly as
-      `module.apply(variables, x, t, y=...)` (float32 numpy leaves).
+      The Flax params tree (float32 numpy leaves): `module.apply({'params': params},
+      x, t, y=...)`; our networks' `apply` also takes the tree directly.
+
+    Raises:
+      ValueError: naming each missing, unexpected or mis-shaped key and the config
+        fields that probably disagree with the checkpoint.
+
+    Note: the two attention layouts (`model.use_new_attention_order`) have the same
+    shapes, so a wrong value there cannot be detected from the file: the released
+    64x64_diffusion.pt uses the new order, every other released model the legacy one
+    (the configs set it).
     """
     if isinstance(path_or_state_dict, Mapping):
         state_dict = path_or_state_dict
     else:
         state_dict = read_torch_state_dict(path_or_state_dict)
-    return {"params": convert_state_dict(state_dict, model_config)}
+    return convert_state_dict(state_dict, model_config)
 
 
 def convert_to_orbax(
@@ -273,5 +282,5 @@ def convert_to_orbax(
     Returns:
       The output directory.
     """
-    variables = load_openai_checkpoint(torch_checkpoint, config.model)
-    return save_params(output, variables["params"], config)
+    params = load_openai_checkpoint(torch_checkpoint, config.model)
+    return save_params(output, params, config)

@@ -5,12 +5,16 @@ Layout of a parameter checkpoint directory (what `launch.convert_checkpoint` wri
   DIR/config.json   the full effective config (ConfigDict as JSON)
 """
 
-import json
-from typing import Any
+from __future__ import annotations
 
-import ml_collections
+import json
+from typing import TYPE_CHECKING, Any
+
 import orbax.checkpoint as ocp
 from etils import epath
+
+if TYPE_CHECKING:  # ml_collections is imported lazily: the GPU image lacks it
+    import ml_collections
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -50,6 +54,8 @@ def restore_config(directory: str | epath.PathLike) -> ml_collections.ConfigDict
     path = epath.Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {directory} a save_params directory?")
+    import ml_collections  # lazy: only restoring a config needs it
+
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 

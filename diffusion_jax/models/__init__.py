@@ -199,7 +199,7 @@ def create_model(model_config: Any) -> UNet:
 
     Returns:
       An unbound `UNet` / `SuperResUNet`; call `module.apply({'params': p}, x, t, y=...)`
-      (upsamplers also `low_res=`).
+      or `module.apply(p, ...)` (upsamplers also take `low_res=`).
     """
     s = validate_model_config(model_config)
     if s["kind"] == "classifier":
@@ -218,9 +218,16 @@ def create_classifier(model_config: Any) -> EncoderUNet:
         the number of logits, plus `pool`.
 
     Returns:
-      An unbound `EncoderUNet`; call `module.apply({'params': p}, x, t)` for logits.
+      An unbound `EncoderUNet`; call `module.apply({'params': p}, x, t)` (or `apply(p, ...)`) for
+      logits.
     """
     s = validate_model_config(model_config)
+    if s["kind"] != "classifier":
+        raise ValueError(
+            f"model.kind is {s['kind']!r}: create_classifier needs a classifier config "
+            "(model.kind='classifier', e.g. configs/classifier256.py); use create_model "
+            "for diffusion models."
+        )
     return EncoderUNet(
         image_size=s["image_size"],
         in_channels=s["in_channels"],

@@ -14,6 +14,7 @@ from diffusion_jax.models.attention import AttentionPool2d
 from diffusion_jax.models.layers import (
     BlockSequence,
     GroupNorm32,
+    ParamsTreeApply,
     conv,
     dense,
 )
@@ -23,7 +24,7 @@ Dtype = Any
 POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
 
 
-class EncoderUNet(nn.Module):
+class EncoderUNet(ParamsTreeApply):
     """Timestep-conditioned image classifier p(y | x_t).
 
     Called as `module.apply(variables, x, t, train=False)` with x [B, H, W, C] and

@@ -6,7 +6,7 @@ PyTorch calls `in_layers.2`, and a `layers_N` child of a block holds its `N`-th 
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +19,22 @@ Dtype = Any
 # so freshly initialised models train like the paper's.
 torch_like_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros_init = nn.initializers.zeros
+
+
+class ParamsTreeApply(nn.Module):
+    """Base of the top-level networks: `apply` also takes a bare params tree.
+
+    `module.apply(variables, ...)` is Flax's convention; checkpoint loaders return the
+    params tree itself. Both work here: a mapping without a 'params' collection is
+    taken as the params tree and wrapped, so neither form fails with a confusing
+    "could not find parameter" error.
+    """
+
+    def apply(self, variables, *args, **kwargs):
+        """Flax `apply`, accepting `{'params': tree, ...}` or the params tree itself."""
+        if isinstance(variables, Mapping) and "params" not in variables:
+            variables = {"params": variables}
+        return super().apply(variables, *args, **kwargs)
 
 
 def timestep_embedding(timesteps: jnp.ndarray, dim: int, max_period: int = 10_000) -> jnp.ndarray:

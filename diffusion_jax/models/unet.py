@@ -11,12 +11,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.models.attention import AttentionBlock
 from diffusion_jax.models.layers import (
     BlockSequence,
     Downsample,
     GroupNorm32,
+    ParamsTreeApply,
     Upsample,
     conv,
     dense,
@@ -33,6 +35,25 @@ def _check_channels(x: jnp.ndarray, channels: int, name: str = "x") -> None:
         raise ValueError(
             f"{name} must be NHWC with {channels} channels (model.in_channels), got shape "
             f"{x.shape}."
+        )
+
+
+def _check_labels(y, batch: int, num_classes: int) -> None:
+    """Labels must be [B] ints in [0, num_classes); the range is checked when concrete.
+
+    Out-of-range labels would index the embedding table silently (NaN or wrapped rows).
+    Under jit the values are traced and only the shape can be checked.
+    """
+    if jnp.shape(y) != (batch,):
+        raise ValueError(f"y must have shape [B] = ({batch},), got {jnp.shape(y)}.")
+    try:
+        values = np.asarray(y)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(
+            f"y holds labels in [{values.min()}, {values.max()}] but the model has "
+            f"num_classes={num_classes}: labels must lie in [0, {num_classes})."
         )
 
 
@@ -151,7 +172,7 @@ def encoder_blocks(module: nn.Module, res, attn) -> list[tuple[tuple, int]]:
     return blocks
 
 
-class UNet(nn.Module):
+class UNet(ParamsTreeApply):
     """The ADM UNet (Dhariwal & Nichol 2021), optionally class-conditional.
 
     Attributes mirror the paper code's flags; `attention_resolutions` are feature-map
@@ -197,6 +218,8 @@ class UNet(nn.Module):
                 "pass y (class labels [B]) if and only if the model is class-conditional "
                 f"(num_classes={self.num_classes})."
             )
+        if y is not None:
+            _check_labels(y, x.shape[0], self.num_classes)
         res, attn = block_factories(self, train)
         heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
         mc = self.model_channels
