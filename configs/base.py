@@ -60,6 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     data.shuffle_buffer = 10_000
     data.prefetch = 2
     data.low_res_size = 0  # super-resolution: side of batch["low_res"]; 0 = none
+    # 'standard' (paper loader), 'lsun' (paper's LSUN preparation first); 'auto' picks by name.
+    data.preprocessing = "auto"
 
     # --- Optimiser. --------------------------------------------------------------------
     optim = config.optim = ml_collections.ConfigDict()

@@ -107,6 +107,7 @@ def lsun(category: str, num_steps: int) -> ml_collections.ConfigDict:
       The config.
     """
     config = adm(256, num_steps, dataset=f"lsun/{category}", num_classes=None, dropout=0.1)
+    config.data.preprocessing = "lsun"  # datasets/lsun_bedroom.py, then the loader
     config.sampling.timestep_respacing = 1000
     return config
 

@@ -167,6 +167,69 @@ def test_tfds_lsun_is_unconditional(tfds):
         assert small.shape == (3, 64, 64, 3)
 
 
+def _photo_jpegs():
+    """Real photo crops as JPEG records: landscape, portrait, a rounding tie, small."""
+    photo = _photo()
+    out = []
+    for i, (w, h) in enumerate([(300, 200), (180, 260), (301, 200), (70, 90), (480, 320)]):
+        crop = photo.crop((50 * i, 20 * i, 50 * i + max(w, 200), 20 * i + max(h, 200)))
+        buf = io.BytesIO()
+        crop.resize((w, h), Image.LANCZOS).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.mark.parametrize("name", ["lsun/bedroom", "imagenet2012"])
+def test_tfds_lsun_gets_the_paper_lsun_preparation_and_imagenet_does_not(tfds, ref, name):
+    from test_data_preprocessing import paper_lsun_training_image
+
+    from diffusion_jax.data import create_input_pipeline, to_float
+
+    size = 100
+    jpegs = _photo_jpegs()
+    records = [{"image": b, "label": i, "id": str(i), "file_name": ""} for i, b in enumerate(jpegs)]
+    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    # The paper's two routes: its LSUN script + loader, and its loader alone.
+    routes = {
+        "lsun": np.stack([paper_lsun_training_image(ref, img, size) for img in decoded]),
+        "standard": np.stack([ref.center_crop_arr(img, size) for img in decoded]),
+    }
+    assert (routes["lsun"] != routes["standard"]).mean() > 0.3
+    default, other = ("lsun", "standard") if name.startswith("lsun/") else ("standard", "lsun")
+    config = ml_collections.ConfigDict(
+        dict(dataset=name, data_dir=None, split="train", image_size=size, class_cond=False,
+             random_crop=False, random_flip=False, shuffle_buffer=0, prefetch=1,
+             low_res_size=0)
+    )  # fmt: skip
+    with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: records):
+        got = {
+            "auto": np.concatenate(list(iterate_uint8_images(name, size, batch_size=2))),
+            other: np.concatenate(list(iterate_uint8_images(name, size, preprocessing=other))),
+        }
+        # No `preprocessing` field (older configs): 'auto', as with the base default.
+        with create_input_pipeline(config, global_batch_size=5, seed=0) as batches:
+            assert batches.preprocessing == default
+            trained = next(batches)["image"]
+        config.preprocessing = other
+        with create_input_pipeline(config, global_batch_size=5, seed=0) as batches:
+            trained_other = next(batches)["image"]
+    np.testing.assert_array_equal(got["auto"], routes[default])
+    np.testing.assert_array_equal(got[other], routes[other])
+    np.testing.assert_array_equal(trained, to_float(routes[default]))
+    np.testing.assert_array_equal(trained_other, to_float(routes[other]))
+
+
+def test_paper_lsun_configs_take_the_lsun_route():
+    from configs import imagenet256, lsun_bedroom, lsun_cat, lsun_horse
+    from diffusion_jax.data import resolve_preprocessing
+
+    for module in (lsun_bedroom, lsun_cat, lsun_horse):
+        data = module.get_config().data
+        assert resolve_preprocessing(data.preprocessing, data.dataset) == "lsun"
+    data = imagenet256.get_config().data
+    assert resolve_preprocessing(data.preprocessing, data.dataset) == "standard"
+
+
 def test_import_does_not_load_tensorflow():
     code = "import sys, diffusion_jax.data; assert 'tensorflow' not in sys.modules, 'tf'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=epath.Path(__file__).parents[1])

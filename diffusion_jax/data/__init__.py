@@ -13,7 +13,9 @@ from diffusion_jax.data.preprocessing import (
     area_downsample,
     center_crop_arr,
     decode_image,
+    lsun_crop_arr,
     random_crop_arr,
+    resolve_preprocessing,
     to_float,
 )
 from diffusion_jax.data.sources import open_source, resolve_source
@@ -33,9 +35,11 @@ __all__ = [
     "iterate_uint8_images",
     "list_image_files",
     "load_mnist_5k",
+    "lsun_crop_arr",
     "open_source",
     "prepare_tfds_dataset",
     "random_crop_arr",
+    "resolve_preprocessing",
     "resolve_source",
     "to_float",
 ]

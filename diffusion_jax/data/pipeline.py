@@ -30,7 +30,9 @@ from diffusion_jax.data.preprocessing import (
     UnreadableImageError,
     area_downsample,
     center_crop_arr,
+    prepare_source_image,
     random_crop_arr,
+    resolve_preprocessing,
     to_float,
 )
 from diffusion_jax.data.sources import ImageSource, open_source
@@ -59,6 +61,7 @@ class _BatchProducer:
         random_flip: bool,
         shuffle: bool,
         low_res_size: int,
+        preprocessing: str,
         process_index: int,
         process_count: int,
         num_threads: int,
@@ -72,6 +75,7 @@ class _BatchProducer:
         self.random_flip = random_flip
         self.shuffle = shuffle
         self.low_res_size = low_res_size
+        self.preprocessing = preprocessing  # resolved: 'standard' or 'lsun'
         self.process_index = process_index
         self.process_count = process_count
         self.num_threads = num_threads
@@ -95,6 +99,7 @@ class _BatchProducer:
             logging.warning("skipping unreadable image (epoch %d, record %d): %s", epoch, index, e)
             return None
         rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch, int(index)])
+        image = prepare_source_image(image, self.image_size, self.preprocessing)
         if self.random_crop:
             arr = random_crop_arr(image, self.image_size, rng)
         else:
@@ -200,6 +205,7 @@ class InputPipeline:
         random_flip: bool = True,
         shuffle: bool = True,
         low_res_size: int = 0,
+        preprocessing: str = "auto",
         process_index: int = 0,
         process_count: int = 1,
         mesh: Mesh | None = None,
@@ -219,6 +225,9 @@ class InputPipeline:
           random_flip: random horizontal flips.
           shuffle: reshuffle every epoch; False reads records in dataset order.
           low_res_size: if > 0, add `low_res`, the area-downsampled image.
+          preprocessing: 'standard' (the paper's loader on the source images), 'lsun'
+            (the paper's LSUN preparation, `lsun_crop_arr`, first) or 'auto' ('lsun'
+            for a tfds LSUN source, else 'standard'); see `resolve_preprocessing`.
           process_index: this host's index (multi-host); tests simulate hosts with it.
           process_count: number of hosts.
           mesh: if given, batches become global arrays sharded over its 'data' axis.
@@ -254,6 +263,8 @@ class InputPipeline:
             random_flip=random_flip,
             shuffle=shuffle,
             low_res_size=low_res_size,
+            # Only tfds sources have a `name`; folders and mnist_5k resolve to 'standard'.
+            preprocessing=resolve_preprocessing(preprocessing, getattr(source, "name", "")),
             process_index=process_index,
             process_count=process_count,
             num_threads=max(1, num_threads),
@@ -271,6 +282,11 @@ class InputPipeline:
     def source(self) -> ImageSource:
         """The dataset read."""
         return self._producer.source
+
+    @property
+    def preprocessing(self) -> str:
+        """The route taken: 'standard' or 'lsun' (`resolve_preprocessing`)."""
+        return self._producer.preprocessing
 
     @property
     def batch_size(self) -> int:
@@ -379,7 +395,9 @@ def create_input_pipeline(
     Args:
       data_config: `config.data` (dataset, data_dir, split, image_size, class_cond,
         random_crop, random_flip, shuffle_buffer (0 = no shuffle; otherwise a full
-        per-epoch shuffle, as random access allows), prefetch, low_res_size).
+        per-epoch shuffle, as random access allows), prefetch, low_res_size,
+        preprocessing ('auto' when absent: the paper's LSUN preparation for
+        'lsun/<category>', its standard loader otherwise)).
       global_batch_size: `config.training.batch_size`, over all hosts.
       seed: `config.seed`.
       mesh: yields global sharded arrays on it; None yields this host's numpy share.
@@ -420,6 +438,9 @@ def create_input_pipeline(
         random_flip=data_config.random_flip,
         shuffle=data_config.shuffle_buffer != 0,
         low_res_size=low_res_size,
+        preprocessing=resolve_preprocessing(
+            data_config.get("preprocessing", "auto"), data_config.dataset
+        ),
         process_index=process_index,
         process_count=process_count,
         mesh=mesh,

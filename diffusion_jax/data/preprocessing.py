@@ -1,10 +1,18 @@
 """Image preprocessing with the paper code's PIL arithmetic.
 
-The paper's ImageNet/LSUN preprocessing is: halve the image with BOX filtering while its
-short side is at least twice the target, resize the short side to the target with
-BICUBIC, then crop. Reproducing it operation for operation (same PIL calls, same
-rounding) is what makes our FID reference batches and training data match the paper's
-pixel for pixel; any "equivalent" resize (antialiased bilinear, tf.image) shifts FID.
+The paper's training loader (`image_datasets.py`) preprocesses every image it reads the
+same way: halve it with BOX filtering while its short side is at least twice the
+target, resize the short side to the target with BICUBIC, then crop (`center_crop_arr`).
+ImageNet went through that loader as raw files. LSUN did not: the paper's
+`datasets/lsun_bedroom.py` first wrote every LSUN image out already at the target size
+(one BOX resize of the short side to the target, then a center crop: `lsun_crop_arr`),
+and only those images went through the loader, whose crop is then a no-op. The
+`preprocessing` modes below name the two routes (`STANDARD`, `LSUN`; `AUTO` picks by
+dataset name).
+
+Reproducing each step operation for operation (same PIL calls, same rounding) is what
+makes our FID reference batches and training data match the paper's pixel for pixel;
+any "equivalent" resize (antialiased bilinear, tf.image, BICUBIC for LSUN) shifts FID.
 """
 
 from __future__ import annotations
@@ -83,6 +91,34 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return np.array(arr[top : top + image_size, left : left + image_size])
 
 
+def lsun_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """The paper's LSUN preparation: one BOX resize of the short side, then a center crop.
+
+    What `datasets/lsun_bedroom.py` of the paper code does to each LSUN image before
+    writing it out as PNG: scale both sides by `image_size / short side`, rounded with
+    Python's `round()`, in a single `Image.BOX` resize (no halving steps, no BICUBIC),
+    then cut out the central `image_size` square (offsets rounded down). It differs
+    from `center_crop_arr` in most pixels of a typical photograph.
+
+    Args:
+      pil_image: an RGB PIL image of any size.
+      image_size: side of the output square, in pixels.
+
+    Returns:
+      uint8 array [image_size, image_size, 3].
+    """
+    if image_size <= 0:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
+    width, height = pil_image.size
+    scale = image_size / min(width, height)
+    # Python's round() (banker's rounding on exact halves), as the paper script.
+    new_size = (round(scale * width), round(scale * height))
+    arr = np.asarray(pil_image.resize(new_size, resample=Image.BOX))  # [H', W', C]
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return np.array(arr[top : top + image_size, left : left + image_size])
+
+
 def random_crop_arr(
     pil_image: Image.Image,
     image_size: int,
@@ -115,6 +151,71 @@ def random_crop_arr(
     top = int(rng.integers(0, arr.shape[0] - image_size + 1))
     left = int(rng.integers(0, arr.shape[1] - image_size + 1))
     return np.array(arr[top : top + image_size, left : left + image_size])
+
+
+AUTO = "auto"
+STANDARD = "standard"
+LSUN = "lsun"
+PREPROCESSING_MODES = (AUTO, STANDARD, LSUN)
+
+
+def is_lsun_dataset(dataset: str) -> bool:
+    """Whether `dataset` names a tfds LSUN category ('lsun/bedroom', 'lsun/cat:3.1.0')."""
+    return dataset.split(":")[0].split("/")[0] == "lsun"
+
+
+def resolve_preprocessing(preprocessing: str, dataset: str) -> str:
+    """Turns a `config.data.preprocessing` value into the route actually taken.
+
+    Args:
+      preprocessing: 'auto', 'standard' or 'lsun'. 'standard' is the paper's training
+        loader on the source images (ImageNet and any other data); 'lsun' first applies
+        the paper's LSUN preparation (`lsun_crop_arr`) at the target size, then the
+        same loader. 'auto' is 'lsun' for tfds LSUN names ('lsun/<category>') and
+        'standard' otherwise, including folders and 'mnist_5k'.
+      dataset: the dataset name as passed to `open_source` ('folder' for directories).
+
+    Returns:
+      'standard' or 'lsun'.
+
+    Raises:
+      ValueError: for another value.
+    """
+    if preprocessing not in PREPROCESSING_MODES:
+        raise ValueError(
+            f"config.data.preprocessing={preprocessing!r} is not one of {PREPROCESSING_MODES}."
+        )
+    if preprocessing == AUTO:
+        return LSUN if is_lsun_dataset(dataset) else STANDARD
+    return preprocessing
+
+
+def prepare_source_image(
+    pil_image: Image.Image, image_size: int, preprocessing: str
+) -> Image.Image:
+    """Applies the dataset-preparation step of a resolved route to one source image.
+
+    For 'lsun' this is the image the paper's `datasets/lsun_bedroom.py` wrote to disk
+    (`lsun_crop_arr`, as an RGB image: its PNG round trip is lossless); the training
+    crop (`center_crop_arr` or `random_crop_arr`) is then applied to it, as the paper's
+    loader did to those files. For 'standard' the image is returned unchanged.
+
+    Args:
+      pil_image: an RGB PIL image as read from the source.
+      image_size: the training / reference image side.
+      preprocessing: 'standard' or 'lsun' (see `resolve_preprocessing`).
+
+    Returns:
+      The image to crop.
+
+    Raises:
+      ValueError: for a value other than 'standard' or 'lsun'.
+    """
+    if preprocessing == LSUN:
+        return Image.fromarray(lsun_crop_arr(pil_image, image_size))
+    if preprocessing != STANDARD:
+        raise ValueError(f"unresolved preprocessing {preprocessing!r}; use resolve_preprocessing.")
+    return pil_image
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

@@ -72,7 +72,13 @@ def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any,
 
 
 class TfdsSource:
-    """Random-access tfds split: `source[i]` -> (RGB PIL image, label or -1)."""
+    """Random-access tfds split: `source[i]` -> (RGB PIL image, label or -1).
+
+    Attributes:
+      name: the tfds name; `InputPipeline(preprocessing='auto')` picks the paper's LSUN
+        route for 'lsun/<category>' by it.
+      num_classes: label count (0 when not class-conditional).
+    """
 
     def __init__(
         self, name: str, *, split: str = "train", data_dir: str | None = None, class_cond=False

@@ -8,7 +8,12 @@ from concurrent import futures
 import numpy as np
 from absl import logging
 
-from diffusion_jax.data.preprocessing import UnreadableImageError, center_crop_arr
+from diffusion_jax.data.preprocessing import (
+    UnreadableImageError,
+    center_crop_arr,
+    prepare_source_image,
+    resolve_preprocessing,
+)
 from diffusion_jax.data.sources import open_source, resolve_source
 
 
@@ -21,8 +26,13 @@ def iterate_uint8_images(
     batch_size: int = 256,
     limit: int | None = None,
     num_threads: int = 4,
+    preprocessing: str = "auto",
 ) -> Iterator[np.ndarray]:
     """Yields a dataset's images once, in dataset order, center-cropped as the paper.
+
+    tfds LSUN sources ('lsun/<category>') are by default first prepared as the paper's
+    `datasets/lsun_bedroom.py` did (`lsun_crop_arr`: one BOX resize, center crop);
+    everything else goes straight to `center_crop_arr`. `preprocessing` overrides it.
 
     Unreadable images are skipped and counted (logged at the end), so one bad file
     does not stop a reference-batch job.
@@ -36,6 +46,7 @@ def iterate_uint8_images(
       batch_size: images per yielded batch; only the last batch may be smaller.
       limit: stop after this many images (None = all).
       num_threads: decoding threads (PIL releases the GIL while decoding/resizing).
+      preprocessing: 'auto', 'standard' or 'lsun' (see `resolve_preprocessing`).
 
     Yields:
       uint8 arrays [B, image_size, image_size, 3].
@@ -45,6 +56,7 @@ def iterate_uint8_images(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit}.")
     dataset, data_dir = resolve_source(source, data_dir)
+    route = resolve_preprocessing(preprocessing, dataset)
     data = open_source(dataset, data_dir=data_dir, split=split)
     total = len(data) if limit is None else min(limit, len(data))
 
@@ -54,7 +66,7 @@ def iterate_uint8_images(
         except UnreadableImageError as e:
             logging.warning("skipping unreadable image: %s", e)
             return None
-        return center_crop_arr(image, image_size)  # [S, S, 3]
+        return center_crop_arr(prepare_source_image(image, image_size, route), image_size)
 
     skipped = 0
     emitted = 0
