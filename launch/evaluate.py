@@ -3,10 +3,14 @@
   python -m launch.evaluate REF.npz SAMPLE.npz [--inception_weights=PATH]
 
 REF.npz is a reference batch (e.g. the paper's VIRTUAL_imagenet256_labeled.npz, or one from
-`launch.make_reference`); SAMPLE.npz holds `arr_0` uint8 NHWC samples. Output lines:
-Inception Score, FID, sFID, Precision, Recall. Activations are cached beside both files.
+`launch.make_reference`); SAMPLE.npz holds `arr_0` uint8 NHWC samples. Like the paper's
+evaluator it prints its progress ("computing reference batch activations...", ...,
+"Computing evaluations...") and then the lines Inception Score, FID, sFID, Precision,
+Recall. (There is no "warming up TensorFlow..." line: nothing is warmed up separately.)
+Activations are cached beside both files.
 """
 
+import functools
 import sys
 
 from absl import app, flags
@@ -48,10 +52,10 @@ def main(argv: list[str]) -> None:
             allow_resolution_mismatch=_MISMATCH.value,
             distance_dtype=_DISTANCE.value,
             cache=_CACHE.value,
+            progress=functools.partial(print, flush=True),
         )
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to fix
+    except (OSError, ValueError) as e:  # bad input: the message says what to fix
         sys.exit(f"error: {e}")
-    print("Computing evaluations...")
     for line in result.lines():
         print(line)
 

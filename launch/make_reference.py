@@ -44,9 +44,13 @@ def main(argv: list[str]) -> None:
             limit=_NUM.value,
         )
         n = evaluation.write_reference_batch(
-            batches, _OUTPUT.value, inception_model, batch_size=_BATCH.value
+            batches,
+            _OUTPUT.value,
+            inception_model,
+            batch_size=_BATCH.value,
+            num_images=_NUM.value,
         )
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to fix
+    except (OSError, ValueError) as e:  # bad input: the message says what to fix
         sys.exit(f"error: {e}")
     logging.info("Wrote %d images and their FID statistics to %s", n, _OUTPUT.value)
     print(f"Wrote a reference batch of {n} images to {_OUTPUT.value}")

@@ -104,10 +104,11 @@ def test_evaluate_prints_reference_lines_and_caches(
     sample_path = tmp_path / "samples.npz"
     np.savez(sample_path, samples, np.arange(10))
 
-    recorded = []
+    recorded, printed_before = [], []
 
     def recording_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         recorded.append((mu1, sigma1, mu2, sigma2))
+        printed_before.append(capsys.readouterr().out)  # what was printed by now
         return float(len(recorded))  # FID -> 1.0, sFID -> 2.0
 
     monkeypatch.setattr(metrics, "frechet_distance", recording_distance)
@@ -125,18 +126,26 @@ def test_evaluate_prints_reference_lines_and_caches(
         evaluate_launcher.main(argv)
     finally:
         flags.FLAGS.unparse_flags()
-    out = capsys.readouterr().out.strip().splitlines()
+    out = ("".join(printed_before) + capsys.readouterr().out).strip().splitlines()
 
     ref_feats = compute_features(ref_images, inception, batch_size=BATCH)
     sample_feats = compute_features(samples, inception, batch_size=BATCH)
     precision, recall = precision_recall(ref_feats["pool"], sample_feats["pool"])
-    assert out[-5:] == [
+    # The paper's evaluator's lines, in its order (less its TF warm-up line).
+    assert out == [
+        "computing reference batch activations...",
+        "computing/reading reference batch statistics...",
+        "computing sample batch activations...",
+        "computing/reading sample batch statistics...",
+        "Computing evaluations...",
         f"Inception Score: {inception_score(sample_feats['logits'], 4)}",
         "FID: 1.0",
         "sFID: 2.0",
         f"Precision: {precision}",
         f"Recall: {recall}",
     ]
+    # "Computing evaluations..." came out before the metrics were computed.
+    assert printed_before[0].strip().splitlines()[-1] == "Computing evaluations..."
     # FID gets (samples, reference-from-file) pool statistics; sFID the spatial ones.
     with np.load(ref_path) as ref_data:
         for (mu1, sigma1, mu2, sigma2), key, suffix in zip(
@@ -162,3 +171,34 @@ def test_evaluate_prints_reference_lines_and_caches(
     np.savez(sample_path, samples[::-1])
     with pytest.raises(AssertionError, match="from the cache"):
         activations_and_statistics(open_image_npz(sample_path), inception)
+
+
+def test_evaluate_reports_corrupt_member_as_error(weights_npz, tmp_path, monkeypatch):
+    from test_evaluation_npz import _corrupt, _fake_compute_features
+
+    from launch import evaluate as evaluate_launcher
+
+    # The feature pass reads every batch (that is where a bad CRC shows) but runs no network.
+    monkeypatch.setattr(evaluator, "compute_features", _fake_compute_features([]))
+    rng = np.random.default_rng(0)
+    for name in ("ref", "samples"):
+        np.savez(tmp_path / f"{name}.npz", rng.integers(0, 256, (8, 64, 64, 3), np.uint8))
+    _corrupt(tmp_path / "samples.npz")
+    argv = flags.FLAGS(
+        [
+            "evaluate",
+            str(tmp_path / "ref.npz"),
+            str(tmp_path / "samples.npz"),
+            f"--inception_weights={weights_npz}",
+            "--is_split_size=4",
+            "--nocache",
+        ]
+    )
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_launcher.main(argv)
+    finally:
+        flags.FLAGS.unparse_flags()
+    message = str(exit_info.value.code)
+    assert message.startswith("error: member 'arr_0.npy' of "), message
+    assert "samples.npz is corrupt or truncated" in message and "Bad CRC-32" in message

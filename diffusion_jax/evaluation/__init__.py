@@ -29,7 +29,7 @@ from diffusion_jax.evaluation.metrics import (
     pairwise_distances,
     precision_recall,
 )
-from diffusion_jax.evaluation.npz_io import ImageNpz, open_image_npz
+from diffusion_jax.evaluation.npz_io import ImageNpz, NpzReadError, open_image_npz
 
 __all__ = [
     "FID_WEIGHTS_FILENAME",
@@ -38,6 +38,7 @@ __all__ = [
     "ImageNpz",
     "Inception",
     "InceptionV3FID",
+    "NpzReadError",
     "activations_and_statistics",
     "check_images",
     "compute_features",

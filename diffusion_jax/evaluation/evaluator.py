@@ -2,16 +2,21 @@
 
 Mirrors guided-diffusion's `evaluations/evaluator.py` (same features, statistics and
 metric definitions) without TensorFlow. Activations of every batch it reads are cached
-beside the file (`<name>.npz.inception.npz`, keyed by the file's size/mtime and the
-weights' fingerprint), so re-evaluating against the same reference batch is cheap.
+beside the file (`<name>.npz.inception.npz`, keyed by the file's size, mtime and a hash of
+its ends, by `Inception.cache_id`: weights, network precision, feature-code version, and
+by the platform), so re-evaluating against the same reference batch is cheap. All checks
+on the files run before the first Inception pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable
 
+import jax
 import numpy as np
 from absl import logging
 from etils import epath
@@ -52,9 +57,17 @@ class EvaluationResult:
         ]
 
 
-def _cache_key(npz: ImageNpz, inception_model: Inception) -> dict[str, np.ndarray]:
-    # Size, mtime (whole seconds on some filesystems) and a hash of the file's first and
+def _platform(mesh: Mesh | None) -> str:
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def _cache_key(
+    npz: ImageNpz, inception_model: Inception, mesh: Mesh | None
+) -> dict[str, np.ndarray]:
+    # The file: size, mtime (whole seconds on some filesystems) and a hash of its first and
     # last MiB: cheap for 10 GB batches, yet a rewrite within the same second is caught.
+    # The features: weights, network settings (precision) and feature-code version
+    # (`Inception.cache_id`), and the platform, whose matmul/conv arithmetic differs.
     stat = npz.path.stat()
     digest = hashlib.sha1()
     with npz.path.open("rb") as f:
@@ -63,7 +76,7 @@ def _cache_key(npz: ImageNpz, inception_model: Inception) -> dict[str, np.ndarra
             f.seek(stat.length - _HASHED_BYTES)
         digest.update(f.read())
     return {
-        "cache_weights": np.asarray(inception_model.fingerprint),
+        "cache_model": np.asarray(f"{inception_model.cache_id}|{_platform(mesh)}"),
         "cache_source": np.asarray(f"{stat.length}:{stat.mtime}:{digest.hexdigest()}"),
     }
 
@@ -75,7 +88,7 @@ def _read_cache(path: epath.Path, key: dict[str, np.ndarray]) -> dict[str, np.nd
         with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
             if all(k in data.files and str(data[k]) == str(v) for k, v in key.items()):
                 return {k: data[k] for k in data.files if k not in key}
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         logging.warning("Ignoring unreadable activation cache %s: %s", path, e)
     return None
 
@@ -90,6 +103,56 @@ def _write_cache(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
         logging.warning("Could not write activation cache %s: %s", path, e)
 
 
+@dataclasses.dataclass
+class _Activations:
+    """Features of one batch file and what is needed to cache them."""
+
+    features: dict[str, np.ndarray]
+    cached_stats: dict[str, np.ndarray] | None  # statistics found in the cache
+    cache_path: epath.Path | None  # where to write the cache; None: don't
+    cache_key: dict[str, np.ndarray]
+
+
+def _activations(
+    npz: ImageNpz, inception_model: Inception, *, mesh: Mesh | None, batch_size: int, cache: bool
+) -> _Activations:
+    """The file's features, from `<file>.inception.npz` when that matches, else computed."""
+    cache_path = npz.path.parent / (npz.path.name + CACHE_SUFFIX)
+    key = _cache_key(npz, inception_model, mesh) if cache else {}
+    cached = _read_cache(cache_path, key) if cache else None
+    if cached is not None and all(k in cached for k in FEATURE_KEYS):
+        logging.info("Using cached activations %s", cache_path)
+        stats = {k: cached[k] for k in STAT_KEYS} if all(k in cached for k in STAT_KEYS) else None
+        return _Activations({k: cached[k] for k in FEATURE_KEYS}, stats, None, key)
+    feats = compute_features(
+        npz.iter_batches(batch_size),
+        inception_model,
+        mesh=mesh,
+        batch_size=batch_size,
+        num_images=npz.num_images,
+    )
+    return _Activations(feats, None, cache_path if cache else None, key)
+
+
+def _statistics(npz: ImageNpz, acts: _Activations) -> dict[str, np.ndarray]:
+    """Statistics stored in the file (a reference batch), else cached, else computed.
+
+    Writes the activation cache when the features were just computed (with the
+    statistics, when they had to be computed too).
+    """
+    stats = npz.read_statistics()
+    computed = {}
+    if stats is None:
+        stats = acts.cached_stats
+    if stats is None:
+        mu, sigma = compute_statistics(acts.features["pool"])
+        mu_s, sigma_s = compute_statistics(acts.features["spatial"])
+        stats = computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+    if acts.cache_path is not None:
+        _write_cache(acts.cache_path, {**acts.features, **computed, **acts.cache_key})
+    return stats
+
+
 def activations_and_statistics(
     npz: ImageNpz,
     inception_model: Inception,
@@ -102,6 +165,8 @@ def activations_and_statistics(
 
     Statistics stored in the file (`mu`, `sigma`, `mu_s`, `sigma_s`: a reference batch)
     are used as they are, as the paper's evaluator does; otherwise they are computed.
+    The cache (`<file>.inception.npz`) is keyed by the file's size, mtime and a hash of
+    its ends, and by `Inception.cache_id` (weights, precision) and the platform.
 
     Args:
       npz: from `open_image_npz`.
@@ -114,28 +179,8 @@ def activations_and_statistics(
       `(features, stats)`: `{"pool", "spatial", "logits"}` float32 and
       `{"mu", "sigma", "mu_s", "sigma_s"}` float64.
     """
-    cache_path = npz.path.parent / (npz.path.name + CACHE_SUFFIX)
-    key = _cache_key(npz, inception_model)
-    cached = _read_cache(cache_path, key) if cache else None
-    if cached is not None:
-        logging.info("Using cached activations %s", cache_path)
-        feats = {k: cached[k] for k in FEATURE_KEYS}
-        computed_stats = {k: cached[k] for k in STAT_KEYS}
-    else:
-        feats = compute_features(
-            npz.iter_batches(batch_size),
-            inception_model,
-            mesh=mesh,
-            batch_size=batch_size,
-            num_images=npz.num_images,
-        )
-        mu, sigma = compute_statistics(feats["pool"])
-        mu_s, sigma_s = compute_statistics(feats["spatial"])
-        computed_stats = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-        if cache:
-            _write_cache(cache_path, {**feats, **computed_stats, **key})
-    stored = npz.read_statistics()
-    return feats, (stored if stored is not None else computed_stats)
+    acts = _activations(npz, inception_model, mesh=mesh, batch_size=batch_size, cache=cache)
+    return acts.features, _statistics(npz, acts)
 
 
 def evaluate_npz(
@@ -150,12 +195,14 @@ def evaluate_npz(
     distance_dtype: str = "float16",
     pr_batch_size: int = 10000,
     cache: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
     """Evaluates a sample batch against a reference batch, as the paper's evaluator.
 
     Both files are resized to 299x299 inside Inception, so any resolution runs; but FID
     between different resolutions measures the resizing, not the model, so a mismatch is
-    an error unless `allow_resolution_mismatch`.
+    an error unless `allow_resolution_mismatch`. Every check on the files (layout,
+    statistics, resolution, sample count) runs before the first Inception pass.
 
     Args:
       ref_path: reference batch (`VIRTUAL_imagenet256_labeled.npz` or from make_reference).
@@ -168,6 +215,9 @@ def evaluate_npz(
       distance_dtype: precision/recall distance precision ("float16" as the reference).
       pr_batch_size: row/column block of the precision/recall distance computation.
       cache: cache activations beside both files.
+      progress: called with the paper's evaluator's progress lines ("computing reference
+        batch activations...", ..., "Computing evaluations..."), each just before that
+        step starts; e.g. `print`.
 
     Returns:
       The `EvaluationResult`.
@@ -175,6 +225,7 @@ def evaluate_npz(
     Raises:
       FileNotFoundError / ValueError: bad files, too few samples, mismatched resolutions.
     """
+    say = progress if progress is not None else (lambda line: None)
     ref, sample = open_image_npz(ref_path), open_image_npz(sample_path)
     if ref.resolution != sample.resolution and not allow_resolution_mismatch:
         raise ValueError(
@@ -191,8 +242,24 @@ def evaluate_npz(
             "lower split_size (--is_split_size)."
         )
     kw = dict(mesh=mesh, batch_size=batch_size, cache=cache)
-    ref_feats, ref_stats = activations_and_statistics(ref, inception_model, **kw)
-    sample_feats, sample_stats = activations_and_statistics(sample, inception_model, **kw)
+    say("computing reference batch activations...")
+    ref_acts = _activations(ref, inception_model, **kw)
+    say("computing/reading reference batch statistics...")
+    ref_stats = _statistics(ref, ref_acts)
+    say("computing sample batch activations...")
+    sample_acts = _activations(sample, inception_model, **kw)
+    say("computing/reading sample batch statistics...")
+    sample_stats = _statistics(sample, sample_acts)
+    ref_feats, sample_feats = ref_acts.features, sample_acts.features
+
+    say("Computing evaluations...")
+    inception_score = metrics.inception_score(sample_feats["logits"], split_size)
+    fid = metrics.frechet_distance(
+        sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]
+    )
+    sfid = metrics.frechet_distance(
+        sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]
+    )
     precision, recall = metrics.precision_recall(
         ref_feats["pool"],
         sample_feats["pool"],
@@ -201,16 +268,49 @@ def evaluate_npz(
         distance_dtype=distance_dtype,
     )
     return EvaluationResult(
-        inception_score=metrics.inception_score(sample_feats["logits"], split_size),
-        fid=metrics.frechet_distance(
-            sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]
-        ),
-        sfid=metrics.frechet_distance(
-            sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]
-        ),
-        precision=precision,
-        recall=recall,
+        inception_score=inception_score, fid=fid, sfid=sfid, precision=precision, recall=recall
     )
+
+
+class _ImageBuffer:
+    """Collects uint8 image batches into one array, growing it in place.
+
+    `ndarray.resize` reallocates the single buffer (glibc `realloc` moves large blocks
+    with `mremap`, without a copy), so collecting N images needs about N images of
+    memory (at most 25% more while growing), not the 2x of a list plus `np.concatenate`.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self._capacity_hint = capacity
+        self._buffer: np.ndarray | None = None
+        self.size = 0
+
+    def append(self, batch: np.ndarray, name: str) -> None:
+        if self._buffer is None:
+            capacity = max(self._capacity_hint or 0, batch.shape[0])
+            self._buffer = np.empty((capacity, *batch.shape[1:]), np.uint8)
+        elif batch.shape[1:] != self._buffer.shape[1:]:
+            raise ValueError(
+                f"{name} has shape {batch.shape[1:]}, earlier ones "
+                f"{self._buffer.shape[1:]}: a reference batch needs one resolution."
+            )
+        end = self.size + batch.shape[0]
+        if end > self._buffer.shape[0]:
+            self._resize(max(end, self._buffer.shape[0] * 5 // 4))
+        self._buffer[self.size : end] = batch
+        self.size = end
+
+    def _resize(self, n: int) -> None:
+        # No views of the buffer exist while collecting, so an unchecked resize is safe.
+        self._buffer.resize((n, *self._buffer.shape[1:]), refcheck=False)
+
+    def finish(self) -> np.ndarray:
+        """The collected `[N, H, W, 3]` images (the buffer trimmed to N in place)."""
+        if self._buffer is None:
+            raise ValueError("write_reference_batch got no images.")
+        if self._buffer.shape[0] != self.size:
+            self._resize(self.size)
+        return self._buffer
 
 
 def write_reference_batch(
@@ -220,8 +320,13 @@ def write_reference_batch(
     *,
     mesh: Mesh | None = None,
     batch_size: int = 256,
+    num_images: int | None = None,
 ) -> int:
     """Writes a reference batch in the paper's format for the given images.
+
+    The images are collected into one buffer while their features are computed and
+    written with `np.savez` (streamed to the file), so peak memory is about one copy of
+    the images (50k x 256^2: 9.8 GB), plus the features.
 
     Args:
       image_batches: uint8 `[B, H, W, 3]` batches (e.g. `data.iterate_uint8_images`).
@@ -230,6 +335,9 @@ def write_reference_batch(
       inception_model: from `load_inception`.
       mesh: device mesh for the feature pass.
       batch_size: global batch size of the feature pass.
+      num_images: expected number of images, if known (e.g. the `limit` given to the
+        data source): the buffer is allocated once at that size. Only a hint; any count
+        works.
 
     Returns:
       The number of images written.
@@ -237,31 +345,20 @@ def write_reference_batch(
     Raises:
       ValueError: on badly typed batches, mixed resolutions or fewer than 2 images.
     """
-    images = []
+    images = _ImageBuffer(num_images)
 
     def collect() -> Iterable[np.ndarray]:
         for i, batch in enumerate(image_batches):
             check_images(batch, f"image batch {i}")
-            if images and batch.shape[1:] != images[0].shape[1:]:
-                raise ValueError(
-                    f"image batch {i} has shape {batch.shape[1:]}, earlier ones "
-                    f"{images[0].shape[1:]}: a reference batch needs one resolution."
-                )
-            images.append(batch)
+            images.append(batch, f"image batch {i}")
             yield batch
 
     feats = compute_features(collect(), inception_model, mesh=mesh, batch_size=batch_size)
     mu, sigma = compute_statistics(feats["pool"])
     mu_s, sigma_s = compute_statistics(feats["spatial"])
+    del feats  # ~1 GB at 50k images; not needed while writing
     output_path = epath.Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("wb") as f:
-        np.savez(
-            f,
-            **{IMAGES_KEY: np.concatenate(images)},
-            mu=mu,
-            sigma=sigma,
-            mu_s=mu_s,
-            sigma_s=sigma_s,
-        )
-    return int(feats["pool"].shape[0])
+        np.savez(f, **{IMAGES_KEY: images.finish()}, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    return images.size

@@ -25,6 +25,9 @@ from diffusion_jax import parallel
 from diffusion_jax.evaluation import inception, inception_weights
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
+# Bump when a change to the preprocessing or the network changes the features, so that
+# activations cached by older code are recomputed (`Inception.cache_id`).
+FEATURES_VERSION = 1
 
 
 def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
@@ -77,7 +80,8 @@ class Inception:
 
     Attributes:
       params: the converted parameter tree (numpy float32, or device arrays).
-      fingerprint: a hash of the weights, used to key cached activations.
+      fingerprint: a hash of the weights; with the module's settings it keys cached
+        activations (`cache_id`).
       module: the Flax network.
     """
 
@@ -93,6 +97,21 @@ class Inception:
         elif images.dtype != jnp.uint8:
             raise ValueError(f"images must be uint8 in [0, 255]; got {images.dtype}.")
         return _network(self.module, self.params, _preprocess(images))
+
+    @property
+    def cache_id(self) -> str:
+        """Identifies the features this callable computes, for keying cached activations.
+
+        The weights' `fingerprint` plus every setting of the network module (its
+        `precision`: features at `Precision.DEFAULT` are TF32/bfloat16 on accelerators
+        and must not be reused by a HIGHEST run) and a version of the feature code.
+        """
+        settings = ",".join(
+            f"{f.name}={getattr(self.module, f.name)!r}"
+            for f in dataclasses.fields(self.module)
+            if f.name not in ("parent", "name")
+        )
+        return f"{self.fingerprint}|{type(self.module).__name__}({settings})|v{FEATURES_VERSION}"
 
 
 def _fingerprint(params: dict) -> str:

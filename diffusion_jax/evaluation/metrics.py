@@ -13,11 +13,18 @@ Semantics follow guided-diffusion's `evaluations/evaluator.py`:
     Squared distances come from `|u|^2 - 2 u.v + |v|^2` clamped at 0, computed in float16
     as the reference's TF graph does (float32 for a block whose float16 result overflows);
     `distance_dtype="float32"` computes everything in float32 instead. The float16 mode
-    rounds every op's result to float16 and accumulates the norm/dot-product sums in
-    float32; TF's own accumulation order depends on its version and device, so single
-    distances can differ from a given TF run by a float16 ulp or two. This matters: at
-    Inception-feature scales the float16 grid creates ties that `<=` counts as inside, so
-    float16 and float32 precision/recall can differ by ~0.01 on the same features.
+    rounds every op's result to float16; the dot products are accumulated in float32 and
+    rounded once, as cuBLAS does for TF's float16 matmul on GPU (where the paper ran its
+    evaluator); the squared norms are likewise summed in float32 and rounded once. That
+    is not bit-exact to any TF run: TF's GPU `reduce_sum` kernel keeps float16 partial
+    sums in cub's tree order (its source gives only the float16 *mean* a float32
+    accumulator) and TF-CPU sums in Eigen's order, so single norms differ from a TF run
+    by a float16 ulp or so (a reviewer found ~28% of rows differing from TF-CPU). At
+    Inception-feature scales the float16 grid creates ties that `<=` counts as inside,
+    so these ulps move precision/recall: expect about +-0.005 against a TF-CPU run of
+    the paper's evaluator at a few thousand samples (measured: recall 0.003-0.004 at
+    2k-2.5k samples); the gap to TF-GPU has not been measured and is expected to be of
+    the same order. The float16 and float32 modes differ by ~0.01 on the same features.
 Distance blocks are `[row_batch, col_batch]` jitted JAX computations, so 50k x 50k never
 materialises; the k-NN radius keeps a running top-(k+1) per row across column blocks.
 """

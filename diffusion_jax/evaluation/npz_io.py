@@ -4,21 +4,60 @@ Sample and reference files hold `arr_0` (uint8 `[N, H, W, 3]`) and, for referenc
 precomputed FID statistics `mu`, `sigma` (pool, 2048-d) and `mu_s`, `sigma_s` (spatial,
 2023-d). Images are streamed from the zip member batch by batch (as the paper's evaluator
 does), so a 50k x 256 x 256 batch never has to fit in memory twice.
+
+Everything a file can get wrong is reported as a `ValueError` naming the file (and the
+member, for a damaged one): a partial or misshapen set of statistics when the file is
+opened, before any Inception pass; a corrupt member (bad CRC, broken deflate stream,
+truncated data) when it is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zipfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
 from etils import epath
 
 from diffusion_jax.evaluation.features import check_images
+from diffusion_jax.evaluation.inception import POOL_DIM, SPATIAL_DIM
 
 IMAGES_KEY = "arr_0"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# Shapes of the statistics in the paper's reference batches.
+STAT_SHAPES = {
+    "mu": (POOL_DIM,),
+    "sigma": (POOL_DIM, POOL_DIM),
+    "mu_s": (SPATIAL_DIM,),
+    "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
+}
+
+
+class NpzReadError(ValueError):
+    """A batch file that cannot be read; the message names the file and the member."""
+
+
+@contextlib.contextmanager
+def _reading(path: epath.Path, member: str | None = None) -> Iterator[None]:
+    """Turns low-level read failures inside the block into an `NpzReadError`.
+
+    zipfile raises `BadZipFile` for a bad CRC or header, zlib `zlib.error` for a broken
+    deflate stream (`np.savez_compressed`), and numpy `ValueError`/`EOFError` for a
+    damaged `.npy` header or short data; none of them says which file it was.
+    """
+    try:
+        yield
+    except NpzReadError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        where = f"member '{member}.npy' of {path}" if member else str(path)
+        raise NpzReadError(
+            f"{where} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}). "
+            "Re-create or re-download the file."
+        ) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,21 +78,31 @@ class ImageNpz:
         return self.shape[1], self.shape[2]
 
     def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Yields `[<=batch_size, H, W, 3]` uint8 batches of `arr_0` in file order."""
-        with self.path.open("rb") as f, zipfile.ZipFile(f) as zf, zf.open(f"{IMAGES_KEY}.npy") as m:
-            header = _read_header(m)
+        """Yields `[<=batch_size, H, W, 3]` uint8 batches of `arr_0` in file order.
+
+        Raises:
+          NpzReadError: (a ValueError) if the member is corrupt or truncated; a bad CRC
+            is only detectable once the whole member has been read.
+        """
+        with contextlib.ExitStack() as stack:
+            with _reading(self.path, IMAGES_KEY):
+                f = stack.enter_context(self.path.open("rb"))
+                zf = stack.enter_context(zipfile.ZipFile(f))
+                m = stack.enter_context(zf.open(f"{IMAGES_KEY}.npy"))
+                header = _read_header(m)
             if header is None or header[1] or header[2].hasobject:
                 # Not a plain C-order buffer we can stream: load the array whole.
-                m.close()
+                stack.close()
                 yield from _chunks(self._load_member(IMAGES_KEY), batch_size)
                 return
             shape, _, dtype = header
             per_image = int(np.prod(shape[1:])) * dtype.itemsize
             for start in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - start)
-                data = m.read(n * per_image)
-                if len(data) != n * per_image:
-                    raise ValueError(f"{self.path}: {IMAGES_KEY} is truncated (corrupt file).")
+                with _reading(self.path, IMAGES_KEY):
+                    data = m.read(n * per_image)
+                    if len(data) != n * per_image:
+                        raise EOFError(f"expected {n * per_image} bytes, got {len(data)}")
                 yield np.frombuffer(data, dtype).reshape(n, *shape[1:])
 
     def read_images(self) -> np.ndarray:
@@ -63,23 +112,54 @@ class ImageNpz:
     def read_statistics(self) -> dict[str, np.ndarray] | None:
         """Returns the precomputed `mu`, `sigma`, `mu_s`, `sigma_s` (float64), or None.
 
+        `open_image_npz` has already checked that all four (or none) are present with the
+        reference batches' shapes.
+
         Raises:
-          ValueError: if only some of the four are present.
+          ValueError: if only some of the four are present; NpzReadError (a ValueError)
+            if a member is corrupt.
         """
-        present = [k for k in STAT_KEYS if k in self.members]
-        if not present:
+        if not _check_statistics(self.path, self.members, {}):
             return None
-        if len(present) != len(STAT_KEYS):
-            missing = sorted(set(STAT_KEYS) - set(present))
-            raise ValueError(
-                f"{self.path} has FID statistics {present} but lacks {missing}; a reference "
-                "batch needs all of mu, sigma, mu_s, sigma_s (rebuild it with make_reference)."
-            )
         return {k: np.asarray(self._load_member(k), np.float64) for k in STAT_KEYS}
 
     def _load_member(self, key: str) -> np.ndarray:
-        with self.path.open("rb") as f, np.load(f, allow_pickle=False) as data:
+        with (
+            _reading(self.path, key),
+            self.path.open("rb") as f,
+            np.load(f, allow_pickle=False) as data,
+        ):
             return data[key]
+
+
+def _check_statistics(
+    path: epath.Path, members: tuple[str, ...], shapes: dict[str, tuple[int, ...]]
+) -> bool:
+    """Whether `members` hold FID statistics; raises if only some, or misshapen ones.
+
+    Args:
+      path: the file, for messages.
+      members: its member names (without `.npy`).
+      shapes: shapes read from the members' headers (keys missing here are not checked).
+    """
+    present = [k for k in STAT_KEYS if k in members]
+    if not present:
+        return False
+    if len(present) != len(STAT_KEYS):
+        missing = sorted(set(STAT_KEYS) - set(present))
+        raise ValueError(
+            f"{path} has FID statistics {present} but lacks {missing}; a reference "
+            "batch needs all of mu, sigma, mu_s, sigma_s (rebuild it with make_reference)."
+        )
+    for key, expected in STAT_SHAPES.items():
+        if key in shapes and tuple(shapes[key]) != expected:
+            raise ValueError(
+                f"{path}: '{key}' has shape {tuple(shapes[key])}, but the paper's reference "
+                f"batches store {expected} (mu/sigma: {POOL_DIM}-d pool_3 features, "
+                f"mu_s/sigma_s: {SPATIAL_DIM}-d spatial features); rebuild it with "
+                "make_reference."
+            )
+    return True
 
 
 def _read_header(member) -> tuple[tuple[int, ...], bool, np.dtype] | None:
@@ -90,6 +170,18 @@ def _read_header(member) -> tuple[tuple[int, ...], bool, np.dtype] | None:
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(member)
     return None
+
+
+def _member_shape_dtype(path: epath.Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of member `key` from its `.npy` header (the data is not read)."""
+    with _reading(path, key):
+        with path.open("rb") as f, zipfile.ZipFile(f) as zf, zf.open(f"{key}.npy") as m:
+            header = _read_header(m)
+        if header is None:  # a format version we do not parse: let numpy load it
+            with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
+                arr = data[key]
+            return arr.shape, arr.dtype
+        return tuple(header[0]), header[2]
 
 
 def _chunks(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -108,8 +200,10 @@ def open_image_npz(path: str | epath.PathLike) -> ImageNpz:
 
     Raises:
       FileNotFoundError: if the file does not exist.
-      ValueError: if it is not a readable npz, lacks `arr_0`, or `arr_0` is not uint8
-        NHWC RGB images (the message names the file and what to change).
+      ValueError: if it is not a readable npz, lacks `arr_0`, `arr_0` is not uint8
+        NHWC RGB images, or it holds only some of `mu`, `sigma`, `mu_s`, `sigma_s` or
+        misshapen ones (the message names the file and what to change). Checked here,
+        so `evaluate_npz` fails before any Inception pass.
     """
     path = epath.Path(path)
     if not path.exists():
@@ -117,20 +211,16 @@ def open_image_npz(path: str | epath.PathLike) -> ImageNpz:
     try:
         with path.open("rb") as f, zipfile.ZipFile(f) as zf:
             members = tuple(n.removesuffix(".npy") for n in zf.namelist())
-            if IMAGES_KEY not in members:
-                raise ValueError(
-                    f"{path} has no '{IMAGES_KEY}' array (it has {list(members)}); sample files "
-                    f"store images as np.savez(path, images) so they land in '{IMAGES_KEY}'."
-                )
-            with zf.open(f"{IMAGES_KEY}.npy") as m:
-                header = _read_header(m)
-            if header is None:
-                with path.open("rb") as f2, np.load(f2, allow_pickle=False) as data:
-                    arr = data[IMAGES_KEY]
-                header = (arr.shape, False, arr.dtype)
-            shape, _, dtype = header
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise ValueError(f"{path} is not a readable .npz file (corrupt or truncated?): {e}") from e
+    if IMAGES_KEY not in members:
+        raise ValueError(
+            f"{path} has no '{IMAGES_KEY}' array (it has {list(members)}); sample files "
+            f"store images as np.savez(path, images) so they land in '{IMAGES_KEY}'."
+        )
+    shape, dtype = _member_shape_dtype(path, IMAGES_KEY)
+    stat_shapes = {k: _member_shape_dtype(path, k)[0] for k in STAT_KEYS if k in members}
+    _check_statistics(path, members, stat_shapes)
     npz = ImageNpz(path=path, shape=tuple(shape), dtype=np.dtype(dtype), members=members)
     name = f"{path}:{IMAGES_KEY}"
     if len(shape) != 4 or shape[-1] != 3:
