@@ -26,6 +26,13 @@ _WEIGHTS = flags.DEFINE_string(
     None,
     "pt_inception-2015-12-05-6726825d.pth or a converted .npz; default: cached/downloaded.",
 )
+_PREPROCESSING = flags.DEFINE_enum(
+    "preprocessing",
+    "auto",
+    ["auto", "standard", "lsun"],
+    "Crop route: 'auto' (LSUN's for lsun/* tfds names, else the ImageNet loader's); 'lsun' "
+    "for a folder of raw LSUN images.",
+)
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size of the Inception pass.")
 flags.mark_flags_as_required(["images", "output"])
 
@@ -42,6 +49,7 @@ def main(argv: list[str]) -> None:
             split=_SPLIT.value,
             batch_size=_BATCH.value,
             limit=_NUM.value,
+            preprocessing=_PREPROCESSING.value,
         )
         n = evaluation.write_reference_batch(
             batches,
