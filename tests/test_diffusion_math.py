@@ -64,6 +64,7 @@ SPACINGS = [
     (50, ""),
     (50, None),
     (50, 0),
+    (50, "0"),
     (4000, "ddim100"),
     (1000, "1,2,3,4,5,6,7"),
     (1000, (10, 15, 20)),
@@ -75,7 +76,7 @@ SPACINGS = [
 @pytest.mark.parametrize("steps,spacing", SPACINGS)
 def test_space_timesteps_and_respaced_betas_match_paper_code(steps, spacing):
     ref_spacing = spacing
-    if spacing in ("", None, 0):
+    if spacing in ("", None, 0, "0"):
         ref_spacing = [steps]
     elif isinstance(spacing, int):
         ref_spacing = [spacing]
@@ -407,6 +408,22 @@ def test_calc_bpd_loop_matches_paper_code(var_type, respacing):
     assert np.all(np.isfinite(np.asarray(drawn["total_bpd"])))
 
 
+def test_calc_bpd_loop_draws_per_image_noise():
+    """Image i's bits/dim depend on its key fold_in(rng, i) alone, not on the batch."""
+    mine = ours.create_diffusion(steps=30, timestep_respacing="10", learn_sigma=True)
+    model = ref_lib.StandInModel(SHAPE[-1], True, seed=5)
+    x_start, *_ = _inputs(mine, seed=6)
+    rng = jax.random.key(1)
+    batch = mine.calc_bpd_loop(model, jnp.asarray(x_start), rng)
+    for i in (0, 3):
+        alone = mine.calc_bpd_loop(
+            model, jnp.asarray(x_start[i : i + 1]), jax.random.fold_in(rng, i)[None]
+        )
+        for key in ("total_bpd", "vb", "mse"):
+            _close(alone[key][0], np.asarray(batch[key][i]), rtol=1e-12, what=key)
+    assert np.abs(np.asarray(batch["mse"][0] - batch["mse"][1])).max() > 1e-3
+
+
 # --- Errors that name the parameter. -----------------------------------------------
 
 
@@ -450,9 +467,47 @@ def test_mismatched_shapes_raise_naming_the_argument():
         diff.p_mean_variance(ref_lib.StandInModel(3, learned_sigma=False), x, t)
     with pytest.raises(ValueError, match="rng"):
         diff.training_losses(model, x, t)
+    with pytest.raises(ValueError, match=r"rng must be one jax\.random\.key for the whole batch"):
+        diff.training_losses(model, x, t, rng=jax.random.split(jax.random.key(0), 2))
     with pytest.raises(ValueError, match=r"noise \(x_T\) must have shape"):
         diff.ddim_sample_loop(model, (2, 4, 4, 3), None, noise=jnp.zeros((3, 4, 4, 3)))
     with pytest.raises(ValueError, match="needs rng"):
         diff.p_sample_loop(model, (2, 4, 4, 3), None, noise=x)
     with pytest.raises(ValueError, match=r"eta must be 0\.0"):
         diff.ddim_reverse_sample(model, x, t, eta=0.5)
+
+
+@pytest.mark.parametrize("bad_t", [[5, 40], [5, -1], [40, 0]])
+def test_out_of_range_timesteps_raise_naming_t(bad_t):
+    """Concrete t outside [0, num_timesteps) raises (the paper code: IndexError)."""
+    diff = ours.create_diffusion(steps=40)
+    model = ref_lib.StandInModel(3, learned_sigma=False)
+    x = jnp.zeros((2, 4, 4, 3))
+    t = jnp.asarray(bad_t)
+    match = r"t must hold timestep indices in \[0, 40\)"
+    with pytest.raises(ValueError, match=match):
+        diff.training_losses(model, x, t, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=match):
+        diff.q_sample(x, np.asarray(bad_t), x)
+    with pytest.raises(ValueError, match=match):
+        diff.p_sample(model, x, t, jax.random.key(0))
+    diff.training_losses(model, x, jnp.array([0, 39]), rng=jax.random.key(0))  # the ends
+
+
+def test_timestep_range_is_that_of_the_respaced_process():
+    diff = ours.create_diffusion(steps=40, timestep_respacing=10)
+    x = jnp.zeros((1, 4, 4, 3))
+    diff.q_sample(x, jnp.array([9]), x)
+    with pytest.raises(ValueError, match=r"\[0, 10\).*after respacing.*\[10, 10\]"):
+        diff.q_sample(x, jnp.array([10]), x)
+
+
+def test_traced_timesteps_are_not_range_checked():
+    """Under jit t's values are unknown: the check is skipped, not turned into an error."""
+    diff = ours.create_diffusion(steps=40)
+    x = jnp.ones((2, 4, 4, 3))
+    q_sample = jax.jit(lambda t: diff.q_sample(x, t, x))
+    np.testing.assert_allclose(
+        q_sample(jnp.array([3, 39])), diff.q_sample(x, jnp.array([3, 39]), x)
+    )
+    assert q_sample(jnp.array([3, 40])).shape == x.shape  # clamped lookup, documented

@@ -107,10 +107,16 @@ def test_ddim_loop_matches_paper_code_float32(models):
 
 
 def _our_step_noises(rng, num_steps, dtype):
-    """The documented randomness: step t draws normal(fold_in(split(rng)[1], t))."""
-    loop_rng = jax.random.split(rng)[1]
+    """The documented randomness, written out with plain jax.random: sample i has key
+    k_i = fold_in(rng, i) and its step noise at t is normal(fold_in(k_i, t), SHAPE[1:])."""
+    sample_keys = [jax.random.fold_in(rng, i) for i in range(SHAPE[0])]
     return {
-        t: np.asarray(jax.random.normal(jax.random.fold_in(loop_rng, t), SHAPE, dtype))
+        t: np.stack(
+            [
+                np.asarray(jax.random.normal(jax.random.fold_in(k, t), SHAPE[1:], dtype))
+                for k in sample_keys
+            ]
+        )
         for t in range(num_steps)
     }
 
@@ -318,17 +324,247 @@ def test_progress_bar_reports_every_step_and_changes_nothing(capsys):
     assert "10/10" in capsys.readouterr().err
 
 
+# --- Per-sample randomness. -----------------------------------------------------------
+
+
+def _labelled_model(x, t, y=None):
+    # Per-example and label-dependent, so a sample mixed up with another one shows.
+    shift = jnp.asarray(t).astype(x.dtype)[:, None, None, None] / 1000.0
+    if y is not None:
+        shift = shift + 0.1 * jnp.asarray(y).astype(x.dtype)[:, None, None, None]
+    return jnp.tanh(0.5 * x + shift)
+
+
+RANDOM_LOOPS = {
+    "ancestral": ("p_sample_loop", {}),
+    "ddim-eta0.5": ("ddim_sample_loop", {"eta": 0.5}),
+    "ancestral-progressive": ("p_sample_loop_progressive", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(RANDOM_LOOPS))
+def test_a_sample_does_not_depend_on_its_batch(case):
+    """Sample i of a batch drawn with one key equals the same sample drawn alone with
+    its per-sample key fold_in(rng, i), x_T included; permuting a batch of per-sample
+    keys permutes the samples."""
+    method, extra = RANDOM_LOOPS[case]
+    diff = ours.create_diffusion(steps=100, timestep_respacing="ddim10")
+    loop = getattr(diff, method)
+
+    def run(shape, rng, labels):
+        out = loop(_labelled_model, shape, rng, model_kwargs={"y": jnp.asarray(labels)}, **extra)
+        return np.asarray(out["sample"] if isinstance(out, dict) else out)
+
+    shape = (4, 2, 2, 3)
+    labels = np.array([3, 1, 4, 1])
+    rng = jax.random.key(7)
+    batch = run(shape, rng, labels)
+    assert np.abs(batch[0] - batch[1]).max() > 1e-2  # the samples differ from each other
+    for i in range(shape[0]):
+        alone = run((1, *shape[1:]), jax.random.fold_in(rng, i)[None], labels[i : i + 1])
+        np.testing.assert_allclose(alone[0], batch[i], rtol=1e-6, atol=1e-6)
+    # A batch of per-sample keys in another order (another batch composition).
+    order = np.array([2, 0, 3, 1])
+    sample_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(order))
+    permuted = run(shape, sample_keys, labels[order])
+    np.testing.assert_allclose(permuted, batch[order], rtol=1e-6, atol=1e-6)
+
+
+def test_documented_x_T_and_step_noise_of_each_sample():
+    """Sample i: x_T = normal(fold_in(key_i, T)), step noise normal(fold_in(key_i, t))."""
+    diff = ours.create_diffusion(steps=40, timestep_respacing="5")
+    shape = (3, 2, 2, 3)
+    sample_keys = jax.random.split(jax.random.key(8), shape[0])  # per-sample keys [B]
+    num_steps = diff.num_timesteps
+
+    def per_sample(t):
+        return jnp.stack(
+            [
+                jax.random.normal(jax.random.fold_in(k, t), shape[1:], jnp.float32)
+                for k in sample_keys
+            ]
+        )
+
+    x_T = per_sample(num_steps)
+    drawn = diff.ddim_sample_loop(_labelled_model, shape, sample_keys)  # eta=0: x_T only
+    given = diff.ddim_sample_loop(_labelled_model, shape, None, noise=x_T)
+    np.testing.assert_array_equal(drawn, given)
+    # Ancestral steps by hand with the documented noise reproduce the loop.
+    got = diff.p_sample_loop(_labelled_model, shape, sample_keys)
+    x = x_T
+    for t in reversed(range(num_steps)):
+        x = diff.p_sample(_labelled_model, x, jnp.full((shape[0],), t), noise=per_sample(t))[
+            "sample"
+        ]
+    np.testing.assert_allclose(got, x, rtol=1e-6, atol=1e-6)
+
+
+def test_rng_of_the_wrong_batch_shape_raises_naming_rng():
+    diff = ours.create_diffusion(steps=40, timestep_respacing="5")
+    with pytest.raises(ValueError, match=r"rng must be one jax.random.key or a batch of 4 keys"):
+        diff.p_sample_loop(_labelled_model, (4, 2, 2, 3), jax.random.split(jax.random.key(0), 3))
+
+
 def test_sharded_batch_samples_equal_single_device():
-    """x_T sharded over the 8-device 'data' mesh: same samples, batch stays sharded."""
+    """Per-sample keys and x_T sharded over the 8-device 'data' mesh: the same samples
+    as on one device, the batch stays sharded, and any slice of the job run as its own
+    batch (another device count, a resumed job) gives the same samples."""
     from diffusion_jax import parallel
 
     mesh = parallel.create_mesh()
     shape = (8, 2, 2, 3)
     diff = ours.create_diffusion(steps=100, timestep_respacing="ddim10")
-    rng = jax.random.key(5)
-    x_T = jax.random.normal(jax.random.key(6), shape, jnp.float32)
-    single = diff.p_sample_loop(_counted_model, shape, rng, noise=x_T)
-    sharded_x_T = jax.device_put(x_T, parallel.data_sharding(mesh))
-    sharded = diff.p_sample_loop(_counted_model, shape, rng, noise=sharded_x_T)
-    assert sharded.sharding.is_equivalent_to(parallel.data_sharding(mesh), len(shape))
+    job_key = jax.random.key(5)
+    global_index = jnp.arange(shape[0])
+    sample_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(job_key, global_index)
+    single = diff.p_sample_loop(_counted_model, shape, sample_keys)
+    sharding = parallel.data_sharding(mesh)
+    sharded = diff.p_sample_loop(_counted_model, shape, jax.device_put(sample_keys, sharding))
+    assert sharded.sharding.is_equivalent_to(sharding, len(shape))
     np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
+    second_half = diff.p_sample_loop(_counted_model, (4, *shape[1:]), sample_keys[4:])
+    np.testing.assert_allclose(second_half, single[4:], rtol=1e-6, atol=1e-6)
+    # A fixed x_T sharded over the mesh with a single key: same as unsharded.
+    x_T = jax.random.normal(jax.random.key(6), shape, jnp.float32)
+    one_key = jax.random.key(9)
+    single = diff.ddim_sample_loop(_counted_model, shape, one_key, noise=x_T, eta=1.0)
+    sharded = diff.ddim_sample_loop(
+        _counted_model, shape, one_key, noise=jax.device_put(x_T, sharding), eta=1.0
+    )
+    assert sharded.sharding.is_equivalent_to(sharding, len(shape))
+    np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
+
+
+# --- Classifier guidance of an unconditional model. -----------------------------------
+
+
+def _tiny_model_config(**overrides):
+    from configs.base import get_base_config
+
+    cfg = get_base_config().model
+    cfg.image_size = 8
+    cfg.num_channels = 32
+    cfg.num_res_blocks = 1
+    cfg.channel_mult = (1, 2)
+    cfg.attention_resolutions = (4,)
+    cfg.dtype = "float32"
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def _apply_dropping_y(apply_fn, variables, x, t, y=None):
+    """The old workaround (the paper's classifier_sample.py): the model ignores y."""
+    del y
+    return apply_fn(variables, x, t)
+
+
+@pytest.fixture(scope="module")
+def uncond_model_and_classifier():
+    from diffusion_jax.models import create_classifier, create_model
+
+    unet = create_model(_tiny_model_config(num_classes=None))
+    classifier = create_classifier(
+        _tiny_model_config(kind="classifier", num_classes=5, num_head_channels=32)
+    )
+    x = jnp.zeros((1, 8, 8, 3), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    rng = np.random.default_rng(0)
+
+    def random_variables(module):
+        # Random weights of init's shapes: compiling `init` would cost more than the test.
+        shapes = jax.eval_shape(module.init, jax.random.key(0), x, t)
+        return jax.tree.map(
+            lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes
+        )
+
+    return unet, random_variables(unet), classifier, random_variables(classifier)
+
+
+def test_unconditional_unet_guided_by_classifier_with_cond_kwargs(uncond_model_and_classifier):
+    """configs/imagenet256_uncond.py's setting in small: our unconditional UNet, our
+    classifier's guidance, labels passed to cond_fn only."""
+    unet, unet_vars, classifier, clf_vars = uncond_model_and_classifier
+    diff = ours.create_diffusion(steps=100, timestep_respacing="ddim5")
+    shape = (2, 8, 8, 3)
+    labels = jnp.array([1, 4])
+    x_T = jax.random.normal(jax.random.key(2), shape, jnp.float32)
+    model_fn = jax.tree_util.Partial(unet.apply, unet_vars)
+    cond_fn = ours.classifier_cond_fn(classifier.apply, clf_vars, 10.0)
+
+    guided = diff.ddim_sample_loop(
+        model_fn, shape, None, noise=x_T, cond_fn=cond_fn, cond_kwargs={"y": labels}
+    )
+    unguided = diff.ddim_sample_loop(model_fn, shape, None, noise=x_T)
+    assert _max_rel(guided, unguided) > 1e-3  # guidance did something
+    workaround = jax.tree_util.Partial(_apply_dropping_y, unet.apply, unet_vars)
+    old_way = diff.ddim_sample_loop(
+        workaround, shape, None, noise=x_T, cond_fn=cond_fn, model_kwargs={"y": labels}
+    )
+    np.testing.assert_allclose(guided, old_way, rtol=1e-6, atol=1e-6)
+    # Why cond_kwargs is needed: the unconditional UNet refuses labels.
+    with pytest.raises(ValueError, match="num_classes=None"):
+        diff.ddim_sample_loop(
+            model_fn, shape, None, noise=x_T, cond_fn=cond_fn, model_kwargs={"y": labels}
+        )
+
+
+def _uncond_model(x, t, **kwargs):
+    if kwargs:
+        raise ValueError(f"unconditional stand-in model got {sorted(kwargs)}")
+    return _counted_model(x, t)
+
+
+def _uncond_model_dropping_y(x, t, y=None):
+    return _uncond_model(x, t)
+
+
+@pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop"])
+def test_cond_kwargs_reach_cond_fn_only(loop):
+    """Algorithm 1 (ancestral) and 2 (DDIM, eta > 0): cond_kwargs == the drop-y wrapper."""
+    diff = ours.create_diffusion(steps=100, timestep_respacing="ddim10")
+    sample = getattr(diff, loop)
+    shape = SHAPE
+    labels = jnp.asarray(LABELS)
+    extra = dict(eta=0.5) if loop == "ddim_sample_loop" else {}
+    x_T = jax.random.normal(jax.random.key(0), shape)
+    rng = jax.random.key(1)
+    cond_fn = ours.classifier_cond_fn(_linear_classifier, _classifier_params(), 3.0)
+    guided = sample(
+        _uncond_model, shape, rng, noise=x_T, cond_fn=cond_fn, cond_kwargs={"y": labels}, **extra
+    )
+    old_way = sample(
+        _uncond_model_dropping_y,
+        shape,
+        rng,
+        noise=x_T,
+        cond_fn=cond_fn,
+        model_kwargs={"y": labels},
+        **extra,
+    )
+    np.testing.assert_allclose(guided, old_way, rtol=1e-12, atol=1e-12)
+    unguided = sample(_uncond_model, shape, rng, noise=x_T, **extra)
+    assert _max_rel(guided, unguided) > 1e-3
+    # Guidance without labels names y instead of failing on a missing argument.
+    with pytest.raises(ValueError, match=r"cond_kwargs=\{'y': labels\}"):
+        sample(_uncond_model, shape, rng, noise=x_T, cond_fn=cond_fn, **extra)
+    with pytest.raises(ValueError, match=r"cond_kwargs\['y'\] must have a leading batch axis"):
+        sample(
+            _uncond_model,
+            shape,
+            rng,
+            noise=x_T,
+            cond_fn=cond_fn,
+            cond_kwargs={"y": labels[:1]},
+            **extra,
+        )
+
+
+def test_classifier_cond_fn_without_labels_raises_naming_y():
+    cond_fn = ours.classifier_cond_fn(_linear_classifier, _classifier_params(), 1.0)
+    x = jnp.zeros(SHAPE)
+    t = jnp.array([3, 17])
+    with pytest.raises(ValueError, match="needs the labels y"):
+        cond_fn(x, t)
+    with pytest.raises(ValueError, match=r"y \(the guidance labels\) must have shape \(2,\)"):
+        cond_fn(x, t, y=jnp.array([1, 2, 3]))

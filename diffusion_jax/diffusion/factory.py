@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import jit_cache, objectives, respace, samplers, schedules
+from diffusion_jax.diffusion import jit_cache, keys, objectives, respace, samplers, schedules
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
 
 # The paper code's create_gaussian_diffusion arguments and their defaults.
@@ -27,7 +27,7 @@ _OVERRIDES = ("model_mean_type", "model_var_type", "loss_type")
 
 
 def _as_key(rng, name="rng"):
-    """Accepts typed keys (jax.random.key) and legacy uint32 keys."""
+    """Accepts typed keys (jax.random.key, any batch shape) and legacy uint32 keys."""
     if rng is None:
         return None
     if not isinstance(rng, jax.Array):
@@ -37,6 +37,16 @@ def _as_key(rng, name="rng"):
     return jax.random.wrap_key_data(rng)
 
 
+def _single_key(rng, name="rng"):
+    """A typed key of shape (), for draws that take one key for the whole batch."""
+    rng = _as_key(rng, name)
+    if rng is not None and rng.shape != ():
+        raise ValueError(
+            f"{name} must be one jax.random.key for the whole batch, got keys of shape {rng.shape}"
+        )
+    return rng
+
+
 class Diffusion(GaussianDiffusion):
     """A Gaussian diffusion process with objectives and compiled samplers as methods.
 
@@ -44,6 +54,11 @@ class Diffusion(GaussianDiffusion):
     q_posterior_mean_variance, p_mean_variance, ...) plus training_losses, the single
     steps (p_sample, ddim_sample, ddim_reverse_sample) and the compiled loops. Each
     loop compiles once per (model_fn, cond_fn, denoised_fn, options) and input shape.
+
+    Randomness is per sample: the loops take one key (sample i uses fold_in(rng, i))
+    or [B] per-sample keys, so a sample never depends on the rest of its batch or on
+    the device count (see `p_sample_loop`). Guidance labels reach cond_fn through
+    `cond_kwargs` (default: model_kwargs), so an unconditional model can be guided.
     """
 
     def __post_init__(self):
@@ -55,9 +70,18 @@ class Diffusion(GaussianDiffusion):
     def training_losses(
         self, model_fn: ModelFn, x_start, t, *, rng=None, noise=None, model_kwargs=None
     ) -> dict[str, jnp.ndarray]:
-        """Per-example losses {'loss', 'mse'[, 'vb']}; see objectives.training_losses."""
+        """Per-example losses {'loss', 'mse'[, 'vb']}; see objectives.training_losses.
+
+        `rng` is one key for the whole batch's noise (not per-sample keys, see there).
+        """
         return objectives.training_losses(
-            self, model_fn, x_start, t, rng=_as_key(rng), noise=noise, model_kwargs=model_kwargs
+            self,
+            model_fn,
+            x_start,
+            t,
+            rng=_single_key(rng),
+            noise=noise,
+            model_kwargs=model_kwargs,
         )
 
     def vb_terms_bpd(
@@ -116,8 +140,9 @@ class Diffusion(GaussianDiffusion):
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
+        cond_kwargs=None,
     ):
-        """One ancestral step; see samplers.p_sample."""
+        """One ancestral step; see samplers.p_sample (rng: one key or [B] keys)."""
         return samplers.p_sample(
             self,
             model_fn,
@@ -129,6 +154,7 @@ class Diffusion(GaussianDiffusion):
             denoised_fn=denoised_fn,
             cond_fn=cond_fn,
             model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
         )
 
     def ddim_sample(
@@ -143,9 +169,10 @@ class Diffusion(GaussianDiffusion):
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
+        cond_kwargs=None,
         eta=0.0,
     ):
-        """One DDIM step; see samplers.ddim_sample."""
+        """One DDIM step; see samplers.ddim_sample (rng: one key or [B] keys)."""
         return samplers.ddim_sample(
             self,
             model_fn,
@@ -157,6 +184,7 @@ class Diffusion(GaussianDiffusion):
             denoised_fn=denoised_fn,
             cond_fn=cond_fn,
             model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
             eta=eta,
         )
 
@@ -187,28 +215,29 @@ class Diffusion(GaussianDiffusion):
 
     def _sample(self, kind, model_fn, shape, rng, noise, eta, keep, **options):
         shape = tuple(int(d) for d in shape)
-        rng = _as_key(rng)
+        if len(shape) < 2:
+            raise ValueError(f"shape must be [B, H, W, C], got {shape}")
+        sample_rngs = keys.per_sample_keys(_as_key(rng), shape[0])  # [B] or None
         if noise is None:
-            if rng is None:
+            if sample_rngs is None:
                 raise ValueError(f"{kind} sampling needs rng (a jax.random.key) or noise (x_T)")
-            init_rng, loop_rng = jax.random.split(rng)
-            noise = jax.random.normal(init_rng, shape, jnp.float32)
-        else:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise (x_T) must have shape {shape}, got {tuple(noise.shape)}")
-            loop_rng = None if rng is None else jax.random.split(rng)[1]
+            # x_T is "the noise of timestep T": steps use fold_in(key_i, t) for t < T.
+            x_T_rngs = keys.fold_in_each(sample_rngs, self.num_timesteps)
+            noise = keys.per_sample_normal(x_T_rngs, shape[1:], jnp.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise (x_T) must have shape {shape}, got {tuple(noise.shape)}")
         needs_rng = kind == "ancestral" or (kind == "ddim" and eta != 0.0)
-        if needs_rng and loop_rng is None:
+        if needs_rng and sample_rngs is None:
             raise ValueError(f"{kind} sampling with eta={eta} needs rng (a jax.random.key)")
         if not needs_rng:
-            loop_rng = None  # deterministic DDIM: one program regardless of the key
+            sample_rngs = None  # deterministic DDIM: one program regardless of the key
         return samplers.run_loop(
             self,
             self._cache,
             kind,
             model_fn,
             noise,
-            loop_rng,
+            sample_rngs,
             eta=eta,
             keep_intermediates=keep,
             **options,
@@ -225,6 +254,7 @@ class Diffusion(GaussianDiffusion):
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
+        cond_kwargs=None,
         progress=False,
     ):
         """Ancestral sampling from x_T ~ N(0, I) to x_0, as one compiled scan.
@@ -233,12 +263,23 @@ class Diffusion(GaussianDiffusion):
           model_fn: pure `model_fn(x, t_model, **model_kwargs)`, hashable (a module
             function or `jax.tree_util.Partial(apply, variables)`).
           shape: sample shape [B, H, W, C].
-          rng: jax.random.key; split into the x_T key and the per-step noise key.
+          rng: one jax.random.key, sample i then using key_i = fold_in(rng, i), or a
+            batch of B keys key_i (shape [B]), e.g. `fold_in(job_key, global_index)`
+            for a sharded, resumable job. Sample i depends only on key_i (and its
+            x_T and labels), not on the rest of the batch or the device count: the
+            step at timestep t draws its noise as `normal(fold_in(key_i, t),
+            shape[1:])`, and x_T, unless given, is `normal(fold_in(key_i, T),
+            shape[1:])` with T = num_timesteps.
           noise: fixed x_T of `shape` (then rng only drives the step noise).
           clip_denoised: clip x_0 predictions to [-1, 1].
           denoised_fn: applied to x_0 predictions before clipping.
-          cond_fn: `cond_fn(x, t_model, **model_kwargs)` -> s * grad log p(y | x_t).
-          model_kwargs: extra model inputs, e.g. {'y': labels [B]}.
+          cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> s * grad log p(y | x_t),
+            e.g. from `classifier_cond_fn`.
+          model_kwargs: extra model inputs, e.g. {'y': labels [B]} for a
+            class-conditional model.
+          cond_kwargs: cond_fn's inputs; None (default) = model_kwargs. To guide an
+            unconditional model (which refuses y) with a classifier, pass
+            `model_kwargs=None, cond_kwargs={'y': labels}`.
           progress: show a host-side progress bar (steps/s).
 
         Returns:
@@ -256,6 +297,7 @@ class Diffusion(GaussianDiffusion):
             denoised_fn=denoised_fn,
             cond_fn=cond_fn,
             model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
             progress=progress,
         )["sample"]
 
@@ -270,6 +312,7 @@ class Diffusion(GaussianDiffusion):
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
+        cond_kwargs=None,
         progress=False,
     ):
         """`p_sample_loop` also returning every step's output.
@@ -290,6 +333,7 @@ class Diffusion(GaussianDiffusion):
             denoised_fn=denoised_fn,
             cond_fn=cond_fn,
             model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
             progress=progress,
         )
 
@@ -304,13 +348,15 @@ class Diffusion(GaussianDiffusion):
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
+        cond_kwargs=None,
         eta=0.0,
         progress=False,
     ):
         """DDIM sampling (guided by Algorithm 2 with cond_fn), as one compiled scan.
 
-        Args as `p_sample_loop`, plus eta (0 = deterministic given x_T; rng may then
-        be None when noise is given).
+        Args as `p_sample_loop` (rng: one key or [B] per-sample keys; cond_kwargs:
+        cond_fn's inputs, default model_kwargs), plus eta (0 = deterministic given
+        x_T; rng may then be None when noise is given, and otherwise only draws x_T).
 
         Returns:
           [B, H, W, C] samples.
@@ -327,6 +373,7 @@ class Diffusion(GaussianDiffusion):
             denoised_fn=denoised_fn,
             cond_fn=cond_fn,
             model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
             progress=progress,
         )["sample"]
 
@@ -341,6 +388,7 @@ class Diffusion(GaussianDiffusion):
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
+        cond_kwargs=None,
         eta=0.0,
         progress=False,
     ):
@@ -357,6 +405,7 @@ class Diffusion(GaussianDiffusion):
             denoised_fn=denoised_fn,
             cond_fn=cond_fn,
             model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
             progress=progress,
         )
 
@@ -441,7 +490,7 @@ def create_diffusion(diffusion_config=None, **kwargs) -> Diffusion:
 
     Returns:
       A `Diffusion` over the kept timesteps (all of them when timestep_respacing is
-      '', None or 0), calling the model with the original timestep indices.
+      '', None, 0 or '0'), calling the model with the original timestep indices.
 
     Raises:
       ValueError: naming the field for an unknown schedule, parameterisation, loss or

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -142,18 +143,26 @@ class GaussianDiffusion:
         values = jnp.asarray(self.tables[name], dtype=compute_dtype(x.dtype))[t]  # [B]
         return values.reshape(values.shape + (1,) * (x.ndim - 1))
 
-    def check_batch(self, x: jnp.ndarray, t: jnp.ndarray, model_kwargs=None, *, x_name="x"):
-        """Checks that x, t and labels describe the same batch.
+    def check_batch(
+        self, x: jnp.ndarray, t: jnp.ndarray, model_kwargs=None, *, x_name="x", kwargs_name=None
+    ):
+        """Checks that x, t and labels describe the same batch, and t's range.
+
+        The range 0 <= t < num_timesteps is checked only when t is concrete; under
+        jit (t a tracer) out-of-range values cannot be seen here and would index the
+        schedule tables clamped, so jitted callers must pass valid timesteps.
 
         Args:
           x: [B, ...] array.
-          t: timesteps, must be int [B].
+          t: timesteps, must be int [B] indices into this (respaced) process.
           model_kwargs: model inputs; 'y' must have a leading axis of B.
           x_name: how error messages call x.
+          kwargs_name: how error messages call model_kwargs (default 'model_kwargs').
 
         Raises:
-          ValueError: naming the argument whose shape or dtype is wrong.
+          ValueError: naming the argument whose shape, dtype or range is wrong.
         """
+        kwargs_name = kwargs_name or "model_kwargs"
         if x.ndim < 2:
             raise ValueError(f"{x_name} must be batched [B, ...], got shape {x.shape}")
         batch = x.shape[0]
@@ -166,11 +175,25 @@ class GaussianDiffusion:
             raise ValueError(
                 f"t must hold integer timestep indices, got dtype {jnp.result_type(t)}"
             )
+        try:
+            t_values = np.asarray(t)
+        except jax.errors.TracerArrayConversionError:
+            t_values = None  # traced: only the shape and dtype can be checked
+        if (
+            t_values is not None
+            and t_values.size
+            and (t_values.min() < 0 or t_values.max() >= self.num_timesteps)
+        ):
+            raise ValueError(
+                f"t must hold timestep indices in [0, {self.num_timesteps}) of this process "
+                f"(num_timesteps={self.num_timesteps}, after respacing), got values in "
+                f"[{t_values.min()}, {t_values.max()}]"
+            )
         for key, value in (model_kwargs or {}).items():
             shape = np.shape(value)
             if key == "y" and (len(shape) == 0 or shape[0] != batch):
                 raise ValueError(
-                    f"model_kwargs['y'] must have a leading batch axis of {batch} to match "
+                    f"{kwargs_name}['y'] must have a leading batch axis of {batch} to match "
                     f"{x_name} of shape {x.shape}, got shape {shape}"
                 )
 
@@ -447,7 +470,8 @@ class GaussianDiffusion:
           p_mean_var: output of p_mean_variance.
           x: [B, H, W, C] x_t.
           t: int [B] timesteps.
-          model_kwargs: passed to cond_fn (it reads the labels 'y').
+          model_kwargs: cond_fn's inputs (it reads the labels 'y'); the samplers pass
+            their cond_kwargs here.
 
         Returns:
           The guided mean, like x.
@@ -463,7 +487,7 @@ class GaussianDiffusion:
           p_mean_var: output of p_mean_variance.
           x: [B, H, W, C] x_t.
           t: int [B] timesteps.
-          model_kwargs: passed to cond_fn.
+          model_kwargs: cond_fn's inputs; the samplers pass their cond_kwargs here.
 
         Returns:
           A copy of p_mean_var with 'pred_xstart' and 'mean' recomputed from the

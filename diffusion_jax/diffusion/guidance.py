@@ -6,8 +6,19 @@ import jax
 import jax.numpy as jnp
 
 
-def _classifier_gradient(classifier_apply, classifier_params, scale, x, t, y, **unused):
+def _classifier_gradient(classifier_apply, classifier_params, scale, x, t, y=None, **unused):
     del unused  # model_kwargs meant for the diffusion model (e.g. low_res)
+    if y is None:
+        raise ValueError(
+            "the classifier guidance cond_fn needs the labels y to guide towards: pass "
+            "cond_kwargs={'y': labels} to the sampling loop (or model_kwargs={'y': labels} "
+            "for a class-conditional model)"
+        )
+    if jnp.shape(y) != (x.shape[0],):
+        raise ValueError(
+            f"y (the guidance labels) must have shape ({x.shape[0]},) to match x of shape "
+            f"{x.shape}, got {jnp.shape(y)}"
+        )
 
     def selected_log_prob(x_in):
         logits = classifier_apply(classifier_params, x_in, t)  # [B, num_classes]
@@ -34,7 +45,9 @@ def classifier_cond_fn(classifier_apply: Callable, classifier_params, scale: flo
 
     Returns:
       `cond_fn(x, t, y, **unused)` -> s * grad_x log softmax(classifier(x, t))[y],
-      shaped like x.
+      shaped like x. The loops call it with their `cond_kwargs` (default:
+      `model_kwargs`), which must hold the labels `y` [B]; other entries are
+      ignored. Without `y` it raises a ValueError naming y.
     """
     if not callable(classifier_apply):
         raise ValueError(f"classifier_apply must be callable, got {type(classifier_apply)}")

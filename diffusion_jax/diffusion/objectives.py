@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import jit_cache, losses
+from diffusion_jax.diffusion import jit_cache, keys, losses
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
 from diffusion_jax.diffusion.progress import HostProgress
 
@@ -104,8 +104,12 @@ def training_losses(
       diffusion: the process.
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x_start: [B, H, W, C] data in [-1, 1].
-      t: int [B] timesteps of this process.
-      rng: key for the noise when `noise` is None.
+      t: int [B] timesteps of this process (range-checked when concrete).
+      rng: one key for the whole batch's noise when `noise` is None. Unlike the
+        samplers this takes no per-sample keys: a training step draws for a fixed
+        global batch, and with jax's partitionable threefry (the default) the draw
+        is already independent of how that batch is sharded over devices; t is an
+        input, not drawn here.
       noise: fixed standard normal noise like x_start.
       model_kwargs: extra model inputs.
 
@@ -159,7 +163,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start) -> jnp.ndarray:
 
 
 def _bpd_program(
-    diffusion, fn_key, clip_denoised, reporter, fn_arrays, x_start, rng, noise, model_kwargs
+    diffusion, fn_key, clip_denoised, reporter, fn_arrays, x_start, sample_rngs, noise, model_kwargs
 ):
     model_fn = jit_cache.merge_callables(fn_key, fn_arrays)[0]
     batch = x_start.shape[0]
@@ -169,9 +173,8 @@ def _bpd_program(
         t_value = num_steps - 1 - step  # the paper code walks t from T-1 down to 0
         t = jnp.full((batch,), t_value, jnp.int32)
         if noise is None:
-            step_noise = jax.random.normal(
-                jax.random.fold_in(rng, t_value), x_start.shape, x_start.dtype
-            )
+            step_rngs = keys.fold_in_each(sample_rngs, t_value)  # [B]
+            step_noise = keys.per_sample_normal(step_rngs, x_start.shape[1:], x_start.dtype)
         else:
             step_noise = noise[t_value]
         x_t = diffusion.q_sample(x_start, t, step_noise)
@@ -224,7 +227,9 @@ def calc_bpd_loop(
       cache: where the compiled program is memoised.
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x_start: [B, H, W, C] data in [-1, 1].
-      rng: key for the per-step q_sample noise (step t uses fold_in(rng, t)).
+      rng: one key, image i then using key_i = fold_in(rng, i), or [B] keys key_i;
+        image i's q_sample noise at timestep t is `normal(fold_in(key_i, t),
+        x_start.shape[1:])`, so its bits/dim do not depend on the rest of the batch.
       noise: optional fixed noise [T, B, H, W, C]; noise[t] is used at timestep t.
       clip_denoised: clip x_0 predictions.
       model_kwargs: extra model inputs.
@@ -243,6 +248,7 @@ def calc_bpd_loop(
     if noise is None:
         if rng is None:
             raise ValueError("calc_bpd_loop needs rng (a jax.random.key) or noise")
+        rng = keys.per_sample_keys(rng, x_start.shape[0])
     elif tuple(noise.shape) != (num_steps, *x_start.shape):
         raise ValueError(
             f"noise must have shape {(num_steps, *x_start.shape)} ([T, *x_start.shape]), "

@@ -13,7 +13,7 @@ def parse_respacing(timestep_respacing, num_steps: int):
     """Normalises the accepted respacing spellings.
 
     Args:
-      timestep_respacing: '' / None / 0 (keep every step), an int or a digit string
+      timestep_respacing: '' / None / 0 / '0' (keep every step), an int or a digit string
         (one section), a comma-separated string or a tuple of ints (section counts),
         or 'ddimN' (DDIM's fixed integer stride).
       num_steps: steps of the original process.
@@ -25,7 +25,8 @@ def parse_respacing(timestep_respacing, num_steps: int):
       ValueError: for a spelling that is none of the above.
     """
     spec = timestep_respacing
-    if spec is None or spec == "" or (isinstance(spec, int | np.integer) and spec == 0):
+    keep_all = spec is None or (isinstance(spec, str) and spec.strip() in ("", "0"))
+    if keep_all or (isinstance(spec, int | np.integer) and spec == 0):
         return "sections", (num_steps,)
     if isinstance(spec, bool):
         raise ValueError(f"timestep_respacing must not be a bool, got {spec!r}")

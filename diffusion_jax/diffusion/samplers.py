@@ -1,8 +1,12 @@
 """Ancestral and DDIM sampling: single steps and whole loops as one compiled scan.
 
-Randomness: `rng` is split once into (x_T key, loop key); the step at timestep t
-draws its noise from `fold_in(loop key, t)`, so a sample depends only on the key,
-not on how the loop is run.
+Randomness is per sample, so a sample never depends on the batch it was drawn in
+(its size, its other members, how it is sharded over devices). `rng` is either one
+typed key, and then sample i of the batch uses `key_i = fold_in(rng, i)`, or a batch
+of B keys `key_i` (e.g. `fold_in(job_key, global_sample_index)` from a sharded,
+resumable sampling job). In a loop, the step at timestep t draws sample i's noise as
+`normal(fold_in(key_i, t), x.shape[1:])` and x_T (when not given) is
+`normal(fold_in(key_i, T), x.shape[1:])`, T = num_timesteps.
 """
 
 import functools
@@ -12,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import jit_cache
+from diffusion_jax.diffusion import jit_cache, keys
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, compute_dtype
 from diffusion_jax.diffusion.progress import HostProgress
 
@@ -29,7 +33,7 @@ def _step_noise(rng, noise, x):
         return noise.astype(x.dtype)
     if rng is None:
         raise ValueError("a stochastic step needs rng (a jax.random.key) or noise")
-    return jax.random.normal(rng, x.shape, x.dtype)
+    return keys.per_sample_normal(keys.per_sample_keys(rng, x.shape[0]), x.shape[1:], x.dtype)
 
 
 def p_sample(
@@ -44,6 +48,7 @@ def p_sample(
     denoised_fn: Callable | None = None,
     cond_fn: Callable | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    cond_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, jnp.ndarray]:
     """One ancestral step x_t -> x_{t-1}, optionally classifier-guided (Algorithm 1).
 
@@ -52,12 +57,16 @@ def p_sample(
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x: [B, H, W, C] x_t.
       t: int [B] timesteps.
-      rng: key for the step noise (unused when noise is given).
+      rng: one key (sample i's noise is `normal(fold_in(rng, i), x.shape[1:])`) or
+        [B] keys (sample i's noise is `normal(rng[i], x.shape[1:])`); unused when
+        noise is given.
       noise: fixed standard normal noise like x.
       clip_denoised: clip the x_0 prediction to [-1, 1].
       denoised_fn: applied to the x_0 prediction before clipping.
-      cond_fn: `cond_fn(x, t_model, **model_kwargs)` -> s * grad_x log p(y | x_t).
-      model_kwargs: extra model (and cond_fn) inputs.
+      cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> s * grad_x log p(y | x_t).
+      model_kwargs: extra model inputs, e.g. {'y': labels} for a conditional model.
+      cond_kwargs: cond_fn's inputs, e.g. {'y': labels}; None = model_kwargs. Pass
+        it to guide an unconditional model (which must not receive y).
 
     Returns:
       dict with 'sample' (x_{t-1}), 'pred_xstart', 'mean', 'log_variance'.
@@ -71,7 +80,8 @@ def p_sample(
         model_kwargs=model_kwargs,
     )
     if cond_fn is not None:
-        out["mean"] = diffusion.condition_mean(cond_fn, out, x, t, model_kwargs)
+        cond_kwargs = model_kwargs if cond_kwargs is None else cond_kwargs
+        out["mean"] = diffusion.condition_mean(cond_fn, out, x, t, cond_kwargs)
     eps = _step_noise(rng, noise, out["mean"])
     sample = out["mean"] + _nonzero_mask(t, x) * jnp.exp(0.5 * out["log_variance"]) * eps
     return {
@@ -94,6 +104,7 @@ def ddim_sample(
     denoised_fn: Callable | None = None,
     cond_fn: Callable | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    cond_kwargs: Mapping[str, Any] | None = None,
     eta=0.0,
 ) -> dict[str, jnp.ndarray]:
     """One DDIM step x_t -> x_{t-1} (DDIM eq. 12), optionally guided (Algorithm 2).
@@ -103,12 +114,15 @@ def ddim_sample(
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x: [B, H, W, C] x_t.
       t: int [B] timesteps.
-      rng: key for the step noise; unused when eta == 0 or noise is given.
+      rng: one key or [B] keys for the step noise, as in `p_sample`; unused when
+        eta == 0 or noise is given.
       noise: fixed standard normal noise like x.
       clip_denoised: clip the x_0 prediction to [-1, 1].
       denoised_fn: applied to the x_0 prediction before clipping.
-      cond_fn: `cond_fn(x, t_model, **model_kwargs)` -> s * grad_x log p(y | x_t).
-      model_kwargs: extra model (and cond_fn) inputs.
+      cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> s * grad_x log p(y | x_t).
+      model_kwargs: extra model inputs, e.g. {'y': labels} for a conditional model.
+      cond_kwargs: cond_fn's inputs, e.g. {'y': labels}; None = model_kwargs. Pass
+        it to guide an unconditional model (which must not receive y).
       eta: 0 is deterministic DDIM, 1 matches the ancestral variance.
 
     Returns:
@@ -122,11 +136,11 @@ def ddim_sample(
         denoised_fn=denoised_fn,
         model_kwargs=model_kwargs,
     )
-    out = (
-        out_orig
-        if cond_fn is None
-        else diffusion.condition_score(cond_fn, out_orig, x, t, model_kwargs)
-    )
+    if cond_fn is None:
+        out = out_orig
+    else:
+        cond_kwargs = model_kwargs if cond_kwargs is None else cond_kwargs
+        out = diffusion.condition_score(cond_fn, out_orig, x, t, cond_kwargs)
     # Re-derive eps: the model may predict x_0 or x_{t-1} instead.
     eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
     alpha_bar = diffusion._extract("alphas_cumprod", t, x)
@@ -194,7 +208,17 @@ def ddim_reverse_sample(
 
 
 def _loop_program(
-    diffusion, kind, fn_key, options, reporter, fn_arrays, x_init, loop_rng, eta, model_kwargs
+    diffusion,
+    kind,
+    fn_key,
+    options,
+    reporter,
+    fn_arrays,
+    x_init,
+    sample_rngs,
+    eta,
+    model_kwargs,
+    cond_kwargs,
 ):
     """The traced loop: lax.scan over every timestep in sampling order."""
     model_fn, cond_fn, denoised_fn = jit_cache.merge_callables(fn_key, fn_arrays)
@@ -206,13 +230,13 @@ def _loop_program(
     def body(x, step):
         t_value = step if kind == "ddim_reverse" else num_steps - 1 - step
         t = jnp.full((batch,), t_value, jnp.int32)
-        step_rng = None if loop_rng is None else jax.random.fold_in(loop_rng, t_value)
+        # [B] keys: sample i's noise at t comes from fold_in(key_i, t) alone.
+        step_rngs = None if sample_rngs is None else keys.fold_in_each(sample_rngs, t_value)
+        guidance = dict(cond_fn=cond_fn, cond_kwargs=cond_kwargs)
         if kind == "ancestral":
-            out = p_sample(diffusion, model_fn, x, t, step_rng, cond_fn=cond_fn, **common)
+            out = p_sample(diffusion, model_fn, x, t, step_rngs, **guidance, **common)
         elif kind == "ddim":
-            out = ddim_sample(
-                diffusion, model_fn, x, t, step_rng, cond_fn=cond_fn, eta=eta, **common
-            )
+            out = ddim_sample(diffusion, model_fn, x, t, step_rngs, eta=eta, **guidance, **common)
         else:
             out = ddim_reverse_sample(diffusion, model_fn, x, t, **common)
         if reporter is not None:
@@ -232,12 +256,13 @@ def run_loop(
     kind: str,
     model_fn: ModelFn,
     x_init,
-    loop_rng,
+    sample_rngs,
     *,
     clip_denoised: bool,
     denoised_fn,
     cond_fn,
     model_kwargs,
+    cond_kwargs=None,
     eta,
     progress: bool,
     keep_intermediates: bool,
@@ -250,11 +275,13 @@ def run_loop(
       kind: 'ancestral', 'ddim' or 'ddim_reverse'.
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x_init: [B, H, W, C] starting point (x_T, or x_0 for the reverse loop).
-      loop_rng: key for step noise, or None for a deterministic loop.
+      sample_rngs: [B] keys, one per sample (step t of sample i draws from
+        fold_in(sample_rngs[i], t)), or None for a deterministic loop.
       clip_denoised: clip x_0 predictions.
       denoised_fn: applied to x_0 predictions before clipping.
       cond_fn: guidance gradient function or None.
       model_kwargs: extra model inputs (traced).
+      cond_kwargs: cond_fn's inputs (traced); None = model_kwargs.
       eta: DDIM eta (traced: changing it does not recompile).
       progress: host-side progress bar.
       keep_intermediates: also return every x_{t-1} and x_0 prediction, stacked.
@@ -264,11 +291,15 @@ def run_loop(
       'pred_xstarts', [T, B, H, W, C] in loop order.
     """
     model_kwargs = dict(model_kwargs or {})
+    cond_kwargs = model_kwargs if cond_kwargs is None else dict(cond_kwargs)
     zero_t = jnp.zeros((x_init.shape[0],), jnp.int32)
     diffusion.check_batch(x_init, zero_t, model_kwargs, x_name="noise")
+    diffusion.check_batch(x_init, zero_t, cond_kwargs, x_name="noise", kwargs_name="cond_kwargs")
+    if sample_rngs is not None:
+        sample_rngs = keys.per_sample_keys(sample_rngs, x_init.shape[0])
     fn_key, fn_arrays = jit_cache.split_callables((model_fn, cond_fn, denoised_fn))
     options = (bool(clip_denoised), bool(keep_intermediates))
-    key = (kind, fn_key, options, bool(progress), loop_rng is None)
+    key = (kind, fn_key, options, bool(progress), sample_rngs is None)
 
     def build():
         reporter = HostProgress(kind) if progress else None
@@ -282,7 +313,7 @@ def run_loop(
         reporter.start(diffusion.num_timesteps)
     try:
         eta = jnp.asarray(eta, compute_dtype(x_init.dtype))
-        result = program(fn_arrays, x_init, loop_rng, eta, model_kwargs)
+        result = program(fn_arrays, x_init, sample_rngs, eta, model_kwargs, cond_kwargs)
         if reporter is not None:
             result = jax.block_until_ready(result)
     finally:

@@ -1,0 +1,52 @@
+"""Per-sample randomness: one key per sample, so no sample depends on its batch.
+
+A batch of B samples uses keys `key_i`: either `fold_in(rng, i)` from one key, or
+B keys given by the caller (e.g. `fold_in(job_key, global_sample_index)`). Every draw
+for sample i (its x_T, its step noise at each timestep t) then comes from `key_i`
+alone, via `fold_in(key_i, t)`, whatever the batch size, its other members or the
+number of devices it is sharded over.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def per_sample_keys(rng, batch: int, name: str = "rng"):
+    """One key per sample: [B] typed keys.
+
+    Args:
+      rng: None, one typed key (shape ()) or a batch of typed keys of shape [B].
+      batch: B.
+      name: how error messages call rng.
+
+    Returns:
+      None for None; `fold_in(rng, i)` for i < B when rng is one key; rng itself when
+      it already holds B keys.
+
+    Raises:
+      ValueError: naming `name` when rng holds neither one key nor B keys.
+    """
+    if rng is None:
+        return None
+    shape = tuple(rng.shape)
+    if shape == ():
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
+    if shape == (batch,):
+        return rng
+    raise ValueError(
+        f"{name} must be one jax.random.key or a batch of {batch} keys (shape ({batch},), "
+        f"one per sample), got keys of shape {shape}"
+    )
+
+
+def fold_in_each(rngs, data):
+    """`fold_in(rngs[i], data)` for each of the [B] keys (data shared, may be traced)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, data)
+
+
+def per_sample_normal(rngs, sample_shape, dtype):
+    """[B, *sample_shape] standard normals, sample i drawn from rngs[i] alone."""
+    return jax.vmap(lambda rng: jax.random.normal(rng, sample_shape, dtype))(rngs)
+
+
+__all__ = ["fold_in_each", "per_sample_keys", "per_sample_normal"]
