@@ -52,9 +52,9 @@ def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any,
                 f"$TFDS_DATA_DIR or ~/tensorflow_datasets). To prepare it, "
                 f"{prepare_hint(name, root)}"
             ) from e
-        if isinstance(e, NotImplementedError):
+        file_format = getattr(builder.info.file_format, "value", None)
+        if file_format != "array_record":  # tfds has no random access to other formats
             target = default_converted_dir(root)
-            file_format = getattr(builder.info.file_format, "value", None)
             if file_format == "tfrecord":
                 how = (
                     "Convert it (reads the TFRecord files, downloads nothing, leaves them "
