@@ -3,12 +3,12 @@
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import jit_cache, keys, objectives, respace, samplers, schedules
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
+from diffusion_jax.diffusion.loops import SamplingLoops
 
 # The paper code's create_gaussian_diffusion arguments and their defaults.
 CONFIG_DEFAULTS = {
@@ -26,28 +26,7 @@ CONFIG_DEFAULTS = {
 _OVERRIDES = ("model_mean_type", "model_var_type", "loss_type")
 
 
-def _as_key(rng, name="rng"):
-    """Accepts typed keys (jax.random.key, any batch shape) and legacy uint32 keys."""
-    if rng is None:
-        return None
-    if not isinstance(rng, jax.Array):
-        raise ValueError(f"{name} must be a jax.random.key, got {type(rng).__name__}")
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return rng
-    return jax.random.wrap_key_data(rng)
-
-
-def _single_key(rng, name="rng"):
-    """A typed key of shape (), for draws that take one key for the whole batch."""
-    rng = _as_key(rng, name)
-    if rng is not None and rng.shape != ():
-        raise ValueError(
-            f"{name} must be one jax.random.key for the whole batch, got keys of shape {rng.shape}"
-        )
-    return rng
-
-
-class Diffusion(GaussianDiffusion):
+class Diffusion(GaussianDiffusion, SamplingLoops):
     """A Gaussian diffusion process with objectives and compiled samplers as methods.
 
     All of `GaussianDiffusion`'s pure array functions (q_sample, q_mean_variance,
@@ -79,7 +58,7 @@ class Diffusion(GaussianDiffusion):
             model_fn,
             x_start,
             t,
-            rng=_single_key(rng),
+            rng=keys.single_key(rng),
             noise=noise,
             model_kwargs=model_kwargs,
         )
@@ -119,7 +98,7 @@ class Diffusion(GaussianDiffusion):
             self._cache,
             model_fn,
             x_start,
-            _as_key(rng),
+            keys.as_key(rng),
             noise=noise,
             clip_denoised=clip_denoised,
             model_kwargs=model_kwargs,
@@ -148,7 +127,7 @@ class Diffusion(GaussianDiffusion):
             model_fn,
             x,
             t,
-            _as_key(rng),
+            keys.as_key(rng),
             noise=noise,
             clip_denoised=clip_denoised,
             denoised_fn=denoised_fn,
@@ -178,7 +157,7 @@ class Diffusion(GaussianDiffusion):
             model_fn,
             x,
             t,
-            _as_key(rng),
+            keys.as_key(rng),
             noise=noise,
             clip_denoised=clip_denoised,
             denoised_fn=denoised_fn,
@@ -210,247 +189,6 @@ class Diffusion(GaussianDiffusion):
             model_kwargs=model_kwargs,
             eta=eta,
         )
-
-    # --- Loops. ---------------------------------------------------------------------
-
-    def _sample(self, kind, model_fn, shape, rng, noise, eta, keep, **options):
-        shape = tuple(int(d) for d in shape)
-        if len(shape) < 2:
-            raise ValueError(f"shape must be [B, H, W, C], got {shape}")
-        sample_rngs = keys.per_sample_keys(_as_key(rng), shape[0])  # [B] or None
-        if noise is None:
-            if sample_rngs is None:
-                raise ValueError(f"{kind} sampling needs rng (a jax.random.key) or noise (x_T)")
-            # x_T is "the noise of timestep T": steps use fold_in(key_i, t) for t < T.
-            x_T_rngs = keys.fold_in_each(sample_rngs, self.num_timesteps)
-            noise = keys.per_sample_normal(x_T_rngs, shape[1:], jnp.float32)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise (x_T) must have shape {shape}, got {tuple(noise.shape)}")
-        needs_rng = kind == "ancestral" or (kind == "ddim" and eta != 0.0)
-        if needs_rng and sample_rngs is None:
-            raise ValueError(f"{kind} sampling with eta={eta} needs rng (a jax.random.key)")
-        if not needs_rng:
-            sample_rngs = None  # deterministic DDIM: one program regardless of the key
-        return samplers.run_loop(
-            self,
-            self._cache,
-            kind,
-            model_fn,
-            noise,
-            sample_rngs,
-            eta=eta,
-            keep_intermediates=keep,
-            **options,
-        )
-
-    def p_sample_loop(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        progress=False,
-    ):
-        """Ancestral sampling from x_T ~ N(0, I) to x_0, as one compiled scan.
-
-        Args:
-          model_fn: pure `model_fn(x, t_model, **model_kwargs)`, hashable (a module
-            function or `jax.tree_util.Partial(apply, variables)`).
-          shape: sample shape [B, H, W, C].
-          rng: one jax.random.key, sample i then using key_i = fold_in(rng, i), or a
-            batch of B keys key_i (shape [B]), e.g. `fold_in(job_key, global_index)`
-            for a sharded, resumable job. Sample i depends only on key_i (and its
-            x_T and labels), not on the rest of the batch or the device count: the
-            step at timestep t draws its noise as `normal(fold_in(key_i, t),
-            shape[1:])`, and x_T, unless given, is `normal(fold_in(key_i, T),
-            shape[1:])` with T = num_timesteps.
-          noise: fixed x_T of `shape` (then rng only drives the step noise).
-          clip_denoised: clip x_0 predictions to [-1, 1].
-          denoised_fn: applied to x_0 predictions before clipping.
-          cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> s * grad log p(y | x_t),
-            e.g. from `classifier_cond_fn`.
-          model_kwargs: extra model inputs, e.g. {'y': labels [B]} for a
-            class-conditional model.
-          cond_kwargs: cond_fn's inputs; None (default) = model_kwargs. To guide an
-            unconditional model (which refuses y) with a classifier, pass
-            `model_kwargs=None, cond_kwargs={'y': labels}`.
-          progress: show a host-side progress bar (steps/s).
-
-        Returns:
-          [B, H, W, C] samples.
-        """
-        return self._sample(
-            "ancestral",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            0.0,
-            False,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )["sample"]
-
-    def p_sample_loop_progressive(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        progress=False,
-    ):
-        """`p_sample_loop` also returning every step's output.
-
-        Returns:
-          dict: 'sample' [B, H, W, C]; 'samples' and 'pred_xstarts' [T, B, H, W, C],
-          row i being the step at timestep T-1-i.
-        """
-        return self._sample(
-            "ancestral",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            0.0,
-            True,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )
-
-    def ddim_sample_loop(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        eta=0.0,
-        progress=False,
-    ):
-        """DDIM sampling (guided by Algorithm 2 with cond_fn), as one compiled scan.
-
-        Args as `p_sample_loop` (rng: one key or [B] per-sample keys; cond_kwargs:
-        cond_fn's inputs, default model_kwargs), plus eta (0 = deterministic given
-        x_T; rng may then be None when noise is given, and otherwise only draws x_T).
-
-        Returns:
-          [B, H, W, C] samples.
-        """
-        return self._sample(
-            "ddim",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            eta,
-            False,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )["sample"]
-
-    def ddim_sample_loop_progressive(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        eta=0.0,
-        progress=False,
-    ):
-        """`ddim_sample_loop` also returning every step's output (see the ancestral one)."""
-        return self._sample(
-            "ddim",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            eta,
-            True,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )
-
-    def ddim_reverse_sample_loop(
-        self,
-        model_fn: ModelFn,
-        x_start,
-        *,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        progress=False,
-        keep_intermediates=False,
-    ):
-        """DDIM inversion: runs the reverse ODE from x_0 up to x_T, one compiled scan.
-
-        Args:
-          model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-          x_start: [B, H, W, C] images in [-1, 1].
-          clip_denoised: clip x_0 predictions.
-          denoised_fn: applied to x_0 predictions before clipping.
-          model_kwargs: extra model inputs.
-          progress: host-side progress bar.
-          keep_intermediates: return a dict with 'samples'/'pred_xstarts' [T, ...]
-            (row i is the step from timestep i) instead of just x_T.
-
-        Returns:
-          x_T [B, H, W, C] (feed it to ddim_sample_loop as noise), or the dict.
-        """
-        out = samplers.run_loop(
-            self,
-            self._cache,
-            "ddim_reverse",
-            model_fn,
-            x_start,
-            None,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=None,
-            model_kwargs=model_kwargs,
-            eta=0.0,
-            progress=progress,
-            keep_intermediates=keep_intermediates,
-        )
-        return out if keep_intermediates else out["sample"]
 
 
 def _read_config(diffusion_config, overrides) -> dict[str, Any]:

@@ -50,3 +50,24 @@ def per_sample_normal(rngs, sample_shape, dtype):
 
 
 __all__ = ["fold_in_each", "per_sample_keys", "per_sample_normal"]
+
+
+def as_key(rng, name="rng"):
+    """Accepts typed keys (jax.random.key, any batch shape) and legacy uint32 keys."""
+    if rng is None:
+        return None
+    if not isinstance(rng, jax.Array):
+        raise ValueError(f"{name} must be a jax.random.key, got {type(rng).__name__}")
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    return jax.random.wrap_key_data(rng)
+
+
+def single_key(rng, name="rng"):
+    """A typed key of shape (), for draws that take one key for the whole batch."""
+    rng = as_key(rng, name)
+    if rng is not None and rng.shape != ():
+        raise ValueError(
+            f"{name} must be one jax.random.key for the whole batch, got keys of shape {rng.shape}"
+        )
+    return rng

@@ -1,0 +1,254 @@
+"""The compiled sampling loops of `Diffusion` (ancestral, DDIM, DDIM inversion).
+
+A mixin: `Diffusion` combines it with `GaussianDiffusion`'s math. Each loop is one
+compiled `lax.scan` (see `samplers.run_loop`), cached in the instance's `_cache` so it
+compiles once per (model_fn, cond_fn, denoised_fn, options) and input shape.
+"""
+
+import jax.numpy as jnp
+
+from diffusion_jax.diffusion import keys, samplers
+from diffusion_jax.diffusion.gaussian import ModelFn
+
+
+class SamplingLoops:
+    """Sampling loops over a diffusion with `num_timesteps` and a loop `_cache`."""
+
+    def _sample(self, kind, model_fn, shape, rng, noise, eta, keep, **options):
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2:
+            raise ValueError(f"shape must be [B, H, W, C], got {shape}")
+        sample_rngs = keys.per_sample_keys(keys.as_key(rng), shape[0])  # [B] or None
+        if noise is None:
+            if sample_rngs is None:
+                raise ValueError(f"{kind} sampling needs rng (a jax.random.key) or noise (x_T)")
+            # x_T is "the noise of timestep T": steps use fold_in(key_i, t) for t < T.
+            x_T_rngs = keys.fold_in_each(sample_rngs, self.num_timesteps)
+            noise = keys.per_sample_normal(x_T_rngs, shape[1:], jnp.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise (x_T) must have shape {shape}, got {tuple(noise.shape)}")
+        needs_rng = kind == "ancestral" or (kind == "ddim" and eta != 0.0)
+        if needs_rng and sample_rngs is None:
+            raise ValueError(f"{kind} sampling with eta={eta} needs rng (a jax.random.key)")
+        if not needs_rng:
+            sample_rngs = None  # deterministic DDIM: one program regardless of the key
+        return samplers.run_loop(
+            self,
+            self._cache,
+            kind,
+            model_fn,
+            noise,
+            sample_rngs,
+            eta=eta,
+            keep_intermediates=keep,
+            **options,
+        )
+
+    def p_sample_loop(
+        self,
+        model_fn: ModelFn,
+        shape,
+        rng,
+        *,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        cond_kwargs=None,
+        progress=False,
+    ):
+        """Ancestral sampling from x_T ~ N(0, I) to x_0, as one compiled scan.
+
+        Args:
+          model_fn: pure `model_fn(x, t_model, **model_kwargs)`, hashable (a module
+            function or `jax.tree_util.Partial(apply, variables)`).
+          shape: sample shape [B, H, W, C].
+          rng: one jax.random.key, sample i then using key_i = fold_in(rng, i), or a
+            batch of B keys key_i (shape [B]), e.g. `fold_in(job_key, global_index)`
+            for a sharded, resumable job. Sample i depends only on key_i (and its
+            x_T and labels), not on the rest of the batch or the device count: the
+            step at timestep t draws its noise as `normal(fold_in(key_i, t),
+            shape[1:])`, and x_T, unless given, is `normal(fold_in(key_i, T),
+            shape[1:])` with T = num_timesteps.
+          noise: fixed x_T of `shape` (then rng only drives the step noise).
+          clip_denoised: clip x_0 predictions to [-1, 1].
+          denoised_fn: applied to x_0 predictions before clipping.
+          cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> s * grad log p(y | x_t),
+            e.g. from `classifier_cond_fn`.
+          model_kwargs: extra model inputs, e.g. {'y': labels [B]} for a
+            class-conditional model.
+          cond_kwargs: cond_fn's inputs; None (default) = model_kwargs. To guide an
+            unconditional model (which refuses y) with a classifier, pass
+            `model_kwargs=None, cond_kwargs={'y': labels}`.
+          progress: show a host-side progress bar (steps/s).
+
+        Returns:
+          [B, H, W, C] samples.
+        """
+        return self._sample(
+            "ancestral",
+            model_fn,
+            shape,
+            rng,
+            noise,
+            0.0,
+            False,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
+            progress=progress,
+        )["sample"]
+
+    def p_sample_loop_progressive(
+        self,
+        model_fn: ModelFn,
+        shape,
+        rng,
+        *,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        cond_kwargs=None,
+        progress=False,
+    ):
+        """`p_sample_loop` also returning every step's output.
+
+        Returns:
+          dict: 'sample' [B, H, W, C]; 'samples' and 'pred_xstarts' [T, B, H, W, C],
+          row i being the step at timestep T-1-i.
+        """
+        return self._sample(
+            "ancestral",
+            model_fn,
+            shape,
+            rng,
+            noise,
+            0.0,
+            True,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
+            progress=progress,
+        )
+
+    def ddim_sample_loop(
+        self,
+        model_fn: ModelFn,
+        shape,
+        rng,
+        *,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        cond_kwargs=None,
+        eta=0.0,
+        progress=False,
+    ):
+        """DDIM sampling (guided by Algorithm 2 with cond_fn), as one compiled scan.
+
+        Args as `p_sample_loop` (rng: one key or [B] per-sample keys; cond_kwargs:
+        cond_fn's inputs, default model_kwargs), plus eta (0 = deterministic given
+        x_T; rng may then be None when noise is given, and otherwise only draws x_T).
+
+        Returns:
+          [B, H, W, C] samples.
+        """
+        return self._sample(
+            "ddim",
+            model_fn,
+            shape,
+            rng,
+            noise,
+            eta,
+            False,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
+            progress=progress,
+        )["sample"]
+
+    def ddim_sample_loop_progressive(
+        self,
+        model_fn: ModelFn,
+        shape,
+        rng,
+        *,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        cond_kwargs=None,
+        eta=0.0,
+        progress=False,
+    ):
+        """`ddim_sample_loop` also returning every step's output (see the ancestral one)."""
+        return self._sample(
+            "ddim",
+            model_fn,
+            shape,
+            rng,
+            noise,
+            eta,
+            True,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
+            progress=progress,
+        )
+
+    def ddim_reverse_sample_loop(
+        self,
+        model_fn: ModelFn,
+        x_start,
+        *,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        progress=False,
+        keep_intermediates=False,
+    ):
+        """DDIM inversion: runs the reverse ODE from x_0 up to x_T, one compiled scan.
+
+        Args:
+          model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
+          x_start: [B, H, W, C] images in [-1, 1].
+          clip_denoised: clip x_0 predictions.
+          denoised_fn: applied to x_0 predictions before clipping.
+          model_kwargs: extra model inputs.
+          progress: host-side progress bar.
+          keep_intermediates: return a dict with 'samples'/'pred_xstarts' [T, ...]
+            (row i is the step from timestep i) instead of just x_T.
+
+        Returns:
+          x_T [B, H, W, C] (feed it to ddim_sample_loop as noise), or the dict.
+        """
+        out = samplers.run_loop(
+            self,
+            self._cache,
+            "ddim_reverse",
+            model_fn,
+            x_start,
+            None,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=None,
+            model_kwargs=model_kwargs,
+            eta=0.0,
+            progress=progress,
+            keep_intermediates=keep_intermediates,
+        )
+        return out if keep_intermediates else out["sample"]
