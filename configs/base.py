@@ -11,11 +11,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     """Returns the base ConfigDict with every section and field defined."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # Facts that two sections need live in one reference each: setting either field
+    # (in a config or on the command line) sets both, so they cannot disagree.
+    image_size = ml_collections.FieldReference(64, field_type=int)
+    learn_sigma = ml_collections.FieldReference(False, field_type=bool)
 
     # --- Network (UNet, super-resolution UNet, or noise-aware classifier). -----------
     model = config.model = ml_collections.ConfigDict()
     model.kind = "unet"  # 'unet' | 'superres' | 'classifier'
-    model.image_size = 64
+    model.image_size = image_size  # linked: data.image_size
     model.in_channels = 3
     model.num_channels = 128
     model.num_res_blocks = 2
@@ -30,7 +34,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     model.conv_resample = True
     model.dropout = 0.0
     model.num_classes = ml_collections.FieldReference(None, field_type=int)
-    model.learn_sigma = False
+    model.learn_sigma = learn_sigma  # linked: diffusion.learn_sigma
     # Compute dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); params stay float32.
     model.dtype = "auto"
     model.remat = False  # rematerialise blocks to save memory
@@ -39,7 +43,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # --- Gaussian diffusion (the paper code's create_gaussian_diffusion arguments). --
     diffusion = config.diffusion = ml_collections.ConfigDict()
     diffusion.steps = 1000
-    diffusion.learn_sigma = False
+    diffusion.learn_sigma = learn_sigma  # linked: model.learn_sigma
     diffusion.sigma_small = False
     diffusion.noise_schedule = "linear"
     diffusion.use_kl = False
@@ -53,7 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     data.dataset = "mnist_5k"  # tfds name, 'folder', or a built-in dataset
     data.data_dir = ml_collections.FieldReference(None, field_type=str)
     data.split = "train"
-    data.image_size = 64
+    data.image_size = image_size  # linked: model.image_size
     data.class_cond = False
     data.random_crop = False
     data.random_flip = True
@@ -62,6 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     data.low_res_size = 0  # super-resolution: side of batch["low_res"]; 0 = none
     # 'standard' (paper loader), 'lsun' (paper's LSUN preparation first); 'auto' picks by name.
     data.preprocessing = "auto"
+    data.eval_split = "validation"  # held-out split (classifier evaluation); mnist_5k: 'test'
 
     # --- Optimiser. --------------------------------------------------------------------
     optim = config.optim = ml_collections.ConfigDict()
@@ -84,6 +89,31 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3
     training.schedule_sampler = "uniform"  # 'uniform' | 'loss-second-moment'
+    # Fine-tuning: a convert_checkpoint directory or a training workdir whose parameters
+    # start this run (fresh optimiser state); '' = random initialisation.
+    training.init_from = ""
+    training.init_from_ema_rate = ml_collections.FieldReference(None, field_type=float)
+    # FSDP: shard parameters, EMA and optimiser state over the 'data' axis (arrays with
+    # at least fsdp_min_size elements); off = replicated (plain data parallelism).
+    training.fsdp = False
+    training.fsdp_min_size = 2**16
+    # Non-finite loss/gradient: the update is skipped and counted; this many in a row
+    # stops the run.
+    training.max_nonfinite_steps = 20
+    # EMA sample grid (DDIM, fixed labels and x_T) as an image summary + PNG; 0 = off.
+    training.sample_every = 0
+    training.sample_grid_size = 16
+    training.sample_steps = 10
+    # In-training evaluation: diffusion = FID of EMA samples against eval_reference (a
+    # reference batch .npz) with the Inception weights at inception_weights (off when
+    # eval_reference is ''); classifier = loss and accuracy on data.eval_split. 0 = off.
+    training.eval_every = 0
+    training.eval_num_samples = 1000
+    training.eval_reference = ""
+    training.inception_weights = ""
+    training.noised = True  # classifier: train on q_sample(x, t) (the paper's --noised)
+    # clu periodic_actions.Profile: trace this many steps once (0 = no profile).
+    training.profile_steps = 0
 
     # --- Sampling (one FID-table row per config by default). ---------------------------
     sampling = config.sampling = ml_collections.ConfigDict()

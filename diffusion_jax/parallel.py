@@ -78,3 +78,111 @@ def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
         return x, n
     filler = np.repeat(x[-1:], pad, axis=0)
     return np.concatenate([x, filler], axis=0), n
+
+
+# ----- parameter / optimiser-state layout --------------------------------------------
+
+
+def fsdp_spec(shape: Sequence[int], num_shards: int, min_size: int) -> P:
+    """The FSDP rule for one array: split its largest evenly divisible dimension.
+
+    Arrays smaller than `min_size` elements (biases, norms, scalars) stay replicated: the
+    all-gather of a tiny array costs more than holding it. Among the dimensions divisible
+    by `num_shards`, the largest is sharded over `'data'` (ties: the last, the output
+    channels of a conv kernel); an array with none stays replicated.
+
+    Args:
+      shape: the array's shape.
+      num_shards: devices on the `'data'` axis.
+      min_size: smallest element count that is sharded.
+
+    Returns:
+      A PartitionSpec.
+    """
+    if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    best = None
+    for dim, size in enumerate(shape):
+        if size % num_shards == 0 and (best is None or size >= shape[best]):
+            best = dim
+    if best is None:
+        return P()
+    return P(*([None] * best + [DATA_AXIS]))
+
+
+def state_shardings(abstract_tree: Any, mesh: Mesh, *, fsdp: bool, min_size: int = 2**16) -> Any:
+    """Shardings for a pytree of parameters / optimiser state / EMA copies.
+
+    The one place the layout of model state is decided: replicated (data parallelism)
+    unless `fsdp`, then each array by `fsdp_spec`. Scalars and integer bookkeeping
+    arrays (step counts, timestep-sampler history) follow the same rule, so small ones
+    stay replicated.
+
+    Args:
+      abstract_tree: pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape`).
+      mesh: the training mesh.
+      fsdp: shard over `'data'` instead of replicating.
+      min_size: arrays with fewer elements stay replicated under FSDP.
+
+    Returns:
+      A matching pytree of `NamedSharding`s.
+    """
+    shards = num_data_shards(mesh)
+
+    def rule(leaf):
+        if not fsdp:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, fsdp_spec(np.shape(leaf), shards, min_size))
+
+    return jax.tree.map(rule, abstract_tree)
+
+
+# ----- processes ---------------------------------------------------------------------
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str = "gloo",
+) -> None:
+    """Starts `jax.distributed` when this is one of several processes.
+
+    With an explicit `coordinator_address` (GPU clusters without SLURM, CPU tests) all
+    three values must be given. Without one, `jax.distributed.initialize()` auto-detects
+    TPU pod slices and SLURM jobs; on a plain single machine nothing is started.
+    On CPU, cross-process collectives go through `cpu_collectives` (gloo).
+
+    Raises:
+      ValueError: if only some of the three values are given, or they are inconsistent.
+    """
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError(
+            "multi-process runs need all of --coordinator_address=HOST:PORT, "
+            "--num_processes=N and --process_id=I (or none of them on TPU pods / SLURM)."
+        )
+    if all(given):
+        if not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
+            )
+        if num_processes == 1:
+            return
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+        return
+    import os  # only to detect cluster launchers; the library reads no flags
+
+    if any(
+        k in os.environ
+        for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    ):
+        if os.environ.get("SLURM_NTASKS", "1") == "1" and "TPU_WORKER_HOSTNAMES" not in os.environ:
+            return
+        jax.distributed.initialize()

@@ -1,5 +1,7 @@
 """Orbax save/restore of network parameters together with the effective config.
 
+`restore_params` also reads training workdirs (see `checkpoints.workdir`).
+
 Layout of a parameter checkpoint directory (what `launch.convert_checkpoint` writes):
   DIR/params/       Orbax StandardCheckpointer pytree: the Flax params tree
   DIR/config.json   the full effective config (ConfigDict as JSON)
@@ -60,22 +62,52 @@ def restore_config(directory: str | epath.PathLike) -> ml_collections.ConfigDict
 
 
 def restore_params(
-    directory: str | epath.PathLike, target: Any = None
+    directory: str | epath.PathLike,
+    target: Any = None,
+    *,
+    step: int | None = None,
+    ema_rate: float | None = None,
 ) -> tuple[Any, ml_collections.ConfigDict]:
-    """Restores params and config written by `save_params`.
+    """Restores parameters and config from a `save_params` directory or a training workdir.
 
     Args:
-      directory: the directory given to `save_params`.
+      directory: a `convert_checkpoint` / `save_params` output directory, or a
+        `launch.train` / `launch.train_classifier` workdir.
       target: optional abstract params tree (`jax.ShapeDtypeStruct`s, with shardings
         for a mesh) to restore into; None restores as saved.
+      step: workdirs only: which checkpoint (default: the latest complete one).
+      ema_rate: workdirs only: None = the raw parameters, else the EMA copy of that rate
+        (one of the run's `training.ema_rates`).
 
     Returns:
       (params tree, config).
+
+    Raises:
+      FileNotFoundError: if `directory` is neither kind, or has no complete checkpoint.
+      ValueError: `ema_rate`/`step` given for a converted checkpoint, or an ema_rate the
+        run did not keep.
     """
+    from diffusion_jax.checkpoints import workdir as workdir_lib
+
     directory = epath.Path(directory)
+    if workdir_lib.is_workdir(directory):
+        import ml_collections  # lazy: only restoring a config needs it
+
+        params, config, _ = workdir_lib.restore_workdir_params(
+            directory, step=step, ema_rate=ema_rate, target=target
+        )
+        return params, ml_collections.ConfigDict(config)
     params_dir = directory / PARAMS_DIR
     if not params_dir.exists():
-        raise FileNotFoundError(f"{params_dir} not found: is {directory} a save_params directory?")
+        raise FileNotFoundError(
+            f"{directory} is neither a convert_checkpoint directory (no {PARAMS_DIR}/) nor a "
+            "training workdir (no checkpoints/)."
+        )
+    if step is not None or ema_rate is not None:
+        raise ValueError(
+            f"{directory} is a converted checkpoint (one set of parameters): step and "
+            "ema_rate apply to training workdirs only."
+        )
     config = restore_config(directory)
     params = ocp.StandardCheckpointer().restore(params_dir.resolve(), target)
     return params, config

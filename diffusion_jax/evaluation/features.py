@@ -3,7 +3,9 @@
 `compute_features` is the library entry point for training-time FID and the table
 reproducer: one batched pass over in-memory (or streamed) uint8 images, the batch dimension
 sharded over the mesh's `'data'` axis, returning the three feature sets the paper's
-evaluator uses. `compute_statistics` turns features into FID statistics.
+evaluator uses. With several processes each passes its own images and all get every
+image's features (`multihost.PadShardUnpad`). `compute_statistics` turns features into
+FID statistics.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from diffusion_jax import parallel
-from diffusion_jax.evaluation import inception, inception_weights
+from diffusion_jax.evaluation import inception, inception_weights, multihost
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
 # Bump when a change to the preprocessing or the network changes the features, so that
@@ -156,12 +158,30 @@ def load_inception(
     )
 
 
-def _batches(images: np.ndarray | Iterable[np.ndarray], batch_size: int) -> Iterable[np.ndarray]:
-    if isinstance(images, np.ndarray):
-        for start in range(0, images.shape[0], batch_size):
-            yield images[start : start + batch_size]
-    else:
-        yield from images
+def _local_chunks(images: np.ndarray | Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """This process's images as checked, non-empty chunks of at most `size` rows.
+
+    An array is cut into `size`-row slices; each batch of an iterable is checked and cut
+    the same way (so a short batch stays a short chunk: one padded step, as before).
+    """
+    batches = (
+        (images[i : i + size] for i in range(0, images.shape[0], size))
+        if isinstance(images, np.ndarray)
+        else images
+    )
+    for batch in batches:
+        check_images(batch)
+        for start in range(0, batch.shape[0], size):  # iterables may exceed the size
+            yield np.asarray(batch[start : start + size])
+
+
+def _next_chunk(chunks: Iterator[np.ndarray]) -> tuple[np.ndarray | None, Exception | None]:
+    # A failure (bad batch, broken iterator) is reported to the other processes before it
+    # is raised, so they raise too instead of waiting in the next collective.
+    try:
+        return next(chunks, None), None
+    except Exception as e:
+        return None, e
 
 
 class _Progress:
@@ -193,42 +213,85 @@ def compute_features(
 ) -> dict[str, np.ndarray]:
     """Inception features of a set of images in one batched pass, sharded over devices.
 
-    Each batch is padded to `batch_size` (so one compilation serves all batches, the last
-    short one included), split over the mesh's `'data'` axis, and the padding dropped.
+    Each step every process feeds up to its share of `batch_size` of its own images
+    (padded to that share, so one compilation serves all steps, the last short one
+    included); the global batch is split over the mesh's `'data'` axis and the padding
+    dropped.
+
+    Multi-process (a mesh spanning every process, the default there) this is a
+    collective: every process calls it, with the same `batch_size`, passing its own
+    images. Counts may differ between processes (a process may have none); all images
+    must have one resolution. Every process gets the features of all images, process 0's
+    first, so FID comes out identical everywhere; bad input on one process raises on all
+    (none is left waiting). The features do not depend on how many processes or devices
+    share a batch. A mesh of only this process's devices computes its features alone.
 
     Args:
-      images: `[N, H, W, 3]` uint8 array, or an iterable of such batches (any sizes).
+      images: this process's `[N, H, W, 3]` uint8 array, or an iterable of such batches
+        (any sizes).
       inception_model: from `load_inception`.
-      mesh: device mesh with a `'data'` axis; default all local devices.
+      mesh: device mesh with a `'data'` axis; default all devices of all processes.
       batch_size: global batch size; rounded up to a multiple of the device count.
-      num_images: total for the progress ETA when `images` is an iterable.
+      num_images: this process's image count, for the progress ETA, when `images` is an
+        iterable.
 
     Returns:
-      `{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]}` float32 numpy.
+      `{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]}` float32 numpy, N
+      the images of all processes of the mesh, in process order.
 
     Raises:
-      ValueError: on a batch that is not uint8 `[B, H, W, 3]`, or no images at all.
+      ValueError: on a batch that is not uint8 `[B, H, W, 3]`, processes with different
+        resolutions in one step, or no images at all (on every process alike).
+      RuntimeError: on the other processes, when one failed (bad input, broken iterator).
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
     shards = parallel.num_data_shards(mesh)
     batch_size = -(-batch_size // shards) * shards
     params = jax.device_put(inception_model.params, parallel.replicated_sharding(mesh))
-    sharding = parallel.data_sharding(mesh)
-    total = images.shape[0] if isinstance(images, np.ndarray) else num_images
-    progress = _Progress(total)
-    outputs: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
-    for batch in _batches(images, batch_size):
-        check_images(batch)
-        for start in range(0, batch.shape[0], batch_size):  # iterables may exceed batch_size
-            chunk, n = parallel.pad_batch(np.asarray(batch[start : start + batch_size]), batch_size)
-            x = jax.device_put(chunk, sharding)
-            feats = _network(inception_model.module, params, _preprocess(x))
+
+    def features(x: jax.Array) -> dict[str, jax.Array]:
+        return _network(inception_model.module, params, _preprocess(x))
+
+    run = multihost.PadShardUnpad(features, mesh, batch_size)
+    procs = multihost.mesh_processes(mesh)
+    chunks = _local_chunks(images, run.local_batch_size)
+    local_total = images.shape[0] if isinstance(images, np.ndarray) else num_images
+    outputs: list[dict[str, list[np.ndarray]]] = [{k: [] for k in FEATURE_KEYS} for _ in procs]
+    progress = None
+    while True:
+        chunk, error = _next_chunk(chunks)
+        shape = (0, 0) if chunk is None else chunk.shape[1:3]
+        total = -1 if local_total is None else local_total
+        # One small exchange a step: [count, height, width, failed, total] of each process.
+        header = multihost.allgather_host(
+            np.array([0 if chunk is None else len(chunk), *shape, error is not None, total]),
+            mesh,
+        )
+        if header[:, 3].any():
+            if error is not None:
+                raise error
+            failed = [procs[i] for i in np.flatnonzero(header[:, 3])]
+            raise RuntimeError(f"compute_features failed on process(es) {failed}; see their logs.")
+        counts = header[:, 0]
+        if not counts.any():
+            break
+        if progress is None:
+            progress = _Progress(int(header[:, 4].sum()) if (header[:, 4] >= 0).all() else None)
+        sizes = sorted({(int(h), int(w)) for n, h, w in header[:, :3] if n})
+        if len(sizes) > 1:
+            raise ValueError(
+                "compute_features: the processes' images must have one resolution in each "
+                f"step; got (height, width) {sizes} (per process: {header[:, 1:3].tolist()})."
+            )
+        if chunk is None:
+            chunk = np.zeros((0, *sizes[0], 3), np.uint8)
+        for out, feats in zip(outputs, run(chunk, counts)):
             for k in FEATURE_KEYS:
-                outputs[k].append(np.asarray(feats[k])[:n])
-            progress.update(n)
-    if not outputs["pool"]:
+                out[k].append(feats[k])
+        progress.update(int(counts.sum()))
+    if progress is None:
         raise ValueError("compute_features got no images.")
-    return {k: np.concatenate(v, axis=0) for k, v in outputs.items()}
+    return {k: np.concatenate([v for out in outputs for v in out[k]], axis=0) for k in FEATURE_KEYS}
 
 
 def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,98 @@
+"""Reading a training workdir's checkpoints without the training code (for sampling).
+
+A training workdir (`launch.train`) holds `checkpoints/<step>/` written by an Orbax
+CheckpointManager with the items below; `diffusion_jax.training.checkpointing` writes
+them. Here only the parameters (raw or one EMA copy) and the config are read, so a
+sampling job never loads the optimiser state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+CHECKPOINTS_DIR = "checkpoints"
+ITEMS = ("params", "ema", "opt_state", "extra", "data", "config")
+
+
+def ema_key(rate: float) -> str:
+    """The name of an EMA copy in the train state and in checkpoints ('ema_0_9999').
+
+    No dots: Orbax joins tree keys with dots in its on-disk names.
+    """
+    return "ema_" + repr(float(rate)).replace(".", "_").replace("-", "m")
+
+
+def create_manager(
+    workdir: str | epath.PathLike, *, keep: int, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """The run's CheckpointManager (async saves, the newest `keep` steps kept)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep and keep > 0 else None,
+        enable_async_checkpointing=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        epath.Path(workdir) / CHECKPOINTS_DIR, options=options, item_names=ITEMS
+    )
+
+
+def is_workdir(directory: str | epath.PathLike) -> bool:
+    """Whether `directory` is a training workdir (has a checkpoints/ folder)."""
+    return (epath.Path(directory) / CHECKPOINTS_DIR).is_dir()
+
+
+def restore_workdir_params(
+    directory: str | epath.PathLike,
+    *,
+    step: int | None = None,
+    ema_rate: float | None = None,
+    target: Any = None,
+) -> tuple[Any, dict, int]:
+    """Parameters (raw or one EMA copy) of a training workdir, without optimiser state.
+
+    Args:
+      directory: the workdir.
+      step: which checkpoint; None = the latest complete one.
+      ema_rate: None = the raw parameters; otherwise one of the run's ema_rates.
+      target: optional abstract params tree (shapes/shardings) to restore into.
+
+    Returns:
+      (params, saved config dict, step).
+
+    Raises:
+      FileNotFoundError: no complete checkpoint (or not that step).
+      ValueError: ema_rate is not one the run kept.
+    """
+    manager = create_manager(directory, keep=0, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(
+            f"{epath.Path(directory) / CHECKPOINTS_DIR} holds no complete checkpoint yet."
+        )
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f"{directory} has no checkpoint at step {step}; it has {steps}.")
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    if ema_rate is None:
+        item, wrap = "params", target
+    else:
+        rates = config.get("training", {}).get("ema_rates", [])
+        if ema_key(ema_rate) not in {ema_key(r) for r in rates}:
+            raise ValueError(
+                f"ema_rate={ema_rate} is not kept by the run in {directory}: its "
+                f"training.ema_rates are {tuple(rates)} (use one of them, or None for the raw "
+                "parameters)."
+            )
+        item = "ema"
+        wrap = None if target is None else {ema_key(r): target for r in rates}
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(wrap)})
+    )[item]
+    manager.close()
+    params = restored if ema_rate is None else restored[ema_key(ema_rate)]
+    return params, config, step

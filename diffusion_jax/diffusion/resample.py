@@ -1,0 +1,256 @@
+"""Timestep samplers for training (the paper code's resample.py), as pure JAX.
+
+A sampler is a small frozen spec (hashable, compared by its fields, so it can be bound
+into a jitted train step with `functools.partial`); everything that changes during
+training lives in a `SamplerState` of arrays, part of the train state and its
+checkpoints:
+
+    sampler = create_schedule_sampler(config.training.schedule_sampler, diffusion.num_timesteps)
+    sampler_state = sampler.init_state()                      # in the train state
+    t, weights = sampler.sample(sampler_state, t_rng, batch)  # int32 [B], float32 [B]
+    terms = diffusion.training_losses(model_fn, x, t, rng=noise_rng)
+    loss = jnp.mean(terms["loss"] * weights)                  # importance-weighted
+    sampler_state = sampler.update(sampler_state, t, terms["loss"])  # unweighted losses
+
+* `UniformSampler` ('uniform'): t uniform over [0, T), every weight 1; `update` returns
+  the state unchanged.
+* `LossSecondMomentResampler` ('loss-second-moment', the paper's importance sampling of
+  L_vlb): keeps the last `history_per_term` losses of every timestep; once every
+  timestep has that many, t is drawn with p_t proportional to sqrt(E[L_t^2]), mixed with
+  `uniform_prob` of the uniform distribution, and each loss weighted by 1 / (T p_t) so
+  the objective's expectation is unchanged. Before that (warm-up) it samples like
+  `UniformSampler`.
+
+Both kinds use the same state structure (`history` float32 [T, history_per_term],
+`counts` int32 [T]; the uniform sampler never writes to it), so the train state's
+shape, its `jax.eval_shape` target and its checkpoints do not depend on the kind.
+
+`update` takes the GLOBAL batch's timesteps and per-example losses in batch order (the
+paper code all-gathers them rank by rank and then applies them one at a time): with
+global-view arrays under jit that order is simply the batch order. It applies them in
+that order exactly as the paper code does, repeated timesteps included, in a
+`lax.scan`; a train step that skips a non-finite update should keep the old sampler
+state as well, so a NaN never enters the history.
+"""
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+
+
+@flax.struct.dataclass
+class SamplerState:
+    """What a timestep sampler learns during training (a pytree of arrays).
+
+    Attributes:
+      history: float32 [T, history_per_term], the most recent losses of each timestep,
+        oldest first (row t holds `counts[t]` valid entries, the rest are zeros).
+      counts: int32 [T], how many losses of each timestep have been recorded, at most
+        history_per_term.
+    """
+
+    history: jax.Array
+    counts: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSampler:
+    """A distribution over timesteps (the paper code's ScheduleSampler).
+
+    Attributes:
+      num_timesteps: T, the number of timesteps of the diffusion being trained.
+      history_per_term: losses kept per timestep (the state's second axis).
+    """
+
+    num_timesteps: int
+    history_per_term: int = 10
+
+    def init_state(self) -> SamplerState:
+        """The state before any loss was seen: zero history, zero counts."""
+        return SamplerState(
+            history=jnp.zeros((self.num_timesteps, self.history_per_term), jnp.float32),
+            counts=jnp.zeros((self.num_timesteps,), jnp.int32),
+        )
+
+    def weights(self, state: SamplerState) -> jax.Array:
+        """Unnormalised positive weights of the timesteps, float32 [T] (paper: weights())."""
+        raise NotImplementedError
+
+    def probabilities(self, state: SamplerState) -> jax.Array:
+        """The distribution `sample` draws t from: float32 [T], summing to 1."""
+        w = self.weights(state)
+        return w / jnp.sum(w)
+
+    def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        """Importance-samples timesteps for a batch.
+
+        Args:
+          state: this sampler's state.
+          rng: a jax.random key.
+          batch_size: B, a Python int (static under jit).
+
+        Returns:
+          (t, weights): t int32 [B] in [0, T); weights float32 [B], 1 / (T p_t), by
+          which each example's loss is multiplied so the mean loss stays unbiased.
+        """
+        raise NotImplementedError
+
+    def update(self, state: SamplerState, t, losses) -> SamplerState:
+        """Records the losses of a batch (paper: update_with_all_losses).
+
+        Args:
+          state: this sampler's state.
+          t: int [B], the global batch's timesteps.
+          losses: float [B], its per-example (unweighted) losses, in the order of t.
+
+        Returns:
+          The new state.
+        """
+        raise NotImplementedError
+
+    def _check_state(self, state: SamplerState) -> None:
+        # Shapes are static under jit, so a state from another config (a checkpoint of
+        # another T or history length) fails here rather than indexing out of range.
+        want = (self.num_timesteps, self.history_per_term)
+        if tuple(state.history.shape) != want or tuple(state.counts.shape) != want[:1]:
+            raise ValueError(
+                f"schedule sampler state has history {tuple(state.history.shape)} and counts "
+                f"{tuple(state.counts.shape)}, but this sampler needs history {want} and "
+                f"counts {want[:1]} (num_timesteps={self.num_timesteps}, "
+                f"history_per_term={self.history_per_term})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSampler(ScheduleSampler):
+    """t uniform over [0, T), every importance weight 1."""
+
+    def weights(self, state: SamplerState) -> jax.Array:
+        self._check_state(state)
+        return jnp.ones((self.num_timesteps,), jnp.float32)
+
+    def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        self._check_state(state)
+        t = jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, jnp.int32)
+        return t, jnp.ones((batch_size,), jnp.float32)
+
+    def update(self, state: SamplerState, t, losses) -> SamplerState:
+        self._check_state(state)
+        return state
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSecondMomentResampler(ScheduleSampler):
+    """p_t proportional to the RMS of timestep t's recent losses (paper: same name).
+
+    Attributes:
+      uniform_prob: the share of the uniform distribution mixed into p, so that every
+        timestep keeps being sampled (and its history refreshed).
+    """
+
+    uniform_prob: float = 0.001
+
+    def warmed_up(self, state: SamplerState) -> jax.Array:
+        """bool []: whether every timestep has history_per_term losses recorded."""
+        return jnp.all(state.counts == self.history_per_term)
+
+    def weights(self, state: SamplerState) -> jax.Array:
+        """Ones during warm-up, then sqrt(mean(history^2)) normalised and mixed with
+        uniform_prob / T (a probability vector), exactly as the paper code."""
+        self._check_state(state)
+        rms = jnp.sqrt(jnp.mean(jnp.square(state.history), axis=-1))  # [T]
+        p = rms / jnp.sum(rms) * (1.0 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        return jnp.where(self.warmed_up(state), p, jnp.ones_like(p))
+
+    def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        p = self.probabilities(state)  # [T]
+        t = jax.random.choice(rng, self.num_timesteps, (batch_size,), p=p).astype(jnp.int32)
+        weights = 1.0 / (self.num_timesteps * p[t])
+        # During warm-up p is uniform and every weight is exactly 1 (not 1 up to the
+        # float32 rounding of T * (1 / T)).
+        weights = jnp.where(self.warmed_up(state), weights, 1.0)
+        return t, weights.astype(jnp.float32)
+
+    def update(self, state: SamplerState, t, losses) -> SamplerState:
+        self._check_state(state)
+        t = jnp.asarray(t)
+        losses = jnp.asarray(losses)
+        if t.ndim != 1 or losses.shape != t.shape:
+            raise ValueError(
+                f"t and losses must both have shape [B], got t {t.shape} and losses {losses.shape}"
+            )
+        size = self.history_per_term
+
+        def record(carry, t_and_loss):
+            history, counts = carry
+            t_i, loss = t_and_loss
+            row = history[t_i]  # [history_per_term]
+            count = counts[t_i]
+            full = count == size
+            # Full: drop the oldest loss and append; otherwise write at position count.
+            shifted = jnp.concatenate([row[1:], loss[None]])
+            written = row.at[jnp.minimum(count, size - 1)].set(loss)
+            history = history.at[t_i].set(jnp.where(full, shifted, written))
+            counts = counts.at[t_i].add(jnp.where(full, 0, 1).astype(counts.dtype))
+            return (history, counts), None
+
+        (history, counts), _ = jax.lax.scan(
+            record,
+            (state.history, state.counts),
+            (t.astype(jnp.int32), losses.astype(state.history.dtype)),
+        )
+        return state.replace(history=history, counts=counts)
+
+
+def create_schedule_sampler(
+    name: str, num_timesteps: int, *, history_per_term: int = 10, uniform_prob: float = 0.001
+) -> ScheduleSampler:
+    """Builds a timestep sampler by name (paper: create_named_schedule_sampler).
+
+    Args:
+      name: 'uniform' or 'loss-second-moment' (`config.training.schedule_sampler`).
+      num_timesteps: T, the number of timesteps of the diffusion being trained.
+      history_per_term: losses kept per timestep (loss-second-moment).
+      uniform_prob: share of the uniform distribution mixed in (loss-second-moment).
+
+    Returns:
+      A frozen, hashable `ScheduleSampler`.
+
+    Raises:
+      ValueError: naming the offending setting.
+    """
+    if name not in SCHEDULE_SAMPLERS:
+        raise ValueError(
+            f"training.schedule_sampler must be one of {', '.join(map(repr, SCHEDULE_SAMPLERS))}, "
+            f"got {name!r}"
+        )
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int | np.integer):
+        raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+    if (
+        isinstance(history_per_term, bool)
+        or not isinstance(history_per_term, int | np.integer)
+        or history_per_term < 1
+    ):
+        raise ValueError(f"history_per_term must be an int >= 1, got {history_per_term!r}")
+    if not 0.0 <= uniform_prob <= 1.0:
+        raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
+    if name == "uniform":
+        return UniformSampler(int(num_timesteps), int(history_per_term))
+    return LossSecondMomentResampler(int(num_timesteps), int(history_per_term), float(uniform_prob))
+
+
+__all__ = [
+    "SCHEDULE_SAMPLERS",
+    "LossSecondMomentResampler",
+    "SamplerState",
+    "ScheduleSampler",
+    "UniformSampler",
+    "create_schedule_sampler",
+]

@@ -1,0 +1,163 @@
+"""Config checks before any device work: one-line errors naming the fields to fix."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from etils import epath
+
+# Fields that may change between a run and its resumption: how long, how often to log
+# / save / sample / evaluate, where the data lives, sampling settings. Everything else
+# must equal the checkpointed run's config.
+RESUMABLE_FIELDS = (
+    "training.num_steps",
+    "training.log_every",
+    "training.checkpoint_every",
+    "training.keep_checkpoints",
+    "training.sample_every",
+    "training.sample_grid_size",
+    "training.sample_steps",
+    "training.eval_every",
+    "training.eval_num_samples",
+    "training.eval_reference",
+    "training.inception_weights",
+    "training.profile_steps",
+    "training.max_nonfinite_steps",
+    "data.data_dir",
+    "data.prefetch",
+    "sampling",
+)
+
+TRAINERS = {"diffusion": ("unet", "superres"), "classifier": ("classifier",)}
+_LAUNCHERS = {"diffusion": "launch.train", "classifier": "launch.train_classifier"}
+
+
+def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
+    """Validates a config for `trainer` ('diffusion' | 'classifier') on `num_devices`.
+
+    Raises:
+      ValueError: naming the field(s) and how to fix them.
+    """
+    kind = config.model.kind
+    if kind not in TRAINERS[trainer]:
+        other = next(t for t, kinds in TRAINERS.items() if kind in kinds)
+        raise ValueError(
+            f"model.kind={kind!r} is trained by python -m {_LAUNCHERS[other]}, not "
+            f"{_LAUNCHERS[trainer]}."
+        )
+    model, data, training = config.model, config.data, config.training
+    from diffusion_jax.diffusion import create_diffusion
+    from diffusion_jax.diffusion.resample import create_schedule_sampler
+    from diffusion_jax.models import validate_model_config
+
+    validate_model_config(model)  # architecture fields, before anything is written
+    diffusion = create_diffusion(config.diffusion)
+    create_schedule_sampler(training.schedule_sampler, diffusion.num_timesteps)
+    if trainer == "diffusion" and bool(data.class_cond) != (model.num_classes is not None):
+        raise ValueError(
+            f"data.class_cond={data.class_cond} disagrees with model.num_classes="
+            f"{model.num_classes}: a class-conditional model needs labelled data "
+            "(set both, or neither: model.num_classes=None with data.class_cond=False)."
+        )
+    if trainer == "classifier" and not data.class_cond:
+        raise ValueError("a classifier trains on labels: set data.class_cond=True.")
+    if trainer == "classifier" and not model.num_classes:
+        raise ValueError("a classifier needs model.num_classes (its number of logits).")
+    if model.image_size != data.image_size:
+        raise ValueError(
+            f"model.image_size={model.image_size} != data.image_size={data.image_size}; "
+            "set one value for both."
+        )
+    if trainer == "diffusion" and model.learn_sigma != config.diffusion.learn_sigma:
+        raise ValueError(
+            f"model.learn_sigma={model.learn_sigma} != diffusion.learn_sigma="
+            f"{config.diffusion.learn_sigma}; set one value for both."
+        )
+    if kind == "superres" and not data.low_res_size:
+        raise ValueError("an upsampler needs data.low_res_size (the side of its low_res input).")
+    if training.num_steps <= 0:
+        raise ValueError(f"training.num_steps must be positive, got {training.num_steps}.")
+    batch = training.batch_size
+    if batch <= 0 or batch % num_devices:
+        raise ValueError(
+            f"training.batch_size={batch} must be a positive multiple of the device count "
+            f"({num_devices})."
+        )
+    micro = training.microbatch
+    if micro not in (-1, 0) and (micro <= 0 or batch % micro or micro % num_devices):
+        raise ValueError(
+            f"training.microbatch={micro} must divide training.batch_size={batch} and be a "
+            f"multiple of the device count ({num_devices}); -1 = no gradient accumulation."
+        )
+    for rate in training.ema_rates:
+        if not 0.0 < float(rate) < 1.0:
+            raise ValueError(f"training.ema_rates must lie in (0, 1), got {rate}.")
+    for name in ("log_every", "checkpoint_every"):
+        if training[name] <= 0:
+            raise ValueError(f"training.{name} must be positive, got {training[name]}.")
+    if trainer == "diffusion" and training.sample_every:
+        grid = training.sample_grid_size
+        if grid <= 0 or grid % num_devices:
+            raise ValueError(
+                f"training.sample_grid_size={grid} must be a positive multiple of the device "
+                f"count ({num_devices}) (or training.sample_every=0 for no grids)."
+            )
+    if training.eval_every and trainer == "diffusion" and training.eval_reference:
+        n = training.eval_num_samples
+        if n < 2 or n % num_devices:
+            raise ValueError(
+                f"training.eval_num_samples={n} must be >= 2 and a multiple of the device "
+                f"count ({num_devices})."
+            )
+        for field in ("eval_reference", "inception_weights"):
+            path = training[field]
+            if not path or not epath.Path(path).exists():
+                raise ValueError(
+                    f"training.{field}={path!r} does not exist; in-training FID needs a "
+                    "reference batch and the Inception weights (or training.eval_every=0)."
+                )
+    if training.init_from and not epath.Path(training.init_from).exists():
+        raise ValueError(
+            f"training.init_from={training.init_from!r} does not exist: give a "
+            "convert_checkpoint output directory or a training workdir."
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples -> lists, as in the saved JSON
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Fields (dotted) whose values differ, ignoring RESUMABLE_FIELDS."""
+    a, b = _flatten(_normalise(saved)), _flatten(_normalise(current))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(
+                f"{key} (run: {a.get(key, '<absent>')!r}, now: {b.get(key, '<absent>')!r})"
+            )
+    return diffs
+
+
+def check_resume_config(saved: dict, current: dict, where: str) -> None:
+    """Raises ValueError naming the fields in which `current` departs from a saved run."""
+    diffs = config_differences(saved, current)
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise ValueError(
+            f"{where} holds a run of another config: {'; '.join(diffs[:3])}{more}. Use a new "
+            "--workdir, or the same config to resume."
+        )

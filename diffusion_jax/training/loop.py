@@ -1,0 +1,448 @@
+"""The training loops: `train(config, workdir)` and `train_classifier(config, workdir)`.
+
+One jitted step over the mesh of every device of every process, the state donated and
+laid out by `parallel.state_shardings` (replicated, or FSDP with `training.fsdp`).
+The loop feeds global batches, logs through clu writers, reports progress, saves Orbax
+checkpoints (every `training.checkpoint_every` steps, at the end and on SIGTERM) and
+resumes from the latest complete one when started again with the same workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging as logging_std
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from diffusion_jax import parallel
+from diffusion_jax.data import create_input_pipeline
+from diffusion_jax.diffusion import create_diffusion
+from diffusion_jax.diffusion.resample import create_schedule_sampler
+from diffusion_jax.models import create_classifier, create_model
+from diffusion_jax.training import checkpointing, checks, steps
+from diffusion_jax.training.optimizer import create_optimizer, learning_rate_schedule
+from diffusion_jax.training.state import TrainState, create_train_state
+from diffusion_jax.training.writers import create_writer, progress_actions
+
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteError(RuntimeError):
+    """A run kept producing non-finite losses or gradients."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a request to checkpoint and stop at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: saving a checkpoint and stopping.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True on every process when any process was asked to stop (a collective)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
+        return bool(np.any(flags))
+
+
+def config_json(config: Any) -> str:
+    """The effective config as JSON (what config.json and every checkpoint hold)."""
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _prepare_workdir(config: Any, workdir: epath.Path) -> None:
+    """Refuses a workdir holding another config's run; writes config.json for a new one."""
+    path = workdir / CONFIG_FILE
+    current = json.loads(config_json(config))
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"{path} is not a readable config ({e}); use a new --workdir."
+            ) from None
+        checks.check_resume_config(saved, current, str(workdir))
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / (CONFIG_FILE + ".tmp")
+        tmp.write_text(config_json(config))
+        tmp.rename(path)
+
+
+@dataclasses.dataclass
+class _Task:
+    """What differs between diffusion and classifier training."""
+
+    module: Any
+    init_inputs: Callable[[int], tuple[tuple, dict]]  # batch -> (args, kwargs) for init
+    step_fn: Callable  # partial of a steps.*_train_step with its statics bound
+    sampler_state: Any
+    on_log: Callable[[int, TrainState], dict] | None = None  # extra eval metrics
+
+
+def _init_params(module, init_inputs, seed: int):
+    args, kwargs = init_inputs(1)
+    rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
+    return module.init(rngs, *args, **kwargs)["params"]
+
+
+def _load_init_params(path: str, ema_rate, abstract_params: Any) -> Any:
+    """Fine-tuning start: parameters of a convert_checkpoint dir or another workdir."""
+    from diffusion_jax.checkpoints import restore_params
+
+    params, _ = restore_params(path, ema_rate=ema_rate)
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    got_map = {jax.tree_util.keystr(k): np.shape(v) for k, v in got}
+    for key, leaf in want:
+        name = jax.tree_util.keystr(key)
+        if name not in got_map:
+            raise ValueError(
+                f"training.init_from={path}: parameter {name} of this config is not in the "
+                "checkpoint; the model.* fields must describe the checkpoint's network."
+            )
+        if tuple(got_map[name]) != tuple(leaf.shape):
+            raise ValueError(
+                f"training.init_from={path}: parameter {name} has shape {got_map[name]} in "
+                f"the checkpoint but {tuple(leaf.shape)} in this config; check the model.* "
+                "fields (num_channels, channel_mult, num_classes, learn_sigma, ...)."
+            )
+    if len(got_map) != len(want):
+        extra = sorted(set(got_map) - {jax.tree_util.keystr(k) for k, _ in want})
+        raise ValueError(
+            f"training.init_from={path}: the checkpoint has parameters this config lacks "
+            f"({extra[:3]}); the model.* fields must describe the checkpoint's network."
+        )
+    return params
+
+
+class _QuietOrbax(logging_std.Filter):
+    """Drops Orbax's INFO lines (dozens per save); its warnings and errors still show."""
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def _quiet_orbax() -> None:
+    logger = logging.get_absl_logger()
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+        logger.addFilter(_QuietOrbax())
+
+
+@dataclasses.dataclass
+class Setup:
+    """A run's compiled pieces, shared by the loop and the tests.
+
+    Attributes:
+      task: model, step function and hooks of the trainer.
+      abstract_params: `jax.ShapeDtypeStruct` tree of the parameters.
+      abstract_state: the TrainState's abstract leaves, with their shardings.
+      shardings: the TrainState's shardings (`parallel.state_shardings`).
+      init: `init(params=None) -> TrainState` at step 0, laid out on the mesh (random
+        parameters when None).
+      train_step: the jitted `(state, global batch) -> (state, metrics)`, state donated.
+    """
+
+    task: _Task
+    abstract_params: Any
+    abstract_state: Any
+    shardings: Any
+    init: Callable
+    train_step: Callable
+
+
+def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = None) -> Setup:
+    """Builds model, optimiser, shardings and the jitted step of a run (no device work).
+
+    Args:
+      config: the run's config (checked already).
+      mesh: the training mesh.
+      trainer: 'diffusion' or 'classifier'.
+      workdir: where hooks write sample grids (None: hooks off).
+    """
+    training = config.training
+    num_micro = 1 if training.microbatch in (-1, 0) else training.batch_size // training.microbatch
+    optimizer = create_optimizer(config.optim, training.num_steps)
+    settings_kwargs = {
+        "optimizer": optimizer,
+        "lr_schedule": learning_rate_schedule(config.optim, training.num_steps),
+        "ema_rates": tuple(float(r) for r in training.ema_rates),
+        "num_microbatches": num_micro,
+    }
+    task = _TASKS[trainer](config, settings_kwargs, mesh, workdir)
+
+    def init_state(params):
+        return create_train_state(
+            params, optimizer, training.ema_rates, task.sampler_state, config.seed
+        )
+
+    abstract_params = jax.eval_shape(
+        functools.partial(_init_params, task.module, task.init_inputs, config.seed)
+    )
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    shardings = parallel.state_shardings(
+        abstract_state, mesh, fsdp=training.fsdp, min_size=training.fsdp_min_size
+    )
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+    make_random = jax.jit(
+        lambda: init_state(_init_params(task.module, task.init_inputs, config.seed)),
+        out_shardings=shardings,
+    )
+    make_from = jax.jit(init_state, out_shardings=shardings)
+
+    def init(params=None):
+        return make_random() if params is None else make_from(params)
+
+    train_step = jax.jit(
+        task.step_fn,
+        in_shardings=(shardings, parallel.data_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated_sharding(mesh)),
+        donate_argnums=0,
+    )
+    return Setup(task, abstract_params, abstract_state, shardings, init, train_step)
+
+
+def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState:
+    _quiet_orbax()
+    workdir = epath.Path(workdir)
+    mesh = parallel.create_mesh()
+    num_devices = parallel.num_data_shards(mesh)
+    checks.check_training_config(config, trainer, num_devices)
+    training = config.training
+    _prepare_workdir(config, workdir)
+
+    pipeline = create_input_pipeline(
+        config.data, global_batch_size=training.batch_size, seed=config.seed, mesh=mesh
+    )
+    if len(pipeline.source) == 0:
+        raise ValueError(
+            f"data.dataset={config.data.dataset!r} (split {config.data.split!r}) has no "
+            "images; check data.data_dir and data.split."
+        )
+    setup = create_setup(config, mesh, trainer, workdir)
+    task, abstract_state = setup.task, setup.abstract_state
+
+    manager = checkpointing.create_manager(workdir, keep=training.keep_checkpoints)
+    latest = manager.latest_step()
+    if latest is not None:
+        state, positions, saved_config = checkpointing.restore(manager, abstract_state, latest)
+        checks.check_resume_config(
+            saved_config, json.loads(config_json(config)), f"{workdir} (step {latest})"
+        )
+        if len(positions) != jax.process_count():
+            raise ValueError(
+                f"{workdir} was saved by {len(positions)} processes; resume it with "
+                f"{len(positions)} processes (now {jax.process_count()})."
+            )
+        pipeline.set_state(positions[jax.process_index()])
+        logging.info("Resumed %s at step %d.", workdir, latest)
+    else:
+        params = None
+        if training.init_from:
+            params = _load_init_params(
+                training.init_from, training.init_from_ema_rate, setup.abstract_params
+            )
+            logging.info("Fine-tuning from %s.", training.init_from)
+        state = setup.init(params)
+
+    train_step = setup.train_step
+    writer = create_writer(workdir)
+    actions = progress_actions(config, workdir, writer)
+    step = int(jax.device_get(state.step))
+    if step == 0 and jax.process_index() == 0:
+        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    cfg_json = config_json(config)
+    pending: list[dict] = []
+    last_log = (time.time(), step)
+
+    def save_now(s: TrainState):
+        positions = checkpointing.gather_data_positions(pipeline.get_state())
+        checkpointing.save(manager, s, positions, cfg_json)
+
+    with pipeline, _Preemption() as preemption:
+        while step < training.num_steps:
+            batch = next(pipeline)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            for action in actions:
+                action(step)
+            if step % training.log_every == 0 or step == training.num_steps:
+                summary = _mean_metrics(pending)
+                pending = []
+                now = time.time()
+                rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+                last_log = (now, step)
+                summary["images_per_sec"] = rate * training.batch_size
+                summary["skipped_images"] = float(pipeline.num_skipped)
+                writer.write_scalars(step, summary)
+                consecutive = int(jax.device_get(state.nonfinite[1]))
+                if consecutive >= training.max_nonfinite_steps:
+                    manager.wait_until_finished()
+                    raise NonFiniteError(
+                        f"step {step}: the last {consecutive} updates had a non-finite loss or "
+                        "gradient and were skipped (the saved checkpoints hold none of them); "
+                        "lower optim.lr, set optim.grad_clip_norm, or check the data."
+                    )
+            if task.on_log is not None:
+                extra = task.on_log(step, state)
+                if extra and "_images" in extra:
+                    writer.write_images(step, {"samples": extra.pop("_images")[None]})
+                if extra:
+                    writer.write_scalars(step, extra)
+            stop = (
+                preemption.agreed()
+                if (jax.process_count() == 1 or step % training.log_every == 0)
+                else False
+            )
+            if step % training.checkpoint_every == 0 or step == training.num_steps or stop:
+                save_now(state)
+            if stop:
+                logging.warning("Stopped at step %d on SIGTERM; rerun to resume.", step)
+                break
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    return state
+
+
+def _flat_config(config: Any) -> dict[str, Any]:
+    flat = checks._flatten(json.loads(config_json(config)))
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in flat.items()}
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+    stacked = jax.device_get(pending)
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+# ----- diffusion models ----------------------------------------------------------------
+
+
+def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
+    from diffusion_jax.training import in_training_eval
+
+    model = create_model(config.model)
+    diffusion = create_diffusion(config.diffusion)
+    sampler = create_schedule_sampler(config.training.schedule_sampler, diffusion.num_timesteps)
+    settings = steps.StepSettings(
+        apply_fn=model.apply, num_timesteps=diffusion.num_timesteps, **settings_kwargs
+    )
+    size, low = config.model.image_size, config.data.low_res_size
+
+    def init_inputs(b):
+        kwargs = {}
+        if config.model.num_classes is not None:
+            kwargs["y"] = jnp.zeros((b,), jnp.int32)
+        if config.model.kind == "superres":
+            kwargs["low_res"] = jnp.zeros((b, low, low, config.model.in_channels))
+        x = jnp.zeros((b, size, size, config.model.in_channels))
+        return (x, jnp.zeros((b,), jnp.int32)), kwargs
+
+    step_fn = functools.partial(
+        steps.diffusion_train_step, settings=settings, diffusion=diffusion, sampler=sampler
+    )
+    on_log = (
+        None if workdir is None else in_training_eval.diffusion_hooks(config, model, mesh, workdir)
+    )
+    return _Task(model, init_inputs, step_fn, sampler.init_state(), on_log)
+
+
+def train(config: Any, workdir: str | epath.PathLike) -> TrainState:
+    """Trains (or resumes) the diffusion model or upsampler `config` describes.
+
+    Args:
+      config: a paper config (`configs/imagenet128.py`, `configs/upsample64_256.py`, ...).
+      workdir: where config.json, checkpoints/, TensorBoard events and sample grids go;
+        running again with the same workdir resumes from its latest complete checkpoint.
+
+    Returns:
+      The final train state.
+
+    Raises:
+      ValueError: for a bad config or a workdir holding another run (before any compile).
+      NonFiniteError: when training keeps producing non-finite losses.
+    """
+    return _run(config, workdir, "diffusion")
+
+
+# ----- noise-aware classifiers ---------------------------------------------------------
+
+
+def _classifier_task(config, settings_kwargs, mesh, workdir) -> _Task:
+    from diffusion_jax.training import in_training_eval
+
+    model = create_classifier(config.model)
+    diffusion = create_diffusion(config.diffusion)
+    settings = steps.StepSettings(
+        apply_fn=model.apply, num_timesteps=diffusion.num_timesteps, **settings_kwargs
+    )
+    size = config.model.image_size
+
+    def init_inputs(b):
+        x = jnp.zeros((b, size, size, config.model.in_channels))
+        return (x, jnp.zeros((b,), jnp.int32)), {}
+
+    step_fn = functools.partial(
+        steps.classifier_train_step,
+        settings=settings,
+        diffusion=diffusion,
+        noised=bool(config.training.noised),
+    )
+    on_log = (
+        None
+        if workdir is None
+        else in_training_eval.classifier_hooks(config, model, diffusion, mesh)
+    )
+    return _Task(model, init_inputs, step_fn, {}, on_log)
+
+
+def train_classifier(config: Any, workdir: str | epath.PathLike) -> TrainState:
+    """Trains (or resumes) the noise-aware classifier `config` describes.
+
+    As the paper code's classifier_train.py: inputs noised with q_sample at uniformly
+    drawn t (`training.noised`), AdamW with weight decay and linear annealing, loss and
+    acc@1/acc@5 overall and per t-quartile, held-out evaluation on `data.eval_split`
+    every `training.eval_every` steps.
+
+    Args:
+      config: a classifier config (`configs/classifier128.py`, ...).
+      workdir: as for `train`.
+
+    Returns:
+      The final train state.
+    """
+    return _run(config, workdir, "classifier")
+
+
+_TASKS = {"diffusion": _diffusion_task, "classifier": _classifier_task}

@@ -1,0 +1,152 @@
+"""Metric writers and progress reporting for the training loops.
+
+clu's writers (TensorBoard event files + log lines) and periodic actions
+(`ReportProgress`: steps/s and ETA; `Profile`) when clu can be imported; clu's writers
+import TensorFlow, so on machines without it (e.g. a GPU image with jax only) the same
+interface is served by log lines. Either way process 0 also appends every scalar to
+`DIR/metrics.jsonl` (one JSON object per logged step), which tests, the quickstart's
+loss curves and users' scripts read without TensorFlow. Only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class JsonlWriter:
+    """Appends `{"step": s, name: value, ...}` lines to DIR/metrics.jsonl."""
+
+    def __init__(self, workdir: epath.Path):
+        self.path = epath.Path(workdir) / METRICS_FILE
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        del step, images
+
+    def write_hparams(self, hparams: dict[str, Any]) -> None:
+        del hparams
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LoggingWriter:
+    """Scalars as log lines (clu's LoggingWriter format) when clu cannot be imported."""
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        values = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
+        logging.info("[%d] %s", step, values)
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        for name, value in images.items():
+            logging.info("[%d] image %s %s", step, name, np.shape(value))
+
+    def write_hparams(self, hparams: dict[str, Any]) -> None:
+        del hparams
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Multi:
+    def __init__(self, writers):
+        self.writers = writers
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for w in self.writers:
+                getattr(w, name)(*args, **kwargs)
+
+        return call
+
+
+def _clu():
+    try:
+        from clu import metric_writers, periodic_actions
+    except ImportError:  # clu's writers need TensorFlow + TensorBoard
+        return None, None
+    return metric_writers, periodic_actions
+
+
+def create_writer(workdir: epath.Path) -> Any:
+    """The run's writer: TensorBoard + logs (+ metrics.jsonl) on process 0, logs elsewhere."""
+    metric_writers, _ = _clu()
+    primary = jax.process_index() == 0
+    if metric_writers is not None:
+        base = metric_writers.create_default_writer(
+            str(workdir), just_logging=not primary, asynchronous=False
+        )
+    else:
+        base = LoggingWriter()
+    return _Multi([base, JsonlWriter(workdir)] if primary else [base])
+
+
+class _ProgressLog:
+    """steps/s, images/s and ETA as log lines (without clu)."""
+
+    def __init__(self, num_steps: int, every: int, batch_size: int):
+        self.num_steps, self.every, self.batch = num_steps, every, batch_size
+        self.last = None
+
+    def __call__(self, step: int) -> None:
+        now = time.time()
+        if self.last is None:
+            self.last = (now, step)
+            return
+        if step % self.every and step != self.num_steps:
+            return
+        t0, s0 = self.last
+        rate = (step - s0) / max(now - t0, 1e-9)
+        eta = (self.num_steps - step) / max(rate, 1e-9)
+        logging.info(
+            "step %d/%d: %.3g steps/s, %.3g images/s, ETA %s",
+            step,
+            self.num_steps,
+            rate,
+            rate * self.batch,
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
+        self.last = (now, step)
+
+
+def progress_actions(config: Any, workdir: epath.Path, writer: Any) -> list:
+    """Periodic actions called after every step: progress report (+ profiler)."""
+    training = config.training
+    _, periodic_actions = _clu()
+    if periodic_actions is None:
+        return [_ProgressLog(training.num_steps, training.log_every, training.batch_size)]
+    actions = [
+        periodic_actions.ReportProgress(
+            num_train_steps=training.num_steps,
+            writer=writer,
+            every_steps=training.log_every,
+            every_secs=None,
+        ),
+        _ProgressLog(training.num_steps, training.log_every, training.batch_size),
+    ]
+    if training.profile_steps and jax.process_index() == 0:
+        actions.append(
+            periodic_actions.Profile(
+                logdir=str(workdir), num_profile_steps=training.profile_steps, every_secs=None
+            )
+        )
+    return actions

@@ -1,0 +1,193 @@
+"""Train steps: sharded == single device, FSDP == replicated, microbatched == one batch.
+
+Adam's first steps are sign-like (g / (|g| + eps)), so float32 reduction-order noise in
+near-zero gradients would flip whole updates; these comparisons use optim.eps = 1 so
+the update is smooth in the gradient and a real difference in the gradient shows.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from diffusion_jax import parallel
+from diffusion_jax.training import checks, ema_key, loop
+
+
+def tiny_config(**training):
+    config = quickstart.get_config()
+    model = config.model
+    model.image_size = 8
+    model.num_channels = 32
+    model.channel_mult = (1, 2)
+    model.num_res_blocks = 1
+    model.resblock_updown = False
+    model.attention_resolutions = (4,)
+    model.dtype = "float32"
+    config.optim.eps = 1.0
+    config.optim.lr = 1e-2
+    config.training.batch_size = 16
+    config.training.num_steps = 100
+    config.training.ema_rates = (0.9, 0.99)
+    config.training.schedule_sampler = "loss-second-moment"
+    config.training.update(training)
+    return config
+
+
+def batch_for(config, seed=0):
+    rng = np.random.default_rng(seed)
+    b, s = config.training.batch_size, config.model.image_size
+    return {
+        "image": rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, (b,)).astype(np.int32),
+    }
+
+
+def run_steps(config, devices, num_steps=2, trainer="diffusion"):
+    mesh = parallel.create_mesh(devices)
+    checks.check_training_config(config, trainer, len(devices))
+    setup = loop.create_setup(config, mesh, trainer)
+    state = setup.init()
+    metrics = None
+    for i in range(num_steps):
+        batch = jax.device_put(batch_for(config, i), parallel.data_sharding(mesh))
+        state, metrics = setup.train_step(state, batch)
+    return jax.device_get(state), jax.device_get(metrics), setup
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    leaves_b = jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for (path, x), y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return run_steps(tiny_config(), jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def setup8():
+    config = tiny_config()
+    mesh = parallel.create_mesh()
+    return config, mesh, loop.create_setup(config, mesh, "diffusion")
+
+
+def test_sharded_step_equals_single_device(single_device_run, setup8):
+    state1, metrics1, _ = single_device_run
+    config, mesh, setup = setup8
+    init = jax.device_get(setup.init())
+    state8 = setup.init()
+    for i in range(2):
+        state8, metrics8 = setup.train_step(
+            state8, jax.device_put(batch_for(config, i), parallel.data_sharding(mesh))
+        )
+    state8, metrics8 = jax.device_get((state8, metrics8))
+    assert int(state8.step) == 2
+    # The step really changed the parameters (by far more than the tolerance).
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(init.params))
+    )
+    assert moved > 1e-3
+    assert_trees_close(state8.params, state1.params)
+    assert_trees_close(state8.ema, state1.ema)
+    assert_trees_close(state8.opt_state, state1.opt_state, rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(state8.sampler.counts, state1.sampler.counts)
+    np.testing.assert_allclose(state8.sampler.history, state1.sampler.history, rtol=1e-5)
+    for k in ("loss", "mse", "vb", "grad_norm", "loss_q0", "vb_q3"):
+        np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=1e-5, err_msg=k)
+
+
+def test_fsdp_step_equals_replicated(single_device_run):
+    state1, metrics1, _ = single_device_run
+    config = tiny_config(fsdp=True, fsdp_min_size=256)
+    state, metrics, setup = run_steps(config, jax.devices())
+    specs = [s.spec for s in jax.tree.leaves(setup.shardings.params)]
+    sharded = [s for s in specs if parallel.DATA_AXIS in tuple(s)]
+    assert len(sharded) >= len(specs) // 4, "FSDP should shard the large kernels"
+    opt_specs = [s.spec for s in jax.tree.leaves(setup.shardings.opt_state)]
+    assert any(parallel.DATA_AXIS in tuple(s) for s in opt_specs)
+    assert_trees_close(state.params, state1.params)
+    assert_trees_close(state.ema, state1.ema)
+    np.testing.assert_allclose(metrics["loss"], metrics1["loss"], rtol=1e-5)
+
+
+def test_microbatched_step_equals_one_batch(single_device_run):
+    state1, metrics1, _ = single_device_run
+    state, metrics, _ = run_steps(tiny_config(microbatch=8), jax.devices())
+    assert_trees_close(state.params, state1.params)
+    assert_trees_close(state.ema, state1.ema)
+    np.testing.assert_array_equal(state.sampler.counts, state1.sampler.counts)
+    np.testing.assert_allclose(metrics["loss"], metrics1["loss"], rtol=1e-5)
+
+
+def test_nonfinite_update_is_skipped_and_counted(setup8):
+    config, mesh, setup = setup8
+    state = setup.init()
+    before = jax.device_get(state)
+    batch = batch_for(config)
+    batch["image"][0, 0, 0, 0] = np.nan
+    state, metrics = setup.train_step(state, jax.device_put(batch, parallel.data_sharding(mesh)))
+    after = jax.device_get(state)
+    assert not np.isfinite(metrics["loss"])
+    assert after.nonfinite.tolist() == [1, 1] and int(after.step) == 1
+    for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(after.ema), jax.tree.leaves(before.ema)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(after.sampler.counts, before.sampler.counts)
+    # A finite step afterwards resets the run of skipped steps but keeps the total.
+    state, _ = setup.train_step(
+        state, jax.device_put(batch_for(config), parallel.data_sharding(mesh))
+    )
+    assert jax.device_get(state.nonfinite).tolist() == [1, 0]
+
+
+def test_ema_follows_its_rate(setup8):
+    # After 2 steps from e0 = p0: e2 = r^2 p0 + r(1-r) p1 + (1-r) p2, from the raw
+    # parameters seen along the way.
+    config, mesh, setup = setup8
+    state = setup.init()
+    ps = [jax.device_get(state.params)]
+    for i in range(2):
+        batch = jax.device_put(batch_for(config, i), parallel.data_sharding(mesh))
+        state, _ = setup.train_step(state, batch)
+        ps.append(jax.device_get(state.params))
+    for rate in (0.9, 0.99):
+        want = jax.tree.map(
+            lambda p0, p1, p2, r=rate: r * r * p0 + r * (1 - r) * p1 + (1 - r) * p2, *ps
+        )
+        got = jax.device_get(state.ema)[ema_key(rate)]
+        assert_trees_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_classifier_step_sharded_equals_single_device():
+    config = tiny_config()
+    config.model.kind = "classifier"
+    config.model.learn_sigma = False
+    config.model.pool = "adaptive"
+    config.training.ema_rates = ()
+    state1, m1, _ = run_steps(config, jax.devices()[:1], trainer="classifier")
+    state8, m8, _ = run_steps(config, jax.devices(), trainer="classifier")
+    assert_trees_close(state8.params, state1.params)
+    for k in ("loss", "acc@1", "acc@5", "loss_q2"):
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, err_msg=k)
+    assert 0.0 <= m8["acc@1"] <= m8["acc@5"] <= 1.0
+
+
+def test_learning_rate_schedule_warmup_and_anneal():
+    from diffusion_jax.training import learning_rate_schedule
+
+    config = tiny_config()
+    config.optim.lr = 1.0
+    config.optim.warmup_steps = 10
+    config.optim.anneal_lr = True
+    sched = learning_rate_schedule(config.optim, 100)
+    np.testing.assert_allclose(
+        [float(sched(s)) for s in (0, 5, 10, 50, 100)], [0.0, 0.5 * 0.95, 0.9, 0.5, 0.0], atol=1e-6
+    )
