@@ -105,9 +105,31 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(mnist_test):
     images, _ = load_mnist_5k("test")
     got = np.concatenate([b["image"] for b in _take(hosts[1], 25)])
     np.testing.assert_array_equal(got, to_float(images[hosts[1].epoch_indices(0)]))
-    # Odd record counts: the remainder is dropped so both hosts stay in step.
+    # Record counts that are not a multiple of the global batch (3 x 10): the partial
+    # last global batch is dropped so every host stays in step.
     p = InputPipeline(mnist_test, process_index=0, process_count=3, **kw)
-    assert len(p.epoch_indices(0)) == 166
+    assert len(p.epoch_indices(0)) == 160
+
+
+def test_global_batches_do_not_depend_on_the_process_count(mnist_test):
+    # Host p reads the p-th block of each global batch, so the global batch (hosts'
+    # batches concatenated in process order) is the single process's batch, record
+    # for record - the condition for multi-process training == single-process training.
+    def global_orders(process_count, epoch):
+        local = 24 // process_count
+        hosts = [
+            InputPipeline(mnist_test, image_size=32, batch_size=local, seed=3,
+                          process_index=i, process_count=process_count)  # fmt: skip
+            for i in range(process_count)
+        ]
+        rows = [h.epoch_indices(epoch).reshape(-1, local) for h in hosts]
+        return np.concatenate(rows, axis=1).reshape(-1)
+
+    for epoch in (0, 1):
+        single = global_orders(1, epoch)
+        assert len(single) == 480  # 500 // 24 global batches
+        for count in (2, 3, 4):
+            np.testing.assert_array_equal(global_orders(count, epoch), single)
 
 
 def test_flips_are_seeded_per_record_and_half_the_time(mnist_test):
@@ -159,7 +181,7 @@ def test_unreadable_images_are_skipped_counted_and_resumable(folder_with_bad_fil
     expected = sum(bad in p.epoch_indices(e) for e in range(state["epoch"]))
     expected += bad in p.epoch_indices(state["epoch"])[: state["position"]]
     assert state["epoch"] == 3 and p.num_skipped == state["skipped"] == expected >= 3
-    assert state["position"] == 40 + expected - 3 * 13  # 13 records an epoch
+    assert state["position"] == 40 + expected - 3 * 12  # 13 records, 12 an epoch (3 x 4)
     resumed = create_input_pipeline(config, global_batch_size=4, seed=0)
     p = create_input_pipeline(config, global_batch_size=4, seed=0)
     _take(p, 4)

@@ -1,10 +1,12 @@
 """Training input pipeline: seeded order, per-host shards, exact resume, prefetching.
 
 Every source is random access, so the order is a pure function of (seed, epoch): each
-epoch every host computes the same seeded permutation of all records and takes every
-`process_count`-th entry starting at its `process_index`. Hosts therefore read disjoint
-records that together cover the epoch (the last `len % process_count` records of the
-permutation are dropped so all hosts see equally many). Augmentation draws come from a
+epoch every host computes the same seeded permutation of all records, cuts it into
+global batches (per-process batch x process count records; a partial last one is
+dropped) and host p reads the p-th block of each. Hosts therefore read disjoint records
+that together cover the epoch, and the global batch - the hosts' batches in process
+order - is the same records in the same order whatever the number of processes, so a
+multi-process run trains exactly as a single-process one. Augmentation draws come from a
 generator seeded by (seed, epoch, record index), independent of thread scheduling. The
 position - (epoch, records consumed this epoch) - is a pair of ints: saved with a
 checkpoint and restored with `set_state`, the pipeline yields exactly the batches an
@@ -79,7 +81,12 @@ class _BatchProducer:
         self.process_index = process_index
         self.process_count = process_count
         self.num_threads = num_threads
-        self.records_per_epoch = len(source) // process_count  # per host
+        # Each epoch, the seeded order is cut into global batches of
+        # batch_size * process_count records (a partial last one is dropped) and host p
+        # reads the p-th block of batch_size records of each: the global batch is then
+        # the same records in the same order whatever the process count.
+        global_batch = batch_size * process_count
+        self.records_per_epoch = (len(source) // global_batch) * batch_size  # per host
 
     # ----- order and examples (pure functions of seed, epoch, index) ----------------
 
@@ -90,7 +97,8 @@ class _BatchProducer:
         else:
             order = np.arange(n)
         usable = self.records_per_epoch * self.process_count
-        return order[:usable].reshape(-1, self.process_count)[:, self.process_index]
+        blocks = order[:usable].reshape(-1, self.process_count, self.batch_size)
+        return blocks[:, self.process_index].reshape(-1)
 
     def _load_example(self, epoch: int, index: int) -> tuple[np.ndarray, int] | None:
         try:
@@ -244,9 +252,11 @@ class InputPipeline:
             raise ValueError(
                 f"process_index={process_index} must be in [0, process_count={process_count})."
             )
-        if len(source) < process_count:
+        if len(source) < batch_size * process_count:
             raise ValueError(
-                f"the dataset has {len(source)} records, fewer than process_count={process_count}."
+                f"the dataset has {len(source)} records, fewer than one global batch "
+                f"({batch_size} per process x {process_count} processes); use a smaller "
+                "training.batch_size or more data."
             )
         if class_cond and source.num_classes <= 0:
             raise ValueError(
