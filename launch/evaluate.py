@@ -7,24 +7,27 @@ REF.npz is a reference batch (e.g. the paper's VIRTUAL_imagenet256_labeled.npz, 
 evaluator it prints its progress ("computing reference batch activations...", ...,
 "Computing evaluations...") and then the lines Inception Score, FID, sFID, Precision,
 Recall. (There is no "warming up TensorFlow..." line: nothing is warmed up separately.)
-Activations are cached beside both files.
+Activations are cached beside both files. Numeric flags are checked before any work.
 """
 
 import functools
-import sys
 
 from absl import app, flags
+from etils import epath
 
 from diffusion_jax import evaluation
+from launch import common
 
 _WEIGHTS = flags.DEFINE_string(
     "inception_weights",
     None,
     "pt_inception-2015-12-05-6726825d.pth or a converted .npz; default: cached/downloaded.",
 )
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size of the Inception pass.")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 256, "Global batch size of the Inception pass.", lower_bound=1
+)
 _SPLIT = flags.DEFINE_integer(
-    "is_split_size", 5000, "Inception Score split size (5000 as in the paper)."
+    "is_split_size", 5000, "Inception Score split size (5000 as in the paper).", lower_bound=1
 )
 _MISMATCH = flags.DEFINE_bool(
     "allow_resolution_mismatch", False, "Evaluate files with different image sizes anyway."
@@ -41,24 +44,24 @@ _CACHE = flags.DEFINE_bool("cache", True, "Cache activations beside the npz file
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise app.UsageError("usage: python -m launch.evaluate REF.npz SAMPLE.npz [flags]")
-    try:
-        inception_model = evaluation.load_inception(_WEIGHTS.value)
-        result = evaluation.evaluate_npz(
-            argv[1],
-            argv[2],
-            inception_model,
-            batch_size=_BATCH.value,
-            split_size=_SPLIT.value,
-            allow_resolution_mismatch=_MISMATCH.value,
-            distance_dtype=_DISTANCE.value,
-            cache=_CACHE.value,
-            progress=functools.partial(print, flush=True),
-        )
-    except (OSError, ValueError) as e:  # bad input: the message says what to fix
-        sys.exit(f"error: {e}")
+    for path in argv[1:]:  # before the Inception weights load (or download)
+        if not epath.Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist.")
+    inception_model = evaluation.load_inception(_WEIGHTS.value)
+    result = evaluation.evaluate_npz(
+        argv[1],
+        argv[2],
+        inception_model,
+        batch_size=_BATCH.value,
+        split_size=_SPLIT.value,
+        allow_resolution_mismatch=_MISMATCH.value,
+        distance_dtype=_DISTANCE.value,
+        cache=_CACHE.value,
+        progress=functools.partial(print, flush=True),
+    )
     for line in result.lines():
         print(line)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

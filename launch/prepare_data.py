@@ -9,12 +9,14 @@
       --data_dir=DATA_DIR
 
 Then train with `--config.data.data_dir=DATA_DIR`. Uses the tfds Python API, so it
-works where `tfds build` fails (tfds 4.9.10's command line needs apache_beam).
+works where `tfds build` fails (tfds 4.9.10's command line needs apache_beam). An unknown
+name, missing manual downloads or no network is one line saying what to put where.
 """
 
 from absl import app, flags, logging
 
 from diffusion_jax import data
+from launch import common
 
 _DATASET = flags.DEFINE_string(
     "dataset", None, "tfds name, e.g. 'imagenet2012', 'lsun/bedroom', 'lsun/cat'."
@@ -38,8 +40,7 @@ flags.mark_flag_as_required("dataset")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     if _CONVERT_EXISTING.value is not None:
         if _DATA_DIR.value is None:
             raise app.UsageError("--convert_existing needs --data_dir, the new data_dir.")
@@ -57,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

@@ -11,30 +11,26 @@ processes (GPU clusters): add --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I on each (not needed on TPU pods or SLURM).
 """
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from launch import common, distributed
 
-from launch import distributed
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
+_CONFIG = common.define_config_flag("The run's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: list[str]) -> None:
+    common.check_no_arguments(argv)
     logging.set_verbosity(logging.INFO)
-    try:
-        distributed.initialize()
-        from diffusion_jax.training import train
+    distributed.initialize()  # before any jax computation
+    from diffusion_jax import training
 
-        train(_CONFIG.value, _WORKDIR.value)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        sys.exit(f"error: {e}")  # bad input: one line naming the field and the fix
+    try:
+        training.train(_CONFIG.value, _WORKDIR.value)
+    except training.NonFiniteError as e:
+        common.fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

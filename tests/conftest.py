@@ -1,4 +1,4 @@
-"""Test-wide setup: 8 fake CPU devices, float64 available, shared fixtures."""
+"""Test-wide setup: 8 fake CPU devices, float32 by default, the `x64` fixture."""
 
 import os
 
@@ -22,7 +22,20 @@ except ImportError:  # the parity-test dependencies are optional for the library
     pass
 
 import jax
+import pytest
 
-# Parity tests compare against the float64 reference; model code picks its dtype
-# explicitly, so enabling x64 does not change what the library computes in float32.
-jax.config.update("jax_enable_x64", True)
+# The suite runs in JAX's default mode (float32, int32), the one users run; float64 is
+# switched on only where a test asks for it (below).
+
+
+@pytest.fixture
+def x64():
+    """Runs the test with float64 enabled (`jax.enable_x64`), for float64-tight parity
+    tests against the float64 reference. Use it per test or per module:
+    `pytestmark = pytest.mark.usefixtures("x64")`.
+
+    The switch is a context manager (thread-local) and part of jit's cache key, so
+    functions compiled inside the test are recompiled, not reused, in float32 outside.
+    """
+    with jax.enable_x64(True):
+        yield

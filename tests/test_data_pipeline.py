@@ -118,8 +118,14 @@ def test_global_batches_do_not_depend_on_the_process_count(mnist_test):
     def global_orders(process_count, epoch):
         local = 24 // process_count
         hosts = [
-            InputPipeline(mnist_test, image_size=32, batch_size=local, seed=3,
-                          process_index=i, process_count=process_count)  # fmt: skip
+            InputPipeline(
+                mnist_test,
+                image_size=32,
+                batch_size=local,
+                seed=3,
+                process_index=i,
+                process_count=process_count,
+            )
             for i in range(process_count)
         ]
         rows = [h.epoch_indices(epoch).reshape(-1, local) for h in hosts]

@@ -1,7 +1,9 @@
 """Sampling loops: parity with the paper code's loops, one compile per shape, guidance.
 
 Loops run as one compiled lax.scan; the reference runs its Python loop in torch
-float64 (with its float32 table lookup patched to float64 unless stated).
+float64 (with its float32 table lookup patched to float64 unless stated), and the
+float64 parity tests run ours in float64 too (the `x64` fixture). The other tests run
+in the suite's float32 default, as users run the loops.
 """
 
 import _diffusion_reference as ref_lib
@@ -62,6 +64,7 @@ def models():
     }
 
 
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("case", list(DDIM_CASES))
 @pytest.mark.parametrize("guided", [False, True])
 def test_ddim_loop_matches_paper_code_float64(case, guided, models):
@@ -121,6 +124,7 @@ def _our_step_noises(rng, num_steps, dtype):
     }
 
 
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("loop", ["p", "ddim"])
 @pytest.mark.parametrize("guided", [False, True])
 def test_stochastic_loops_match_paper_code_given_the_same_noise(loop, guided, models):
@@ -177,7 +181,7 @@ def _linear_classifier(params, x, t):
     )
 
 
-def _classifier_params(dtype=np.float64):
+def _classifier_params(dtype=np.float32):
     rng = np.random.default_rng(9)
     return {
         "w": jnp.asarray(0.3 * rng.standard_normal((6, 4, 4, 3)), dtype),
@@ -185,8 +189,9 @@ def _classifier_params(dtype=np.float64):
     }
 
 
+@pytest.mark.usefixtures("x64")
 def test_classifier_cond_fn_equals_hand_computed_gradient():
-    params = _classifier_params()
+    params = _classifier_params(np.float64)
     x = jnp.asarray(np.random.default_rng(10).standard_normal(SHAPE))
     t = jnp.array([3, 17])
     cond_fn = ours.classifier_cond_fn(_linear_classifier, params, 2.5)
@@ -203,10 +208,11 @@ def test_classifier_cond_fn_equals_hand_computed_gradient():
     assert got.dtype == jnp.float64
 
 
+@pytest.mark.usefixtures("x64")
 def test_classifier_guided_ddim_matches_paper_code_with_torch_autograd(models):
     """Guided DDIM with `classifier_cond_fn` vs the paper script's autograd cond_fn."""
     mine, ref = ref_lib.make_pair(**DDIM_CASES["cosine-ddim25-learned_range"])
-    params = _classifier_params()
+    params = _classifier_params(np.float64)
     scale = 4.0
     x_T = np.random.default_rng(11).standard_normal(SHAPE)
     got = mine.ddim_sample_loop(
@@ -239,6 +245,7 @@ def test_classifier_guided_ddim_matches_paper_code_with_torch_autograd(models):
     assert _max_rel(unguided, got) > 1e-3  # guidance did something
 
 
+@pytest.mark.usefixtures("x64")
 def test_ddim_reverse_matches_paper_code(models):
     mine, ref = ref_lib.make_pair(
         steps=40, schedule="cosine", respacing="ddim10", var_type="learned_range"

@@ -65,6 +65,7 @@ def reference(weights_npz, tmp_path_factory):
     (tmp / "pngs").mkdir()
     for i, image in enumerate(images):
         PIL.fromarray(image).save(tmp / "pngs" / f"img_{i:02d}.png")
+    (tmp / "pngs" / "img_99.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # skipped, counted
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     cmd = [
         sys.executable, "-m", "launch.make_reference", f"--images={tmp / 'pngs'}",
@@ -73,7 +74,9 @@ def reference(weights_npz, tmp_path_factory):
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Wrote a reference batch of 12 images" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"Wrote a reference batch of 12 images to {tmp / 'ref.npz'} (1 unreadable image skipped)"
+    )
     return tmp / "ref.npz", images
 
 
@@ -195,10 +198,11 @@ def test_evaluate_reports_corrupt_member_as_error(weights_npz, tmp_path, monkeyp
         ]
     )
     try:
-        with pytest.raises(SystemExit) as exit_info:
+        # A ValueError, which launch.common.run_main prints as one `error:` line.
+        with pytest.raises(ValueError) as error:
             evaluate_launcher.main(argv)
     finally:
         flags.FLAGS.unparse_flags()
-    message = str(exit_info.value.code)
-    assert message.startswith("error: member 'arr_0.npy' of "), message
+    message = str(error.value)
+    assert message.startswith("member 'arr_0.npy' of "), message
     assert "samples.npz is corrupt or truncated" in message and "Bad CRC-32" in message

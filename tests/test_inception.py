@@ -182,8 +182,12 @@ def test_wrong_state_dict_is_rejected(tmp_path, torch_net):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_inception(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="Cannot read Inception weights"):
+    with pytest.raises(ValueError, match=r"junk\.pth is not a PyTorch file"):
         load_inception(tmp_path / "junk.pth")
+    # An image batch passed as weights is recognised by its names, before any conversion.
+    np.savez(tmp_path / "images.npz", np.zeros((2, 8, 8, 3), np.uint8), np.arange(2))
+    with pytest.raises(ValueError, match=r"images\.npz is not the FID Inception weights.*arr_0"):
+        load_inception(tmp_path / "images.npz")
 
 
 def test_offline_download_names_file_and_destination(tmp_path):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import models
+from diffusion_jax import models, torch_files
 from diffusion_jax.checkpoints.orbax_io import save_params
 
 # Flax module names whose Dense kernels were Conv1d(kernel_size=1) weights in PyTorch.
@@ -139,40 +139,34 @@ def _network_order(key: str) -> list:
 
 
 def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch.Tensor; torch is already imported by the caller
+    if hasattr(value, "detach"):  # a torch.Tensor from a caller's own torch.load
         value = value.detach().cpu().float().numpy()
     return np.asarray(value, dtype=np.float32)
 
 
 def read_torch_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
-    """Reads a guided-diffusion `.pt` file safely (`weights_only=True`) as numpy float32.
+    """Reads a guided-diffusion `.pt` file without torch, as numpy float32.
+
+    The file is read by `diffusion_jax.torch_files`, which admits only a plain state
+    dict of tensors (as strict as `torch.load(weights_only=True)`) and needs no torch.
 
     Args:
       path: local or remote (`gs://...`) path of the `.pt` file.
 
     Returns:
       {state-dict key: float32 array in PyTorch layout}.
+
+    Raises:
+      FileNotFoundError: if `path` does not exist.
+      ValueError: (`torch_files.TorchFileError`) if the file is not a torch file, is
+        truncated, or holds anything but a flat state dict of tensors; one line naming
+        the file.
     """
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"torch checkpoint {path} does not exist.")
-    try:
-        import torch  # heavy and optional: only this reader needs it
-    except ImportError as e:
-        raise ImportError(
-            "reading a PyTorch .pt checkpoint needs torch (CPU is enough): "
-            "pip install torch, or pass a dict of numpy arrays instead."
-        ) from e
-    with path.open("rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ValueError(
-            f"{path} is not a flat state dict of tensors (guided-diffusion's format): save "
-            "it with torch.save(model.state_dict(), path)."
-        )
-    return {k: _as_numpy(v) for k, v in state.items()}
+    state = torch_files.load_state_dict(path)
+    return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict:
@@ -245,8 +239,8 @@ def load_openai_checkpoint(
     """Loads a guided-diffusion checkpoint (a `.pt` path or a state dict) for Flax.
 
     Args:
-      path_or_state_dict: path of a released `.pt` file (read with
-        `torch.load(weights_only=True)`), or a mapping of key -> tensor/array.
+      path_or_state_dict: path of a released `.pt` file (read without torch, see
+        `read_torch_state_dict`), or a mapping of key -> tensor/array.
       model_config: `config.model` of the matching config (e.g. configs/imagenet256.py).
 
     Returns:
@@ -254,8 +248,10 @@ def load_openai_checkpoint(
       x, t, y=...)`; our networks' `apply` also takes the tree directly.
 
     Raises:
+      FileNotFoundError: if the `.pt` file does not exist.
       ValueError: naming each missing, unexpected or mis-shaped key and the config
-        fields that probably disagree with the checkpoint.
+        fields that probably disagree with the checkpoint; or, in one line naming the
+        file, that the file is not a readable flat state dict (`read_torch_state_dict`).
 
     Note: the two attention layouts (`model.use_new_attention_order`) have the same
     shapes, so a wrong value there cannot be detected from the file: the released

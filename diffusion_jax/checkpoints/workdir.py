@@ -15,6 +15,7 @@ from etils import epath
 
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("params", "ema", "opt_state", "extra", "data", "config")
+JSON_ITEMS = ("data", "config")
 
 
 def ema_key(rate: float) -> str:
@@ -35,8 +36,31 @@ def create_manager(
         create=not read_only,
         read_only=read_only,
     )
+    handlers = {
+        name: ocp.JsonCheckpointHandler() if name in JSON_ITEMS else ocp.StandardCheckpointHandler()
+        for name in ITEMS
+    }
     return ocp.CheckpointManager(
-        epath.Path(workdir) / CHECKPOINTS_DIR, options=options, item_names=ITEMS
+        epath.Path(workdir) / CHECKPOINTS_DIR, options=options, item_handlers=handlers
+    )
+
+
+def saved_target(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
+    """Abstract tree of an array item as saved, on this process's first device.
+
+    Restoring with it works whatever topology wrote the checkpoint (a pod's workdir
+    read on one GPU); the arrays land on one local device.
+    """
+    import jax
+
+    metadata = manager.item_metadata(step)[item]
+    if metadata is None:
+        raise FileNotFoundError(f"checkpoint step {step} has no {item!r} item.")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+        metadata,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
     )
 
 
@@ -79,7 +103,8 @@ def restore_workdir_params(
         raise FileNotFoundError(f"{directory} has no checkpoint at step {step}; it has {steps}.")
     config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     if ema_rate is None:
-        item, wrap = "params", target
+        item = "params"
+        wrap = saved_target(manager, step, item) if target is None else target
     else:
         rates = config.get("training", {}).get("ema_rates", [])
         if ema_key(ema_rate) not in {ema_key(r) for r in rates}:
@@ -89,7 +114,10 @@ def restore_workdir_params(
                 "parameters)."
             )
         item = "ema"
-        wrap = None if target is None else {ema_key(r): target for r in rates}
+        if target is None:
+            wrap = saved_target(manager, step, item)
+        else:
+            wrap = {ema_key(r): target for r in rates}
     restored = manager.restore(
         step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(wrap)})
     )[item]

@@ -24,8 +24,15 @@ The command lines printed by the pipeline's error messages come from
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
+import logging as logging_lib
 import os
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -96,18 +103,132 @@ def default_converted_dir(source_data_dir: str) -> str:
     return source_data_dir.rstrip("/") + "_array_record"
 
 
-def _builder(name: str, data_dir: epath.PathLike | None, **kwargs: Any) -> Any:
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    matches = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+def open_builder(
+    name: str, data_dir: epath.PathLike | None = None, *, not_found: str | None = None, **kwargs
+) -> Any:
+    """`tfds.builder(name)`, with one-line errors for an unknown name or config.
+
+    Args:
+      name: tfds name, e.g. 'imagenet2012', 'lsun/bedroom'.
+      data_dir: the data_dir (None = tfds' default).
+      not_found: the sentence for an unknown dataset name, before the close matches
+        (default: "dataset=NAME is not a tfds dataset name").
+      **kwargs: passed to `tfds.builder`.
+
+    Returns:
+      The builder.
+
+    Raises:
+      ValueError: for an unknown dataset name or builder config, naming close matches
+        (`lsun/bedrom` -> 'lsun/bedroom') instead of tfds' list of every dataset.
+    """
     import tensorflow_datasets as tfds
 
     try:
-        return tfds.builder(
-            name, data_dir=None if data_dir is None else os.fspath(data_dir), **kwargs
-        )
-    except tfds.core.registered.DatasetNotFoundError as e:
+        # tfds logs where it looked at INFO level; the errors below say what matters.
+        with _absl_records_dropped(lambda r: r.levelno < logging_lib.WARNING):
+            return tfds.builder(
+                name, data_dir=None if data_dir is None else os.fspath(data_dir), **kwargs
+            )
+    except tfds.core.registered.DatasetNotFoundError:
+        base = name.split(":")[0].split("/")[0]
+        known = tfds.list_builders(with_community_datasets=False)
+        sentence = not_found or f"dataset={name!r} is not a tfds dataset name"
         raise ValueError(
-            f"dataset={name!r} is not a tfds dataset name (e.g. 'imagenet2012', "
-            "'lsun/bedroom', 'downsampled_imagenet/64x64')."
-        ) from e
+            f"{sentence}{_did_you_mean(base, known)} (e.g. 'imagenet2012', 'lsun/bedroom', "
+            "'downsampled_imagenet/64x64')."
+        ) from None
+    except ValueError as e:
+        if "BuilderConfig" not in str(e):
+            raise
+        base, _, config = name.split(":")[0].partition("/")
+        configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+        raise ValueError(
+            f"{name!r}: tfds dataset {base!r} has no config {config!r}"
+            f"{_did_you_mean(config, configs)}; its configs: {', '.join(configs)}."
+        ) from None
+
+
+# Archives a manual-download dataset must have in its manual_dir before preparing.
+_MANUAL_ARCHIVES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+
+
+def _check_manual_dir(builder: Any, name: str, manual_dir: epath.PathLike | None) -> None:
+    """Fails in one line, naming what to put where, if manual downloads are missing."""
+    if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        return
+    given = manual_dir is not None
+    root = data_dir_root(builder)
+    folder = epath.Path(manual_dir) if given else root / "downloads" / "manual"
+    needed = _MANUAL_ARCHIVES.get(name.split(":")[0].split("/")[0], ())
+    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    missing = [archive for archive in needed if archive not in present]
+    if present and not missing:
+        return
+    flag = "" if given else " (tfds' default; or pass --manual_dir=DIR)"
+    if missing:
+        what = f"{' and '.join(missing)} (from image-net.org, after registering)"
+    else:  # a manual dataset whose files we do not know by name: tfds' own instructions
+        what = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+    command = f"{_LAUNCHER} --dataset={name} --manual_dir={folder} --data_dir={root}"
+    raise FileNotFoundError(
+        f"{name!r} is a manual download, and {folder}{flag} lacks {what}. Put the "
+        f"files there, then run `{command}`."
+    )
+
+
+def _check_reachable(builder: Any, name: str, connect: Callable[..., Any]) -> None:
+    """Fails in one line if the hosts of a dataset's download URLs cannot be reached.
+
+    Without this, tfds retries each URL for about 200 s before failing with a traceback.
+    Skipped when the builder lists no URLs, when anything is already downloaded (tfds
+    may not need the network) and behind a proxy (a direct connection proves nothing).
+    """
+    root = data_dir_root(builder)
+    downloads = root / "downloads"
+    if downloads.is_dir() and any(downloads.iterdir()):
+        return
+    urls = list(getattr(builder, "url_infos", None) or {})
+    proxies = urllib.request.getproxies()
+    for host, scheme, port in sorted(
+        {(u.hostname, u.scheme, u.port) for u in map(urllib.parse.urlparse, urls) if u.hostname}
+    ):
+        if scheme in proxies or "all" in proxies:
+            continue
+        try:
+            connect((host, port or (443 if scheme == "https" else 80)), timeout=10).close()
+        except OSError as e:
+            raise ConnectionError(
+                f"cannot reach {host} to download {name!r} ({type(e).__name__}: {e}): no "
+                "network? Prepare it on a machine with network access "
+                f"(`{prepare_command(name)}`) and copy that DATA_DIR to {root}."
+            ) from None
+
+
+@contextlib.contextmanager
+def _absl_records_dropped(drop: Callable[[logging_lib.LogRecord], bool]) -> Iterator[None]:
+    """Drops the absl (tfds) log records `drop` selects while the block runs."""
+
+    def keep(record: logging_lib.LogRecord) -> bool:
+        return not drop(record)
+
+    absl_logger = logging_lib.getLogger("absl")
+    absl_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(keep)
+
+
+def is_prepared(builder: Any) -> bool:
+    """`builder.is_prepared()`, without tfds' warning line when it is not."""
+    with _absl_records_dropped(lambda r: str(r.msg).startswith("Variant folder")):
+        return builder.is_prepared()
 
 
 def data_dir_root(builder: Any) -> epath.Path:
@@ -123,7 +244,11 @@ def _file_formats(builder: Any) -> set[str]:
 
 
 def prepare_tfds_dataset(
-    name: str, data_dir: epath.PathLike | None = None, manual_dir: epath.PathLike | None = None
+    name: str,
+    data_dir: epath.PathLike | None = None,
+    manual_dir: epath.PathLike | None = None,
+    *,
+    connect: Callable[..., Any] = socket.create_connection,
 ) -> epath.Path:
     """Downloads and prepares a tfds dataset as ArrayRecord files (tfds Python API).
 
@@ -137,14 +262,19 @@ def prepare_tfds_dataset(
       manual_dir: the folder holding manually downloaded archives (ImageNet:
         ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar); None = tfds' default
         (`<data_dir>/downloads/manual`).
+      connect: `socket.create_connection`, used to check that the download hosts are
+        reachable before tfds starts (tests pass one that fails).
 
     Returns:
       The prepared version directory (`<data_dir>/<name>/<version>`).
 
     Raises:
-      ValueError: if `name` is not a tfds dataset, or if `data_dir` already holds it in
-        another format (the message gives the conversion command).
-      FileNotFoundError: if `manual_dir` is given but is not a directory.
+      ValueError: if `name` is not a tfds dataset or config (naming close matches), or
+        if `data_dir` already holds it in another format (the message gives the
+        conversion command).
+      FileNotFoundError: if `manual_dir` is given but is not a directory, or the manual
+        downloads are missing (naming the archives and the folder to put them in).
+      ConnectionError: if the download hosts cannot be reached (no network).
     """
     import tensorflow_datasets as tfds
 
@@ -153,8 +283,8 @@ def prepare_tfds_dataset(
             f"manual_dir={os.fspath(manual_dir)!r} is not a directory; it should hold the "
             f"manually downloaded archives of {name!r}."
         )
-    existing = _builder(name, data_dir)
-    if existing.is_prepared():
+    existing = open_builder(name, data_dir)
+    if is_prepared(existing):
         if ARRAY_RECORD in _file_formats(existing):
             logging.info("%s is already prepared as ArrayRecord in %s.", name, existing.data_dir)
             return epath.Path(existing.data_dir)
@@ -165,9 +295,14 @@ def prepare_tfds_dataset(
             f"{existing.info.file_format.value}, which has no random access. Convert it "
             f"without downloading again: `{command}`."
         )
-    builder = _builder(name, data_dir, file_format=ARRAY_RECORD)
+    builder = open_builder(name, data_dir, file_format=ARRAY_RECORD)
+    _check_manual_dir(builder, name, manual_dir)
+    if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        _check_reachable(builder, name, connect)
     config = tfds.download.DownloadConfig(
-        manual_dir=None if manual_dir is None else os.fspath(manual_dir)
+        manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+        # tfds' prepared copies on GCS are TFRecord, which has no random access.
+        try_download_gcs=False,
     )
     builder.download_and_prepare(download_config=config)
     return epath.Path(builder.data_dir)
@@ -276,9 +411,9 @@ def convert_to_array_record(
         ArrayRecord conversion.
       OSError: if a target shard cannot be created (e.g. a gs:// data_dir).
     """
-    source = _builder(name, source_data_dir)
+    source = open_builder(name, source_data_dir)
     source_dir = epath.Path(source.data_dir)
-    if not source.is_prepared():
+    if not is_prepared(source):
         raise FileNotFoundError(
             f"tfds dataset {name!r} is not prepared in {source_dir} (source data_dir "
             f"{os.fspath(data_dir_root(source))}), so there is nothing to convert. "

@@ -19,6 +19,8 @@ from diffusion_jax.data.prepare import (
     convert_command,
     data_dir_root,
     default_converted_dir,
+    is_prepared,
+    open_builder,
     prepare_command,
     prepare_hint,
 )
@@ -28,13 +30,12 @@ from diffusion_jax.data.preprocessing import decode_image
 def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any, Any]:
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
-            f"config.data.dataset={name!r} is neither 'mnist_5k', 'folder' nor a tfds dataset "
-            "name (e.g. 'imagenet2012', 'lsun/bedroom', 'downsampled_imagenet/64x64')."
-        ) from e
+    builder = open_builder(
+        name,
+        data_dir,
+        not_found=f"config.data.dataset={name!r} is neither 'mnist_5k', 'folder' nor a tfds "
+        "dataset name",
+    )
     try:
         source = tfds.data_source(
             name,
@@ -45,7 +46,7 @@ def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any,
         )
     except Exception as e:
         root = str(data_dir_root(builder))
-        if not builder.is_prepared():
+        if not is_prepared(builder):
             raise FileNotFoundError(
                 f"tfds dataset {name!r} is not prepared: tfds looked in {builder.data_dir} "
                 f"(config.data.data_dir={data_dir!r}; None means tfds' default, "

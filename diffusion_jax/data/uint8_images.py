@@ -27,15 +27,15 @@ def iterate_uint8_images(
     limit: int | None = None,
     num_threads: int = 4,
     preprocessing: str = "auto",
-) -> Iterator[np.ndarray]:
-    """Yields a dataset's images once, in dataset order, center-cropped as the paper.
+) -> Uint8ImageBatches:
+    """Iterates over a dataset's images once, in order, center-cropped as the paper.
 
     tfds LSUN sources ('lsun/<category>') are by default first prepared as the paper's
     `datasets/lsun_bedroom.py` did (`lsun_crop_arr`: one BOX resize, center crop);
     everything else goes straight to `center_crop_arr`. `preprocessing` overrides it.
 
-    Unreadable images are skipped and counted (logged at the end), so one bad file
-    does not stop a reference-batch job.
+    Unreadable images are skipped and counted (`.skipped` of the result; logged at the
+    end), so one bad file does not stop a reference-batch job.
 
     Args:
       source: an image directory path, a tfds name ('imagenet2012', 'lsun/bedroom',
@@ -48,9 +48,46 @@ def iterate_uint8_images(
       num_threads: decoding threads (PIL releases the GIL while decoding/resizing).
       preprocessing: 'auto', 'standard' or 'lsun' (see `resolve_preprocessing`).
 
-    Yields:
-      uint8 arrays [B, image_size, image_size, 3].
+    Returns:
+      A lazy iterator (nothing is opened before the first batch) of uint8 arrays
+      [B, image_size, image_size, 3], with the `skipped` count.
     """
+    batches = Uint8ImageBatches()
+    batches._iterator = _generate(
+        batches, source, image_size, data_dir, split, batch_size, limit, num_threads, preprocessing
+    )
+    return batches
+
+
+class Uint8ImageBatches:
+    """Iterator of uint8 image batches that counts the unreadable images it skipped.
+
+    Attributes:
+      skipped: unreadable images skipped so far (final once the iterator is exhausted).
+    """
+
+    def __init__(self):
+        self.skipped = 0
+        self._iterator: Iterator[np.ndarray] = iter(())
+
+    def __iter__(self) -> Uint8ImageBatches:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._iterator)
+
+
+def _generate(
+    stats: Uint8ImageBatches,
+    source: str,
+    image_size: int,
+    data_dir: str | None,
+    split: str,
+    batch_size: int,
+    limit: int | None,
+    num_threads: int,
+    preprocessing: str,
+) -> Iterator[np.ndarray]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if limit is not None and limit < 0:
@@ -80,6 +117,7 @@ def iterate_uint8_images(
             start = stop
             good = [a for a in loaded if a is not None]
             skipped += len(loaded) - len(good)
+            stats.skipped = skipped
             pending.extend(good)
             while len(pending) >= batch_size:
                 batch, pending = pending[:batch_size], pending[batch_size:]

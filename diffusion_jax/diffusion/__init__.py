@@ -18,6 +18,14 @@ from diffusion_jax.diffusion.losses import (
     mean_flat,
     normal_kl,
 )
+from diffusion_jax.diffusion.resample import (
+    SCHEDULE_SAMPLERS,
+    LossSecondMomentResampler,
+    SamplerState,
+    ScheduleSampler,
+    UniformSampler,
+    create_schedule_sampler,
+)
 from diffusion_jax.diffusion.respace import space_timesteps
 from diffusion_jax.diffusion.schedules import NOISE_SCHEDULES, get_named_beta_schedule
 
@@ -26,10 +34,16 @@ __all__ = [
     "MODEL_MEAN_TYPES",
     "MODEL_VAR_TYPES",
     "NOISE_SCHEDULES",
+    "SCHEDULE_SAMPLERS",
     "Diffusion",
     "GaussianDiffusion",
+    "LossSecondMomentResampler",
+    "SamplerState",
+    "ScheduleSampler",
+    "UniformSampler",
     "classifier_cond_fn",
     "create_diffusion",
+    "create_schedule_sampler",
     "discretized_gaussian_log_likelihood",
     "get_named_beta_schedule",
     "mean_flat",

@@ -239,7 +239,11 @@ def create_schedule_sampler(
         or history_per_term < 1
     ):
         raise ValueError(f"history_per_term must be an int >= 1, got {history_per_term!r}")
-    if not 0.0 <= uniform_prob <= 1.0:
+    if (
+        isinstance(uniform_prob, bool)
+        or not isinstance(uniform_prob, int | float | np.integer | np.floating)
+        or not 0.0 <= uniform_prob <= 1.0
+    ):
         raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
     if name == "uniform":
         return UniformSampler(int(num_timesteps), int(history_per_term))

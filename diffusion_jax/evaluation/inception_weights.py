@@ -1,9 +1,11 @@
 """Weights of the FID Inception: pytorch-fid's `.pth`, a converted `.npz`, cache, download.
 
 The standard FID weights are TF's inception-2015-12-05 graph converted by pytorch-fid to
-`pt_inception-2015-12-05-6726825d.pth` (a plain tensor state dict). This module reads
-that file (through `torch.load(weights_only=True)`, so no arbitrary pickles) or the same
-state dict saved as `.npz` (no torch needed), and maps it onto `InceptionV3FID`'s
+`pt_inception-2015-12-05-6726825d.pth` (a plain tensor state dict in torch's legacy
+format). This module reads that file without torch (`diffusion_jax.torch_files`, which
+admits nothing but tensors, as `torch.load(weights_only=True)`) or the same state dict
+saved as `.npz`, recognises a file that is not these weights by its names before
+converting anything, and maps the weights onto `InceptionV3FID`'s
 parameter tree: conv weights OIHW -> HWIO, batch norm's weight/bias/running stats -> the
 `scale`/`bias`/`mean`/`var` of each `ConvBN`, and the classifier weight transposed. The
 classifier bias is not used: the paper's evaluator computes its softmax from the
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import urllib.request
+import zipfile
 
 import numpy as np
 from absl import logging
 from etils import epath
 
+from diffusion_jax import torch_files
 from diffusion_jax.evaluation import inception
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -32,41 +36,55 @@ DEFAULT_CACHE_DIR = "~/.cache/diffusion_jax"
 _BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
+# One name of each kind of layer the FID Inception has: a file holding none of them is
+# something else (an image batch, another network's weights).
+_SIGNATURE_NAMES = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.bn.running_var", "fc.weight")
+
+
+def _check_names(names: list[str], path: epath.Path) -> None:
+    if not any(name in names for name in _SIGNATURE_NAMES):
+        shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(
+            f"{path} is not the FID Inception weights: it holds {shown or 'nothing'} "
+            f"(an image batch?), not e.g. {_SIGNATURE_NAMES[0]}. Pass pytorch-fid's "
+            f"{FID_WEIGHTS_FILENAME} or an .npz written by save_inception_npz."
+        )
+
+
 def read_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
-    """Reads a pytorch-fid style state dict from `.pth` (torch) or `.npz` (numpy).
+    """Reads a pytorch-fid style state dict from `.pth` or `.npz`, without torch.
 
     Args:
-      path: the weights file.
+      path: the weights file (any name not ending in `.npz` is read as a torch file).
 
     Returns:
       `{torch parameter name: float32 numpy array}` in torch layout.
 
     Raises:
       FileNotFoundError: if `path` does not exist.
-      ValueError: if the file cannot be read as a state dict.
+      ValueError: if the file cannot be read as a state dict, or holds none of the FID
+        Inception's parameter names (checked before any array is read); one line
+        naming the file.
     """
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Inception weights file {path} does not exist.")
     if path.suffix == ".npz":
-        try:
-            with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
-                return {k: np.asarray(data[k], np.float32) for k in data.files}
-        except (ValueError, OSError) as e:
-            raise ValueError(f"Cannot read Inception weights {path} as an .npz: {e}") from e
-    import torch  # Heavy import only for the .pth route.
-
-    try:
         with path.open("rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt/unsafe files.
-        raise ValueError(
-            f"Cannot read Inception weights {path} as a torch state dict ({e}). Expected "
-            f"pytorch-fid's {FID_WEIGHTS_FILENAME} or an .npz written by save_inception_npz."
-        ) from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
-    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()}
+            try:
+                data = np.load(f, allow_pickle=False)
+                names = list(data.files)
+            except (ValueError, OSError, EOFError, AttributeError, zipfile.BadZipFile) as e:
+                raise ValueError(f"Cannot read Inception weights {path} as an .npz: {e}") from e
+            with data:
+                _check_names(names, path)
+                try:
+                    return {k: np.asarray(data[k], np.float32) for k in names}
+                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                    raise ValueError(f"Inception weights {path} are corrupt: {e}") from e
+    state = torch_files.load_state_dict(path)
+    _check_names(list(state), path)
+    return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 
 def save_inception_npz(state_dict_path: str | epath.PathLike, npz_path: str | epath.PathLike):
@@ -84,6 +102,8 @@ def save_inception_npz(state_dict_path: str | epath.PathLike, npz_path: str | ep
 def _flax_path(torch_name: str) -> tuple[str, ...] | None:
     """Maps a torch parameter name to its path in `InceptionV3FID`'s params (None: unused)."""
     parts = torch_name.split(".")
+    if len(parts) < 3 and parts != ["fc", "weight"] and parts != ["fc", "bias"]:
+        return ("<unknown>", torch_name)
     if parts == ["fc", "weight"]:
         return ("fc_kernel",)
     if parts == ["fc", "bias"] or parts[-1] == "num_batches_tracked":

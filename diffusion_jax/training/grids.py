@@ -41,7 +41,7 @@ def write_png(path: epath.PathLike, image: np.ndarray) -> None:
     tmp = path.parent / (path.name + ".tmp")
     with tmp.open("wb") as f:
         Image.fromarray(image).save(f, format="PNG")
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:

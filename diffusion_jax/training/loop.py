@@ -27,6 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import parallel
+from diffusion_jax.checkpoints.workdir import create_manager
 from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.diffusion.resample import create_schedule_sampler
@@ -93,7 +94,7 @@ def _prepare_workdir(config: Any, workdir: epath.Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = workdir / (CONFIG_FILE + ".tmp")
         tmp.write_text(config_json(config))
-        tmp.rename(path)
+        tmp.replace(path)
 
 
 @dataclasses.dataclass
@@ -252,7 +253,7 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
     setup = create_setup(config, mesh, trainer, workdir)
     task, abstract_state = setup.task, setup.abstract_state
 
-    manager = checkpointing.create_manager(workdir, keep=training.keep_checkpoints)
+    manager = create_manager(workdir, keep=training.keep_checkpoints)
     latest = manager.latest_step()
     if latest is not None:
         state, positions, saved_config = checkpointing.restore(manager, abstract_state, latest)

@@ -1,0 +1,243 @@
+"""What every launcher shares: the `--config` flag, and one line instead of a traceback.
+
+A launcher is
+
+    from absl import flags
+    from launch import common
+
+    _CONFIG = common.define_config_flag("Config of the model to train.")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints go.")
+
+    def main(argv):
+        common.check_no_arguments(argv)
+        training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+    if __name__ == "__main__":
+        common.run_main(main)
+
+API:
+- `define_config_flag(help_string, *, name="config", required=True)`: the ml_collections
+  `--config=configs/<name>.py[:variant]` flag with `--config.<field>=value` overrides
+  (its FlagHolder; `.value` is the locked ConfigDict).
+- `run_main(main)`: `absl.app.run(main)` with `parse_flags` as the flags parser; a
+  `ValueError`, `OSError` (FileNotFoundError, FileExistsError, ...), `ImportError` or
+  `app.UsageError` leaving `main` is printed as `error: <message>` on stderr and the
+  process exits with status 1, without a traceback (add `--verbosity=1` to log it).
+  Library messages say what is wrong and how to fix it, so they are printed as they are.
+- `parse_flags(argv)`: parses the flags; any flag or config problem becomes one line
+  `error: ...` and exit status 1: a bad flag value (absl's message), a config path that
+  does not exist, a file that is not a config (not Python, no `get_config()`, a
+  `get_config()` that raises, e.g. an unknown variant, or returns no ConfigDict), and an
+  override of a field the config does not have, with ml_collections' did-you-mean
+  (`--config.modle.x` -> 'Did you mean "model" instead of "modle"?') or else the fields
+  there are.
+- `check_no_arguments(argv)`: raises `app.UsageError` if positional arguments are given.
+- `load_config_file(spec)`: `(config, None)` or `(None, what is wrong)` for a
+  `path[:argument]` config spec, loaded as ml_collections loads it (for tools that take a
+  config path outside the flags).
+- `fail(message)`: prints `error: <message>` on stderr, exits with status 1;
+  `one_line(error)`: an exception's message on one line.
+
+Importing this module also quiets TensorFlow's start-up lines on stderr (the tfds data
+path imports it), unless the environment already sets them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+# Before anything imports TensorFlow: its C++ start-up log lines would come before ours.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+USER_ERRORS = (ValueError, OSError, ImportError, app.UsageError)
+_CONFIG_MODULE = "_launch_config_check"
+_CONFIG_FLAG_NAMES: list[str] = []  # the flags define_config_flag defined
+
+
+def fail(message: str) -> NoReturn:
+    """Prints `error: <message>` on stderr and exits with status 1."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (KeyError's quotes and line breaks removed)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    while isinstance(message, BaseException):  # AttributeError(KeyError(...))
+        message = message.args[0] if message.args else ""
+    return " ".join(str(message).split()) or type(error).__name__
+
+
+def define_config_flag(
+    help_string: str, *, name: str = "config", required: bool = True
+) -> flags.FlagHolder:
+    """Defines `--<name>=configs/<file>.py[:variant]` and its `--<name>.<field>` overrides.
+
+    Args:
+      help_string: the flag's help.
+      name: the flag name (also the override prefix).
+      required: whether the flag must be given.
+
+    Returns:
+      The FlagHolder; `.value` is the (locked) ConfigDict after parsing.
+    """
+    holder = config_flags.DEFINE_config_file(name, None, help_string)
+    _CONFIG_FLAG_NAMES.append(name)
+    if required:
+        flags.mark_flag_as_required(name)
+    return holder
+
+
+def check_no_arguments(argv: Sequence[str]) -> None:
+    """Raises `app.UsageError` if `argv` holds positional arguments after the program."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
+
+
+def _config_spec(name: str, argv: Sequence[str]) -> str | None:
+    """The value given to `--<name>` in `argv` (the last one), if any."""
+    spec = None
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg, re.DOTALL)
+        if match and match.group(1):
+            spec = match.group(2)
+        elif match and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
+
+
+def load_config_file(spec: str) -> tuple[Any, str | None]:
+    """Loads `path[:argument]` as ml_collections does; returns `(config, problem)`.
+
+    Args:
+      spec: the `--config` value, e.g. 'configs/imagenet64.py:tiny'.
+
+    Returns:
+      `(ConfigDict, None)`, or `(None, what is wrong)` as one sentence.
+    """
+    path, colon, argument = spec.partition(":")
+    if not path:
+        return None, "the config path is empty"
+    if not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+        return None, (
+            f"no config file {path}{where} (config paths are relative to the current "
+            "directory: run from the repository root, e.g. --config=configs/imagenet64.py)"
+        )
+    if not path.endswith(".py"):
+        return None, f"{path} is not a config file (a Python file defining get_config())"
+    try:
+        module_spec = importlib.util.spec_from_file_location(_CONFIG_MODULE, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # whatever executing the file raises: report it, do not crash
+        return None, f"cannot load {path}: {type(e).__name__}: {one_line(e)}"
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        return None, f"{path} is not a config file: it defines no get_config()"
+    try:
+        config = get_config(argument) if colon else get_config()
+    except Exception as e:  # e.g. an unknown variant: the config's own message
+        return None, one_line(e)
+    if not isinstance(config, ml_collections.ConfigDict):
+        return None, f"get_config() of {path} returned a {type(config).__name__}, not a ConfigDict"
+    return config, None
+
+
+def _did_you_mean(error: BaseException | None) -> str:
+    while error is not None:  # ml_collections puts it in a KeyError, maybe wrapped
+        match = re.search(r"Did you mean .*?\?", str(error.args[0] if error.args else ""))
+        if match:
+            return match.group(0).replace("\\'", "'")
+        error = error.__context__
+    return ""
+
+
+def _unknown_field(name: str, config: Any, argv: Sequence[str], error: BaseException) -> str:
+    """Names the first `--<name>.<path>` override whose field the config lacks ('' if none)."""
+    for arg in argv:
+        match = re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
+        if not match:
+            continue
+        node, walked = config, [name]
+        for field in match.group(1).split("."):
+            if not isinstance(node, ml_collections.ConfigDict):
+                return (
+                    f"--{name}.{match.group(1)}: {'.'.join(walked)} is a "
+                    f"{type(node).__name__}, which has no field {field!r}"
+                )
+            if field not in node:
+                hint = _did_you_mean(error) or f"Its fields: {', '.join(sorted(node.keys()))}."
+                return (
+                    f"--{name}.{match.group(1)}: {'.'.join(walked)} has no field {field!r}. {hint}"
+                )
+            node = node[field]
+            walked.append(field)
+    return ""
+
+
+def _flag_error_message(error: BaseException, argv: Sequence[str]) -> str:
+    for name in _CONFIG_FLAG_NAMES:
+        spec = _config_spec(name, argv)
+        if spec is None:
+            continue
+        config, problem = load_config_file(spec)
+        if problem:
+            return f"--{name}={spec}: {problem}"
+        unknown = _unknown_field(name, config, argv, error)
+        if unknown:
+            return unknown
+    return one_line(error)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """Parses the command line (the `flags_parser` of `app.run`), failing in one line.
+
+    Args:
+      argv: the full command line, program name first.
+
+    Returns:
+      The positional arguments (program name first), as absl's parser returns them.
+    """
+    try:
+        remaining = flags.FLAGS(argv)
+    except Exception as e:  # absl's flags.Error, and what ml_collections lets through
+        fail(_flag_error_message(e, argv))
+    for name in _CONFIG_FLAG_NAMES:
+        value = flags.FLAGS[name].value
+        if value is not None and not isinstance(value, ml_collections.ConfigDict):
+            # ml_collections defers a missing file's error to the first use of the config.
+            spec = _config_spec(name, argv) or ""
+            fail(f"--{name}={spec}: {load_config_file(spec)[1] or 'cannot load the config'}")
+    return remaining
+
+
+def run_main(main: Callable[[list[str]], Any], *, errors: tuple = USER_ERRORS) -> None:
+    """Runs `main` under `absl.app.run`, turning `errors` into one line and exit status 1.
+
+    Args:
+      main: the launcher's `main(argv)`.
+      errors: exception types shown as `error: <message>` (traceback with --verbosity=1).
+    """
+
+    def wrapped(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except errors as e:
+            logging.debug("traceback of the error below:", exc_info=True)
+            message = str(e).strip() or type(e).__name__
+            if isinstance(e, ImportError):
+                message += " (a missing dependency? pip install -r requirements.txt)"
+            fail(message)
+
+    app.run(wrapped, flags_parser=parse_flags)
