@@ -202,14 +202,15 @@ def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
     data.random_crop = False
     n_dev = parallel.num_data_shards(mesh)
     batch = max(n_dev, training.batch_size - training.batch_size % n_dev)
-    eval_step = jax.jit(
-        functools.partial(
-            steps.classifier_eval_step,
-            apply_fn=model.apply,
-            diffusion=diffusion,
-            noised=bool(training.noised),
+    # Held-out terms on noised inputs (as training sees them) and on clean ones (t = 0).
+    eval_steps = {
+        prefix: jax.jit(
+            functools.partial(
+                steps.classifier_eval_step, apply_fn=model.apply, diffusion=diffusion, noised=noised
+            )
         )
-    )
+        for prefix, noised in (("eval", bool(training.noised)), ("eval_clean", False))
+    }
     base_key = jax.random.key(config.seed)
     T = diffusion.num_timesteps
 
@@ -223,20 +224,24 @@ def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
             num_batches = min(
                 num_batches, max(1, pipeline.records_per_epoch * jax.process_count() // batch)
             )
-            rows = []
+            rows = {prefix: [] for prefix in eval_steps}
             for i in range(num_batches):
                 key = jax.random.fold_in(jax.random.fold_in(base_key, _EVAL_PURPOSE), i)
-                out = eval_step(state.params, next(pipeline), key)
-                rows.append(fetch_global(out))
-        terms = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-        t = terms.pop("t")
+                examples = next(pipeline)
+                for prefix, eval_step in eval_steps.items():
+                    rows[prefix].append(fetch_global(eval_step(state.params, examples, key)))
         metrics = {}
-        for name, values in terms.items():
-            metrics[f"eval_{name}"] = float(np.mean(values))
+        for prefix, parts in rows.items():
+            terms = {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}
+            t = terms.pop("t")
             q = np.clip(t * 4 // T, 0, 3)
-            for i in range(4):
-                sel = values[q == i]
-                metrics[f"eval_{name}_q{i}"] = float(np.mean(sel)) if sel.size else 0.0
+            for name, values in terms.items():
+                metrics[f"{prefix}_{name}"] = float(np.mean(values))
+                if prefix == "eval_clean":
+                    continue  # all at t = 0
+                for i in range(4):
+                    sel = values[q == i]
+                    metrics[f"{prefix}_{name}_q{i}"] = float(np.mean(sel)) if sel.size else 0.0
         return metrics
 
     return hook
