@@ -29,7 +29,9 @@ _ARRAY_ITEMS = ("params", "ema", "opt_state", "extra")
 
 
 def _split(state: TrainState) -> dict[str, Any]:
-    return {
+    # A run without EMA (the paper's classifiers) saves no "ema" item: Orbax refuses
+    # empty trees.
+    items = {
         "params": state.params,
         "ema": state.ema,
         "opt_state": state.opt_state,
@@ -40,6 +42,9 @@ def _split(state: TrainState) -> dict[str, Any]:
             "rng": state.rng,
         },
     }
+    if not state.ema:
+        del items["ema"]
+    return items
 
 
 def _join(items: dict[str, Any]) -> TrainState:
@@ -48,7 +53,7 @@ def _join(items: dict[str, Any]) -> TrainState:
         step=extra["step"],
         params=items["params"],
         opt_state=items["opt_state"],
-        ema=items["ema"],
+        ema=items.get("ema", {}),
         sampler=extra["sampler"],
         nonfinite=extra["nonfinite"],
         rng=extra["rng"],
@@ -102,9 +107,11 @@ def restore(
     """
     step = manager.latest_step() if step is None else step
     abstract = _split(abstract_state)
-    args = {name: ocp.args.StandardRestore(abstract[name]) for name in _ARRAY_ITEMS}
+    args = {
+        name: ocp.args.StandardRestore(abstract[name]) for name in _ARRAY_ITEMS if name in abstract
+    }
     args["data"] = ocp.args.JsonRestore()
     args["config"] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**args))
-    state = _join({name: restored[name] for name in _ARRAY_ITEMS})
+    state = _join({name: restored[name] for name in _ARRAY_ITEMS if name in abstract})
     return state, restored["data"]["processes"], restored["config"]
