@@ -143,6 +143,10 @@ class _FidEvaluator:
         self.base_key = base_key
         self.reference_stats = None
         self.inception = None
+        # Inception batches: no bigger than the evaluation (each batch is padded to it).
+        shards = parallel.num_data_shards(mesh)
+        n = config.training.eval_num_samples
+        self.feature_batch = min(256, -(-n // shards) * shards)
 
     def _reference(self):
         from diffusion_jax.evaluation import (
@@ -154,7 +158,10 @@ class _FidEvaluator:
         training = self.config.training
         self.inception = load_inception(training.inception_weights)
         _, stats = activations_and_statistics(
-            open_image_npz(training.eval_reference), self.inception, mesh=self.mesh
+            open_image_npz(training.eval_reference),
+            self.inception,
+            mesh=self.mesh,
+            batch_size=self.feature_batch,
         )
         self.reference_stats = stats
 
@@ -180,7 +187,9 @@ class _FidEvaluator:
             )
             locals_.append(_gather_rows(grids.to_uint8(local))[: min(batch, n - start)])
         images = np.concatenate(locals_)[:n]
-        feats = compute_features(images, self.inception, mesh=self.mesh)
+        feats = compute_features(
+            images, self.inception, mesh=self.mesh, batch_size=self.feature_batch
+        )
         mu, sigma = compute_statistics(feats["pool"])
         ref = self.reference_stats
         value = float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))

@@ -141,7 +141,7 @@ def _load_init_params(path: str, ema_rate, abstract_params: Any) -> Any:
             f"training.init_from={path}: the checkpoint has parameters this config lacks "
             f"({extra[:3]}); the model.* fields must describe the checkpoint's network."
         )
-    return params
+    return jax.device_get(params)  # host arrays: laid out on the mesh by init
 
 
 class _QuietOrbax(logging_std.Filter):
