@@ -126,4 +126,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.classifier_scale = 0.0  # 0 = no classifier guidance
     sampling.classifier_config = ""  # e.g. 'configs/classifier256.py'
     sampling.classifier_checkpoint = ""
+    sampling.use_ema = True  # training workdirs: sample with the first training.ema_rates copy
+    # Class labels: 'random' (uniform), one class (7) or a tuple of classes used in turn.
+    sampling.labels = ml_collections.FieldReference("random", field_type=object)
+    sampling.cfg_scale = 1.0  # classifier-free guidance scale (1.0 = plain conditional)
     return config

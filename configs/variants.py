@@ -30,6 +30,8 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config.sampling.num_samples = 8
     config.sampling.batch_size = 8
     config.sampling.timestep_respacing = 10
+    if config.sampling.classifier_config and ":" not in config.sampling.classifier_config:
+        config.sampling.classifier_config += ":tiny"  # the guidance classifier shrinks too
     return config
 
 

@@ -65,6 +65,35 @@ def host_to_global(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
 
+def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array every process holds whole -> a global array sharded over `'data'`."""
+    return jax.make_array_from_callback(x.shape, data_sharding(mesh), lambda index: x[index])
+
+
+def global_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host values every process holds whole (parameters) -> arrays replicated on `mesh`."""
+    sharding = replicated_sharding(mesh)
+
+    def place(leaf):
+        x = np.asarray(leaf)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in global order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, rows = set(), []
+    for shard in shards:
+        start = shard.index[0].start or 0
+        if start in seen:  # replicated over another mesh axis
+            continue
+        seen.add(start)
+        rows.append(np.asarray(shard.data))
+    return np.concatenate(rows, axis=0)
+
+
 def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
     """Pads the leading dimension of `x` up to a multiple of `multiple` by repeating rows.
 

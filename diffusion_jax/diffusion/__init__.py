@@ -1,8 +1,10 @@
 """Gaussian diffusion in pure, jit-compatible JAX (the paper code's GaussianDiffusion).
 
-`create_diffusion(config.diffusion)` returns a `Diffusion` with q_sample,
-training_losses, p_sample_loop, ddim_sample_loop, calc_bpd_loop and the other pieces
-as methods; `classifier_cond_fn` builds the guidance gradient from a classifier.
+`create_diffusion(config.diffusion)` returns a `Diffusion` (a hashable value) with
+q_sample, training_losses, p_sample_loop, ddim_sample_loop, calc_bpd_loop and the other
+pieces as methods; `SamplerOptions` is the one home of a sampler's settings (used by
+`Diffusion.sample_loop`); `classifier_cond_fn` builds the guidance gradient from a
+classifier.
 """
 
 from diffusion_jax.diffusion.factory import Diffusion, create_diffusion
@@ -18,6 +20,7 @@ from diffusion_jax.diffusion.losses import (
     mean_flat,
     normal_kl,
 )
+from diffusion_jax.diffusion.options import SamplerOptions
 from diffusion_jax.diffusion.resample import (
     SCHEDULE_SAMPLERS,
     LossSecondMomentResampler,
@@ -38,6 +41,7 @@ __all__ = [
     "Diffusion",
     "GaussianDiffusion",
     "LossSecondMomentResampler",
+    "SamplerOptions",
     "SamplerState",
     "ScheduleSampler",
     "UniformSampler",

@@ -6,7 +6,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import jit_cache, keys, objectives, respace, samplers, schedules
+from diffusion_jax.diffusion import keys, objectives, respace, samplers, schedules
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
 from diffusion_jax.diffusion.loops import SamplingLoops
 
@@ -31,18 +31,17 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
 
     All of `GaussianDiffusion`'s pure array functions (q_sample, q_mean_variance,
     q_posterior_mean_variance, p_mean_variance, ...) plus training_losses, the single
-    steps (p_sample, ddim_sample, ddim_reverse_sample) and the compiled loops. Each
-    loop compiles once per (model_fn, cond_fn, denoised_fn, options) and input shape.
+    steps (p_sample, ddim_sample, ddim_reverse_sample) and the compiled loops.
+
+    A value: two `Diffusion`s with equal settings are equal and hash alike, so they
+    share every compiled loop (jax.jit caches on the settings, the callables, the
+    `SamplerOptions` and the input shapes) and can be static arguments of jitted code.
 
     Randomness is per sample: the loops take one key (sample i uses fold_in(rng, i))
     or [B] per-sample keys, so a sample never depends on the rest of its batch or on
     the device count (see `p_sample_loop`). Guidance labels reach cond_fn through
     `cond_kwargs` (default: model_kwargs), so an unconditional model can be guided.
     """
-
-    def __post_init__(self):
-        super().__post_init__()
-        object.__setattr__(self, "_cache", jit_cache.LoopCache())
 
     # --- Objectives. ----------------------------------------------------------------
 
@@ -95,7 +94,6 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
         """The whole VLB in bits/dim; see objectives.calc_bpd_loop."""
         return objectives.calc_bpd_loop(
             self,
-            self._cache,
             model_fn,
             x_start,
             keys.as_key(rng),

@@ -43,7 +43,9 @@ def compute_dtype(dtype) -> jnp.dtype:
 class GaussianDiffusion:
     """A (possibly respaced) Gaussian diffusion process.
 
-    Identity-hashed (eq=False) so it can be a static argument of jitted functions.
+    A value: equal settings (betas, parameterisation, timestep map, ...) make equal
+    objects with equal hashes (arrays compared by their bytes), so a diffusion can be
+    a static argument of jitted functions and two equal ones share compiled programs.
 
     Attributes:
       betas: float64 [T] betas of this process (already respaced).
@@ -122,6 +124,27 @@ class GaussianDiffusion:
             "fixed_large_log_variance": np.log(large_variance),
         }
         set_(self, "tables", tables)
+        set_(self, "_value", self._value_key())
+        set_(self, "_hash", hash(self._value))
+
+    def _value_key(self) -> tuple:
+        return (
+            self.betas.tobytes(),
+            self.model_mean_type,
+            self.model_var_type,
+            self.loss_type,
+            bool(self.rescale_timesteps),
+            self.timestep_map.tobytes(),
+            self.original_num_steps,
+        )
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        return type(other) is type(self) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __repr__(self) -> str:
         return (

@@ -1,48 +1,95 @@
 """The compiled sampling loops of `Diffusion` (ancestral, DDIM, DDIM inversion).
 
-A mixin: `Diffusion` combines it with `GaussianDiffusion`'s math. Each loop is one
-compiled `lax.scan` (see `samplers.run_loop`), cached in the instance's `_cache` so it
-compiles once per (model_fn, cond_fn, denoised_fn, options) and input shape.
+A mixin: `Diffusion` combines it with `GaussianDiffusion`'s math. Every loop is
+`sample_loop` with a `SamplerOptions` (the one home of the sampler's settings); the
+keyword loops (`p_sample_loop`, `ddim_sample_loop`, ...) keep the paper code's
+signatures and build the options. Each loop is one compiled `lax.scan` (see
+`samplers.run_loop`) cached by `jax.jit` itself: one program per (diffusion settings,
+callables, options) and input shape, shared by equal `Diffusion`s.
 """
 
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import keys, samplers
 from diffusion_jax.diffusion.gaussian import ModelFn
+from diffusion_jax.diffusion.options import SamplerOptions
 
 
 class SamplingLoops:
-    """Sampling loops over a diffusion with `num_timesteps` and a loop `_cache`."""
+    """Sampling loops over a diffusion with `num_timesteps`."""
 
-    def _sample(self, kind, model_fn, shape, rng, noise, eta, keep, **options):
+    def initial_noise(self, sample_rngs, sample_shape, dtype=jnp.float32):
+        """x_T of each sample: `normal(fold_in(key_i, T), sample_shape)`, [B, *sample_shape].
+
+        x_T is "the noise of timestep T": the steps use fold_in(key_i, t) for t < T.
+        """
+        return keys.per_sample_normal(
+            keys.fold_in_each(sample_rngs, self.num_timesteps), tuple(sample_shape), dtype
+        )
+
+    def sample_loop(
+        self,
+        model_fn: ModelFn,
+        shape,
+        rng,
+        options: SamplerOptions,
+        *,
+        noise=None,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        cond_kwargs=None,
+    ):
+        """Runs the sampling loop `options` describes from x_T to x_0.
+
+        Args:
+          model_fn: pure `model_fn(x, t_model, **model_kwargs)`, hashable.
+          shape: sample shape [B, H, W, C].
+          rng: one key (sample i uses fold_in(rng, i)), [B] per-sample keys, or None
+            (only for a deterministic loop given noise).
+          options: `SamplerOptions` (kind 'ancestral' or 'ddim', eta, clipping, ...).
+          noise: fixed x_T of `shape`; by default drawn per sample inside the program
+            (see `initial_noise`).
+          denoised_fn: applied to x_0 predictions before clipping.
+          cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> guidance gradient.
+          model_kwargs: extra model inputs.
+          cond_kwargs: cond_fn's inputs; None = model_kwargs.
+
+        Returns:
+          dict with 'sample' [B, H, W, C] (and the intermediates if asked for).
+        """
+        if options.kind == "ddim_reverse":
+            raise ValueError("sample_loop runs x_T -> x_0; use ddim_reverse_sample_loop")
         shape = tuple(int(d) for d in shape)
         if len(shape) < 2:
             raise ValueError(f"shape must be [B, H, W, C], got {shape}")
         sample_rngs = keys.per_sample_keys(keys.as_key(rng), shape[0])  # [B] or None
         if noise is None:
             if sample_rngs is None:
-                raise ValueError(f"{kind} sampling needs rng (a jax.random.key) or noise (x_T)")
-            # x_T is "the noise of timestep T": steps use fold_in(key_i, t) for t < T.
-            x_T_rngs = keys.fold_in_each(sample_rngs, self.num_timesteps)
-            noise = keys.per_sample_normal(x_T_rngs, shape[1:], jnp.float32)
+                raise ValueError(
+                    f"{options.kind} sampling needs rng (a jax.random.key) or noise (x_T)"
+                )
+            noise = self.initial_noise(sample_rngs, shape[1:])
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise (x_T) must have shape {shape}, got {tuple(noise.shape)}")
-        needs_rng = kind == "ancestral" or (kind == "ddim" and eta != 0.0)
-        if needs_rng and sample_rngs is None:
-            raise ValueError(f"{kind} sampling with eta={eta} needs rng (a jax.random.key)")
-        if not needs_rng:
-            sample_rngs = None  # deterministic DDIM: one program regardless of the key
         return samplers.run_loop(
             self,
-            self._cache,
-            kind,
+            options,
             model_fn,
             noise,
             sample_rngs,
-            eta=eta,
-            keep_intermediates=keep,
-            **options,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
         )
+
+    def _sample(self, kind, model_fn, shape, rng, noise, eta, keep, *, progress, **kwargs):
+        clip = kwargs.pop("clip_denoised")
+        options = SamplerOptions(
+            kind=kind, eta=eta, clip_denoised=clip, keep_intermediates=keep, progress=progress
+        )
+        return self.sample_loop(model_fn, shape, rng, options, noise=noise, **kwargs)
 
     def p_sample_loop(
         self,
@@ -236,19 +283,19 @@ class SamplingLoops:
         Returns:
           x_T [B, H, W, C] (feed it to ddim_sample_loop as noise), or the dict.
         """
+        options = SamplerOptions(
+            kind="ddim_reverse",
+            clip_denoised=clip_denoised,
+            keep_intermediates=keep_intermediates,
+            progress=progress,
+        )
         out = samplers.run_loop(
             self,
-            self._cache,
-            "ddim_reverse",
+            options,
             model_fn,
             x_start,
             None,
-            clip_denoised=clip_denoised,
             denoised_fn=denoised_fn,
-            cond_fn=None,
             model_kwargs=model_kwargs,
-            eta=0.0,
-            progress=progress,
-            keep_intermediates=keep_intermediates,
         )
         return out if keep_intermediates else out["sample"]

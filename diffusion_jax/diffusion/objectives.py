@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import jit_cache, keys, losses
+from diffusion_jax.diffusion import callables, keys, losses
+from diffusion_jax.diffusion import progress as progress_lib
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
-from diffusion_jax.diffusion.progress import HostProgress
 
 _LOG2 = math.log(2.0)
 
@@ -162,10 +162,24 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start) -> jnp.ndarray:
     return losses.mean_flat(losses.normal_kl(mean, log_variance, 0.0, 0.0)) / _LOG2
 
 
+_BPD_BAR = "calc_bpd_loop"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _bpd_program(
-    diffusion, fn_key, clip_denoised, reporter, fn_arrays, x_start, sample_rngs, noise, model_kwargs
+    diffusion,
+    fn_key,
+    clip_denoised,
+    show_progress,
+    fn_arrays,
+    x_start,
+    sample_rngs,
+    noise,
+    model_kwargs,
 ):
-    model_fn = jit_cache.merge_callables(fn_key, fn_arrays)[0]
+    # diffusion, fn_key and the flags are static hashable values: jax.jit's cache holds
+    # one program per (settings, model_fn, flags, shapes), shared by equal diffusions.
+    model_fn = callables.merge_callables(fn_key, fn_arrays)[0]
     batch = x_start.shape[0]
     num_steps = diffusion.num_timesteps
 
@@ -188,8 +202,8 @@ def _bpd_program(
             model_kwargs=model_kwargs,
         )
         eps = diffusion.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-        if reporter is not None:
-            reporter.tick(step)
+        if show_progress:
+            progress_lib.tick(_BPD_BAR, step)
         return None, (
             out["output"],
             losses.mean_flat(jnp.square(out["pred_xstart"] - x_start)),
@@ -210,7 +224,6 @@ def _bpd_program(
 
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
-    cache: jit_cache.LoopCache,
     model_fn: ModelFn,
     x_start,
     rng=None,
@@ -224,7 +237,6 @@ def calc_bpd_loop(
 
     Args:
       diffusion: the process.
-      cache: where the compiled program is memoised.
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x_start: [B, H, W, C] data in [-1, 1].
       rng: one key, image i then using key_i = fold_in(rng, i), or [B] keys key_i;
@@ -254,22 +266,24 @@ def calc_bpd_loop(
             f"noise must have shape {(num_steps, *x_start.shape)} ([T, *x_start.shape]), "
             f"got {tuple(noise.shape)}"
         )
-    fn_key, fn_arrays = jit_cache.split_callables((model_fn,))
-    key = ("calc_bpd_loop", fn_key, bool(clip_denoised), bool(progress), noise is None)
-
-    def build():
-        reporter = HostProgress("calc_bpd_loop") if progress else None
-        program = jax.jit(
-            functools.partial(_bpd_program, diffusion, fn_key, bool(clip_denoised), reporter)
-        )
-        return program, reporter
-
-    program, reporter = cache.get(key, build)
-    if reporter is not None:
-        reporter.start(num_steps)
+    fn_key, fn_arrays = callables.split_callables((model_fn,))
+    if progress:
+        progress_lib.open_bar(_BPD_BAR, num_steps)
     try:
-        result = jax.block_until_ready(program(fn_arrays, x_start, rng, noise, model_kwargs))
+        result = jax.block_until_ready(
+            _bpd_program(
+                diffusion,
+                fn_key,
+                bool(clip_denoised),
+                bool(progress),
+                fn_arrays,
+                x_start,
+                rng,
+                noise,
+                model_kwargs,
+            )
+        )
     finally:
-        if reporter is not None:
-            reporter.close()
+        if progress:
+            progress_lib.close_bar(_BPD_BAR)
     return result

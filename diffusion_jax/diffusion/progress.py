@@ -1,36 +1,38 @@
-"""Host-side progress for compiled loops: a tqdm bar fed by `jax.debug.callback`."""
+"""Host-side progress for compiled loops: a tqdm bar fed by `jax.debug.callback`.
+
+The compiled program only calls `tick(name, step)`; which bar (if any) it feeds is
+host state opened by `open_bar` and closed by `close_bar` around a call, so the
+program is the same with or without a bar on screen, and is shared by every caller.
+"""
+
+import functools
 
 import jax
 
+_BARS: dict = {}  # name -> open tqdm bar (host-side display state only)
 
-class HostProgress:
-    """A progress bar (steps/s, ETA) updated from inside a jitted loop.
 
-    One instance lives with each compiled loop; `start` arms it before a call and
-    `close` ends it, so the compiled program itself never changes.
-    """
+def open_bar(name: str, total: int) -> None:
+    """Opens the bar `name` for `total` steps (replacing one left open)."""
+    from tqdm.auto import tqdm  # lazy: only needed when progress is on
 
-    def __init__(self, description: str):
-        self._description = description
-        self._bar = None
+    close_bar(name)
+    _BARS[name] = tqdm(total=total, desc=name, unit="step")
 
-    def start(self, total: int) -> None:
-        """Opens a new bar for `total` steps."""
-        from tqdm.auto import tqdm  # lazy: only needed when progress is on
 
-        self._bar = tqdm(total=total, desc=self._description, unit="step")
+def close_bar(name: str) -> None:
+    """Closes the bar `name`, if open."""
+    bar = _BARS.pop(name, None)
+    if bar is not None:
+        bar.close()
 
-    def update(self, _step) -> None:
-        """Host callback: one more step done."""
-        if self._bar is not None:
-            self._bar.update(1)
 
-    def close(self) -> None:
-        """Ends the current bar."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+def _update(name: str, _step) -> None:
+    bar = _BARS.get(name)
+    if bar is not None:
+        bar.update(1)
 
-    def tick(self, step) -> None:
-        """Call inside the traced loop body to report one step from the device."""
-        jax.debug.callback(self.update, step)
+
+def tick(name: str, step) -> None:
+    """Call inside a traced loop body: one more step of bar `name` done."""
+    jax.debug.callback(functools.partial(_update, name), step)

@@ -9,6 +9,7 @@ resumable sampling job). In a loop, the step at timestep t draws sample i's nois
 `normal(fold_in(key_i, T), x.shape[1:])`, T = num_timesteps.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,9 +17,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import jit_cache, keys
+from diffusion_jax.diffusion import callables, keys, progress
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, compute_dtype
-from diffusion_jax.diffusion.progress import HostProgress
+from diffusion_jax.diffusion.options import SamplerOptions
+
+
+def _is_zero(eta) -> bool:
+    try:
+        return float(eta) == 0.0
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return False  # traced: cannot be known to be 0
 
 
 def _nonzero_mask(t, x):
@@ -115,7 +123,7 @@ def ddim_sample(
       x: [B, H, W, C] x_t.
       t: int [B] timesteps.
       rng: one key or [B] keys for the step noise, as in `p_sample`; unused when
-        eta == 0 or noise is given.
+        eta == 0 or noise is given, required otherwise.
       noise: fixed standard normal noise like x.
       clip_denoised: clip the x_0 prediction to [-1, 1].
       denoised_fn: applied to the x_0 prediction before clipping.
@@ -127,7 +135,16 @@ def ddim_sample(
 
     Returns:
       dict with 'sample' (x_{t-1}) and 'pred_xstart' (the unguided x_0 prediction).
+
+    Raises:
+      ValueError: eta is not (the concrete) 0 and neither rng nor noise is given: the
+        step noise cannot be drawn (as `p_sample`).
     """
+    if noise is None and rng is None and not _is_zero(eta):
+        raise ValueError(
+            f"a stochastic DDIM step (eta={eta}) needs rng (a jax.random.key) or noise; "
+            "only eta=0.0 is deterministic"
+        )
     out_orig = diffusion.p_mean_variance(
         model_fn,
         x,
@@ -156,7 +173,7 @@ def ddim_sample(
         + jnp.sqrt(1.0 - alpha_bar_prev - jnp.square(sigma)) * eps
     )
     if noise is None and rng is None:
-        sample = mean_pred  # deterministic path: only valid for eta == 0 (checked by loops)
+        sample = mean_pred  # eta == 0 (checked above): deterministic
     else:
         sample = mean_pred + _nonzero_mask(t, x) * sigma * _step_noise(rng, noise, x)
     return {"sample": sample, "pred_xstart": out_orig["pred_xstart"]}
@@ -207,116 +224,116 @@ def ddim_reverse_sample(
 # --- Whole loops. ---------------------------------------------------------------------
 
 
+def _step(diffusion, options, model_fn, x, t, step_rngs, guidance, common):
+    """One step of the loop `options.kind` (the one place a new sampler is added)."""
+    if options.kind == "ancestral":
+        return p_sample(diffusion, model_fn, x, t, step_rngs, **guidance, **common)
+    if options.kind == "ddim":
+        # No keys: the deterministic path (eta == 0 was checked on the host).
+        eta = 0.0 if step_rngs is None else options.eta
+        return ddim_sample(diffusion, model_fn, x, t, step_rngs, eta=eta, **guidance, **common)
+    return ddim_reverse_sample(diffusion, model_fn, x, t, **common)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def _loop_program(
-    diffusion,
-    kind,
-    fn_key,
-    options,
-    reporter,
-    fn_arrays,
-    x_init,
-    sample_rngs,
-    eta,
-    model_kwargs,
-    cond_kwargs,
+    diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
 ):
-    """The traced loop: lax.scan over every timestep in sampling order."""
-    model_fn, cond_fn, denoised_fn = jit_cache.merge_callables(fn_key, fn_arrays)
-    clip_denoised, keep_intermediates = options
+    """The traced loop: lax.scan over every timestep in sampling order.
+
+    `diffusion` and `fn_key` are static (hashable values) and `options` is a pytree
+    whose static fields are part of its structure, so jax.jit's own cache holds one
+    program per (diffusion settings, callables, options, shapes).
+    """
+    model_fn, cond_fn, denoised_fn = callables.merge_callables(fn_key, fn_arrays)
     num_steps = diffusion.num_timesteps
     batch = x_init.shape[0]
-    common = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+    common = dict(
+        clip_denoised=options.clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+    )
+    guidance = (
+        {} if options.kind == "ddim_reverse" else dict(cond_fn=cond_fn, cond_kwargs=cond_kwargs)
+    )
 
     def body(x, step):
-        t_value = step if kind == "ddim_reverse" else num_steps - 1 - step
+        t_value = step if options.kind == "ddim_reverse" else num_steps - 1 - step
         t = jnp.full((batch,), t_value, jnp.int32)
         # [B] keys: sample i's noise at t comes from fold_in(key_i, t) alone.
         step_rngs = None if sample_rngs is None else keys.fold_in_each(sample_rngs, t_value)
-        guidance = dict(cond_fn=cond_fn, cond_kwargs=cond_kwargs)
-        if kind == "ancestral":
-            out = p_sample(diffusion, model_fn, x, t, step_rngs, **guidance, **common)
-        elif kind == "ddim":
-            out = ddim_sample(diffusion, model_fn, x, t, step_rngs, eta=eta, **guidance, **common)
-        else:
-            out = ddim_reverse_sample(diffusion, model_fn, x, t, **common)
-        if reporter is not None:
-            reporter.tick(step)
-        stacked = (out["sample"], out["pred_xstart"]) if keep_intermediates else None
+        out = _step(diffusion, options, model_fn, x, t, step_rngs, guidance, common)
+        if options.progress:
+            progress.tick(options.kind, step)
+        stacked = (out["sample"], out["pred_xstart"]) if options.keep_intermediates else None
         return out["sample"], stacked
 
     final, stacked = jax.lax.scan(body, x_init, jnp.arange(num_steps))
-    if keep_intermediates:
+    if options.keep_intermediates:
         return {"sample": final, "samples": stacked[0], "pred_xstarts": stacked[1]}
     return {"sample": final}
 
 
 def run_loop(
     diffusion: GaussianDiffusion,
-    cache: jit_cache.LoopCache,
-    kind: str,
+    options: SamplerOptions,
     model_fn: ModelFn,
     x_init,
     sample_rngs,
     *,
-    clip_denoised: bool,
-    denoised_fn,
-    cond_fn,
-    model_kwargs,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
     cond_kwargs=None,
-    eta,
-    progress: bool,
-    keep_intermediates: bool,
 ) -> dict[str, jnp.ndarray]:
-    """Runs (compiling on first use) one of the loops: 'ancestral', 'ddim', 'ddim_reverse'.
+    """Runs (compiling on first use) the loop `options` describes.
+
+    Callable inside an outer `jax.jit` too (the sharded sampling jobs do).
 
     Args:
-      diffusion: the process.
-      cache: where compiled loops are memoised.
-      kind: 'ancestral', 'ddim' or 'ddim_reverse'.
+      diffusion: the process (hashable value: equal settings share programs).
+      options: the loop's kind, eta, clipping, intermediates and progress bar.
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x_init: [B, H, W, C] starting point (x_T, or x_0 for the reverse loop).
       sample_rngs: [B] keys, one per sample (step t of sample i draws from
         fold_in(sample_rngs[i], t)), or None for a deterministic loop.
-      clip_denoised: clip x_0 predictions.
       denoised_fn: applied to x_0 predictions before clipping.
       cond_fn: guidance gradient function or None.
       model_kwargs: extra model inputs (traced).
       cond_kwargs: cond_fn's inputs (traced); None = model_kwargs.
-      eta: DDIM eta (traced: changing it does not recompile).
-      progress: host-side progress bar.
-      keep_intermediates: also return every x_{t-1} and x_0 prediction, stacked.
 
     Returns:
       dict with 'sample' [B, H, W, C]; with keep_intermediates also 'samples' and
       'pred_xstarts', [T, B, H, W, C] in loop order.
+
+    Raises:
+      ValueError: a stochastic loop without keys, or mismatched batch inputs.
     """
     model_kwargs = dict(model_kwargs or {})
     cond_kwargs = model_kwargs if cond_kwargs is None else dict(cond_kwargs)
     zero_t = jnp.zeros((x_init.shape[0],), jnp.int32)
     diffusion.check_batch(x_init, zero_t, model_kwargs, x_name="noise")
     diffusion.check_batch(x_init, zero_t, cond_kwargs, x_name="noise", kwargs_name="cond_kwargs")
-    if sample_rngs is not None:
-        sample_rngs = keys.per_sample_keys(sample_rngs, x_init.shape[0])
-    fn_key, fn_arrays = jit_cache.split_callables((model_fn, cond_fn, denoised_fn))
-    options = (bool(clip_denoised), bool(keep_intermediates))
-    key = (kind, fn_key, options, bool(progress), sample_rngs is None)
-
-    def build():
-        reporter = HostProgress(kind) if progress else None
-        program = jax.jit(
-            functools.partial(_loop_program, diffusion, kind, fn_key, options, reporter)
+    if not options.stochastic:
+        sample_rngs = None  # deterministic: one program regardless of the key
+    elif sample_rngs is None:
+        raise ValueError(
+            f"{options.kind} sampling with eta={options.eta} needs rng (a jax.random.key)"
         )
-        return program, reporter
-
-    program, reporter = cache.get(key, build)
-    if reporter is not None:
-        reporter.start(diffusion.num_timesteps)
+    else:
+        sample_rngs = keys.per_sample_keys(sample_rngs, x_init.shape[0])
+    fn_key, fn_arrays = callables.split_callables((model_fn, cond_fn, denoised_fn))
+    if options.kind == "ddim":
+        options = dataclasses.replace(
+            options, eta=jnp.asarray(options.eta, compute_dtype(x_init.dtype))
+        )
+    if options.progress:
+        progress.open_bar(options.kind, diffusion.num_timesteps)
     try:
-        eta = jnp.asarray(eta, compute_dtype(x_init.dtype))
-        result = program(fn_arrays, x_init, sample_rngs, eta, model_kwargs, cond_kwargs)
-        if reporter is not None:
+        result = _loop_program(
+            diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
+        )
+        if options.progress:
             result = jax.block_until_ready(result)
     finally:
-        if reporter is not None:
-            reporter.close()
+        if options.progress:
+            progress.close_bar(options.kind)
     return result

@@ -44,23 +44,9 @@ def write_png(path: epath.PathLike, image: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array every process holds whole -> a global array sharded over 'data'."""
-    sharding = parallel.data_sharding(mesh)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in global order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, rows = set(), []
-    for shard in shards:
-        start = shard.index[0].start or 0
-        if start in seen:  # replicated over another mesh axis
-            continue
-        seen.add(start)
-        rows.append(np.asarray(shard.data))
-    return np.concatenate(rows, axis=0)
+# Moved to the ground floor (parallel.py) so sampling jobs share them; kept as names here.
+global_rows = parallel.global_rows
+local_rows = parallel.local_rows
 
 
 @functools.partial(jax.jit, static_argnames=("sample_fn", "image_shape"))

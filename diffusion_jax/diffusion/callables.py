@@ -1,14 +1,15 @@
-"""Compiling a sampling/likelihood loop once per (callables, options) pair.
+"""User callables as compiled-program inputs: static structure, traced array leaves.
 
 Loops take user callables (model_fn, cond_fn, denoised_fn). Plain functions become
 static parts of the compiled program. Callables that are pytrees, such as
 `jax.tree_util.Partial(model.apply, variables)` or the guidance function from
 `classifier_cond_fn`, are split: their array leaves (parameters) are passed to the
 program as arguments, so new weights or a new guidance scale do not recompile and
-large parameters are never baked into the program as constants.
+large parameters are never baked into the program as constants. The static part is a
+hashable value: `jax.jit` (static argument) does the caching, so equal callables and
+an equal `Diffusion` share one compiled program.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,14 +27,27 @@ def split_callables(fns) -> tuple[Any, list]:
       fns: a pytree (e.g. a tuple) of callables and None.
 
     Returns:
-      (static_key, arrays): static_key identifies the compiled program; arrays are
-      the traced inputs. `merge_callables(static_key, arrays)` rebuilds `fns`.
+      (static_key, arrays): static_key identifies the compiled program (a jit static
+      argument); arrays are the traced inputs. `merge_callables(static_key, arrays)`
+      rebuilds `fns`.
+
+    Raises:
+      ValueError: if a callable (or a non-array argument bound in it) is unhashable.
     """
     leaves, treedef = jax.tree.flatten(fns)
     arrays = [leaf for leaf in leaves if _is_array(leaf)]
     statics = tuple(None if _is_array(leaf) else leaf for leaf in leaves)
     mask = tuple(_is_array(leaf) for leaf in leaves)
-    return (treedef, mask, statics), arrays
+    key = (treedef, mask, statics)
+    try:
+        hash(key)
+    except TypeError as err:
+        raise ValueError(
+            "model_fn, cond_fn and denoised_fn must be hashable (module-level "
+            "functions, jax.tree_util.Partial, or objects with __hash__) so the "
+            f"compiled loop can be reused: {err}"
+        ) from None
+    return key, arrays
 
 
 def merge_callables(static_key, arrays):
@@ -44,26 +58,4 @@ def merge_callables(static_key, arrays):
     return jax.tree.unflatten(treedef, leaves)
 
 
-class LoopCache:
-    """Memoises jitted loops; a jitted loop then retraces only for new shapes/dtypes."""
-
-    def __init__(self):
-        self._compiled: dict[Any, Callable] = {}
-
-    def get(self, key, build: Callable[[], Callable]) -> Callable:
-        """Returns the jitted function for key, building it on first use."""
-        try:
-            return self._compiled[key]
-        except KeyError:
-            pass
-        except TypeError as err:
-            raise ValueError(
-                "model_fn, cond_fn and denoised_fn must be hashable (module-level "
-                "functions, jax.tree_util.Partial, or objects with __hash__) so the "
-                f"compiled loop can be reused: {err}"
-            ) from None
-        fn = self._compiled[key] = build()
-        return fn
-
-    def __len__(self) -> int:
-        return len(self._compiled)
+__all__ = ["merge_callables", "split_callables"]

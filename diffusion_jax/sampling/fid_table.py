@@ -1,0 +1,293 @@
+"""Reproducing the paper's FID tables from the configs (behind `launch.fid_table`).
+
+A table is a list of rows; a row names a config (and the sampling settings that make
+it that row: guidance scale, sampler, steps) and, for the upsampling stacks, the base
+row whose samples feed the upsampler. `run_table` converts the released `.pt` files it
+finds in the checkpoint directory (once, cached in the workdir), runs each row's
+sampling job (resumable: `launch.sample`'s job), evaluates it with the paper's
+evaluator and writes the table, our figures beside the paper's, as markdown and CSV.
+A finished row is not redone; a half-finished row continues its sampling job.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+from etils import epath
+
+from diffusion_jax.sampling import inputs
+from diffusion_jax.sampling.job import run_sampling_job
+
+PAPER_NUM_SAMPLES = 50_000
+METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
+_HEADERS = {
+    "fid": "FID",
+    "sfid": "sFID",
+    "precision": "Prec",
+    "recall": "Rec",
+    "inception_score": "IS",
+}
+# config name -> the released file (openai/guided-diffusion README).
+RELEASED = {
+    "imagenet64": "64x64_diffusion.pt",
+    "imagenet128": "128x128_diffusion.pt",
+    "imagenet256": "256x256_diffusion.pt",
+    "imagenet256_uncond": "256x256_diffusion_uncond.pt",
+    "imagenet512": "512x512_diffusion.pt",
+    "upsample64_256": "64_256_upsampler.pt",
+    "upsample128_512": "128_512_upsampler.pt",
+    "classifier64": "64x64_classifier.pt",
+    "classifier128": "128x128_classifier.pt",
+    "classifier256": "256x256_classifier.pt",
+    "classifier512": "512x512_classifier.pt",
+    "lsun_bedroom": "lsun_bedroom.pt",
+    "lsun_cat": "lsun_cat.pt",
+    "lsun_horse": "lsun_horse.pt",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of a paper table.
+
+    Attributes:
+      label: the row's name in the paper ('ADM-G', 'ADM-G + ADM-U', ...).
+      config: the config's name (configs/<config>.py).
+      sampling: `config.sampling` fields that make this row (method, steps, scale).
+      classifier: the guidance classifier's config name, or None (unguided).
+      paper: the paper's figures (ANCHORS.md), metric -> value.
+      base: for an upsampling stack, the row whose samples the upsampler refines.
+    """
+
+    label: str
+    config: str
+    sampling: tuple = ()
+    classifier: str | None = None
+    paper: tuple = ()
+    base: Row | None = None
+
+    @property
+    def slug(self) -> str:
+        """A file name for the row's outputs."""
+        return "".join(c if c.isalnum() else "_" for c in f"{self.config}_{self.label}").lower()
+
+
+def _paper(fid, sfid, prec, rec, is_=None) -> tuple:
+    values = dict(fid=fid, sfid=sfid, precision=prec, recall=rec, inception_score=is_)
+    return tuple((k, v) for k, v in values.items() if v is not None)
+
+
+def _guided(size: int, scale: float, **sampling) -> dict:
+    return dict(sampling=tuple({"classifier_scale": scale, **sampling}.items()),
+                classifier=f"classifier{size}")  # fmt: skip
+
+
+_UNGUIDED = (("classifier_scale", 0.0),)
+_DDIM25 = {"method": "ddim", "timestep_respacing": 25}
+_BASE64_G = Row("ADM-G", "imagenet64", **_guided(64, 1.0))
+_BASE128_G = Row("ADM-G", "imagenet128", **_guided(128, 0.5))
+
+TABLES: dict[str, list[Row]] = {
+    "imagenet64": [
+        Row("ADM (dropout)", "imagenet64", _UNGUIDED, paper=_paper(2.07, 4.29, 0.74, 0.63)),
+    ],
+    "imagenet128": [
+        Row("ADM", "imagenet128", _UNGUIDED, paper=_paper(5.91, 5.09, 0.70, 0.65)),
+        Row("ADM-G", **_guided(128, 0.5), config="imagenet128",
+            paper=_paper(2.97, 5.09, 0.78, 0.59)),
+        Row("ADM-G DDIM-25", **_guided(128, 1.25, **_DDIM25), config="imagenet128",
+            paper=_paper(5.98, 7.04, 0.78, 0.51)),
+    ],
+    "imagenet256": [
+        Row("ADM", "imagenet256", _UNGUIDED, paper=_paper(10.94, 6.02, 0.69, 0.63, 100.98)),
+        Row("ADM-G", **_guided(256, 1.0), config="imagenet256",
+            paper=_paper(4.59, 5.25, 0.82, 0.52, 186.70)),
+        Row("ADM-G DDIM-25", **_guided(256, 2.5, **_DDIM25), config="imagenet256",
+            paper=_paper(5.44, 5.32, 0.81, 0.49)),
+        Row("ADM-G + ADM-U", "upsample64_256", base=_BASE64_G,
+            paper=_paper(3.94, 6.14, 0.83, 0.53, 215.84)),
+    ],
+    "imagenet512": [
+        Row("ADM-G", **_guided(512, 4.0), config="imagenet512",
+            paper=_paper(7.72, 6.57, 0.87, 0.42, 172.71)),
+        Row("ADM-G + ADM-U", "upsample128_512", base=_BASE128_G,
+            paper=_paper(3.85, 5.86, 0.84, 0.53, 221.72)),
+    ],
+    "lsun": [
+        Row("ADM (dropout) bedroom", "lsun_bedroom", paper=_paper(1.90, 5.59, 0.66, 0.51)),
+        Row("ADM (dropout) horse", "lsun_horse", paper=_paper(2.57, 6.81, 0.71, 0.55)),
+        Row("ADM (dropout) cat", "lsun_cat", paper=_paper(5.57, 6.69, 0.63, 0.52)),
+    ],
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class TableSettings:
+    """How to run a table.
+
+    Attributes:
+      checkpoint_dir: the released `.pt` files under their released names, or converted
+        directories named by config (DIR/imagenet128/).
+      reference: the reference batch (.npz) of the table's resolution.
+      workdir: conversions, sample files, per-row results and the table go here.
+      num_samples: per row; None = the paper's 50,000.
+      steps: override every row's timestep_respacing (quick runs; not comparable).
+      variant: a config variant for every config (e.g. 'tiny' for a smoke test).
+      configs_dir: where configs/<name>.py live.
+      rows: only the rows with these labels (default: all).
+      evaluate: `evaluate(reference, samples) -> EvaluationResult`.
+    """
+
+    checkpoint_dir: str
+    reference: str
+    workdir: str
+    evaluate: Callable[[str, str], Any]
+    num_samples: int | None = None
+    steps: int | None = None
+    variant: str | None = None
+    configs_dir: str = "configs"
+    rows: tuple[str, ...] | None = None
+    batch_size: int | None = None
+
+
+def _config(name: str, settings: TableSettings):
+    spec = f"{settings.configs_dir}/{name}.py" + (
+        f":{settings.variant}" if settings.variant else ""
+    )
+    return inputs.load_config_spec(spec, f"the config of {name}")
+
+
+def _checkpoint(name: str, settings: TableSettings) -> str:
+    """A converted checkpoint of config `name`: DIR/<name>/, or DIR/<released>.pt converted."""
+    given = epath.Path(settings.checkpoint_dir) / name
+    if (given / inputs.CONFIG_FILE).exists():
+        return str(given)
+    converted = epath.Path(settings.workdir) / "converted" / name
+    if (converted / inputs.CONFIG_FILE).exists():
+        return str(converted)
+    pt = epath.Path(settings.checkpoint_dir) / RELEASED[name]
+    if not pt.exists():
+        raise FileNotFoundError(
+            f"--checkpoint_dir={settings.checkpoint_dir} holds neither {RELEASED[name]} (the "
+            f"released checkpoint) nor a converted {name}/ directory."
+        )
+    from diffusion_jax.checkpoints import openai  # second floor: conversion
+
+    partial = converted.parent / f"{name}.partial"
+    if partial.exists():
+        partial.rmtree()
+    openai.convert_to_orbax(pt, _config(name, settings), partial)
+    partial.rename(converted)
+    return str(converted)
+
+
+def _sample_row(row: Row, settings: TableSettings) -> str:
+    """Runs (or continues) the row's sampling job; returns its sample file."""
+    config = _config(row.config, settings)
+    sampling = dict(row.sampling)
+    if row.classifier:
+        spec = f"{settings.configs_dir}/{row.classifier}.py"
+        sampling["classifier_config"] = spec + (f":{settings.variant}" if settings.variant else "")
+        sampling["classifier_checkpoint"] = _checkpoint(row.classifier, settings)
+    if settings.num_samples:
+        sampling["num_samples"] = settings.num_samples
+    if settings.steps:
+        sampling["timestep_respacing"] = settings.steps
+    if settings.batch_size:
+        sampling["batch_size"] = settings.batch_size
+    config.sampling.update(sampling)
+    base_samples = _sample_row(row.base, settings) if row.base is not None else None
+    out = epath.Path(settings.workdir) / "samples" / f"{row.slug}.npz"
+    run_sampling_job(config, _checkpoint(row.config, settings), str(out), base_samples=base_samples)
+    return str(out)
+
+
+def _row_result(row: Row, settings: TableSettings) -> dict:
+    done = epath.Path(settings.workdir) / "results" / f"{row.slug}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    samples = _sample_row(row, settings)
+    result = settings.evaluate(settings.reference, samples)
+    values = {m: float(getattr(result, m)) for m in METRICS}
+    record = {"row": row.label, "config": row.config, "samples": samples, "ours": values}
+    import jax
+
+    if jax.process_index() == 0:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def format_table(table: str, rows: list[Row], results: list[dict], note: str) -> tuple[str, str]:
+    """(markdown, csv) of our figures beside the paper's."""
+    head = ["row", "config"] + [f"{_HEADERS[m]} ours / paper" for m in METRICS]
+    lines = [f"### {table}", "", note, "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        ["row", "config", *(f"{m}_{who}" for m in METRICS for who in ("ours", "paper"))]
+    )
+    for row, result in zip(rows, results, strict=True):
+        paper = dict(row.paper)
+        cells = []
+        for m in METRICS:
+            ours = result["ours"][m]
+            theirs = f"{paper[m]:.2f}" if m in paper else "-"
+            cells.append(f"{ours:.2f} / {theirs}")
+        lines.append(f"| {row.label} | {row.config} | " + " | ".join(cells) + " |")
+        pairs = [v for m in METRICS for v in (result["ours"][m], paper.get(m, ""))]
+        writer.writerow([row.label, row.config, *pairs])
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def run_table(table: str, settings: TableSettings) -> str:
+    """Runs the rows of `table`; returns the markdown table (also written to the workdir).
+
+    Raises:
+      ValueError: an unknown table or row, or a bad setting (one sentence).
+      FileNotFoundError: a checkpoint the table needs is missing.
+    """
+    if table not in TABLES:
+        raise ValueError(f"--table={table!r}: the tables are {sorted(TABLES)}.")
+    rows = TABLES[table]
+    if settings.rows:
+        unknown = sorted(set(settings.rows) - {r.label for r in rows})
+        if unknown:
+            raise ValueError(
+                f"--rows: {unknown} not in table {table}; its rows are {[r.label for r in rows]}."
+            )
+        rows = [r for r in rows if r.label in settings.rows]
+    if not epath.Path(settings.reference).exists():
+        raise FileNotFoundError(f"--reference={settings.reference}: no such file.")
+    for row in rows:  # every checkpoint, before the first (long) sampling job
+        for r in (row, row.base) if row.base else (row,):
+            for name in filter(None, (r.config, r.classifier)):
+                _checkpoint(name, settings)
+    results = [_row_result(row, settings) for row in rows]
+    n = settings.num_samples or PAPER_NUM_SAMPLES
+    comparable = n >= PAPER_NUM_SAMPLES and not settings.steps and not settings.variant
+    note = (
+        f"{n} samples per row, paper settings."
+        if comparable
+        else f"{n} samples per row"
+        + (f", {settings.steps} steps" if settings.steps else "")
+        + (f", config variant {settings.variant!r}" if settings.variant else "")
+        + ": NOT comparable with the paper's 50,000-sample figures."
+    )
+    markdown, csv_text = format_table(table, rows, results, note)
+    import jax
+
+    if jax.process_index() == 0:
+        out = epath.Path(settings.workdir)
+        (out / f"{table}.md").write_text(markdown)
+        (out / f"{table}.csv").write_text(csv_text)
+    return markdown
+
+
+__all__ = ["RELEASED", "TABLES", "Row", "TableSettings", "format_table", "run_table"]

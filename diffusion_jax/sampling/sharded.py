@@ -1,0 +1,156 @@
+"""Mesh-aware sampling: one compiled program draws a global batch over every device.
+
+A batch is named by the global indices of its samples. Inside the program sample i
+gets the key `fold_in(job_key, i)`, from which the diffusion loop derives its x_T and
+its step noise (see `diffusion_jax.diffusion.samplers`), so image i does not depend on
+the batch it was drawn in, the device count or the process count. Indices, labels and
+low-resolution inputs go in sharded over the mesh's `'data'` axis, parameters
+replicated; the uint8 images come out sharded the same way, each process keeping its
+own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from diffusion_jax import parallel
+from diffusion_jax.diffusion import Diffusion, SamplerOptions, classifier_cond_fn
+
+
+def to_uint8(x: jnp.ndarray) -> jnp.ndarray:
+    """[-1, 1] floats -> uint8 as the paper code's sample script: clamp((x+1)*127.5), truncated."""
+    return jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0).astype(jnp.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingProgram:
+    """The static description of a sampling program (a hashable jit static argument).
+
+    Attributes:
+      diffusion: the (respaced) sampling diffusion.
+      options: the sampler (kind, eta, clipping).
+      model: the diffusion model's Flax module (hashable by its fields, so equal
+        configs share the compiled program).
+      image_shape: (H, W, C) of the samples.
+      mesh: the mesh with a `'data'` axis the batch is sharded over.
+      class_conditional: the model takes `y=` labels.
+      classifier: the guidance classifier's Flax module, or None.
+    """
+
+    diffusion: Diffusion
+    options: SamplerOptions
+    model: Any
+    image_shape: tuple[int, int, int]
+    mesh: Mesh
+    class_conditional: bool = False
+    classifier: Any = None
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _program(
+    program: SamplingProgram, params, classifier_params, scale, key_data, indices, labels, low_res
+):
+    job_key = jax.random.wrap_key_data(key_data)
+    rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(job_key, indices)  # [B] keys
+    model_fn = jax.tree_util.Partial(program.model.apply, {"params": params})
+    model_kwargs = {}
+    if program.class_conditional:
+        model_kwargs["y"] = labels
+    if low_res is not None:  # uint8 base samples -> [-1, 1], as the paper code
+        model_kwargs["low_res"] = low_res.astype(jnp.float32) / 127.5 - 1.0
+    cond_fn = None
+    if program.classifier is not None:
+        cond_fn = classifier_cond_fn(program.classifier.apply, {"params": classifier_params}, scale)
+    shape = (indices.shape[0], *program.image_shape)
+    out = program.diffusion.sample_loop(
+        model_fn,
+        shape,
+        rngs,
+        program.options,
+        cond_fn=cond_fn,
+        model_kwargs=model_kwargs,
+        # Guidance labels reach the classifier only: an unconditional model refuses y.
+        cond_kwargs=None if labels is None else {"y": labels},
+    )["sample"]
+    images = jax.lax.with_sharding_constraint(to_uint8(out), parallel.data_sharding(program.mesh))
+    return images
+
+
+class ShardedSampler:
+    """Draws batches of a sampling job over every device of every process.
+
+    Every process calls `sample` with the same global indices (a collective); each gets
+    back its own rows. The program compiles once per global batch size.
+    """
+
+    def __init__(
+        self,
+        program: SamplingProgram,
+        params: Any,
+        job_key: jax.Array,
+        *,
+        classifier_params: Any = None,
+        classifier_scale: float = 0.0,
+    ):
+        """Places the parameters on the mesh (replicated).
+
+        Args:
+          program: what to run.
+          params: the diffusion model's params tree (host or device arrays).
+          job_key: the job's typed key; sample i uses fold_in(job_key, i).
+          classifier_params: the classifier's params tree when guided.
+          classifier_scale: the guidance scale s.
+        """
+        mesh = program.mesh
+        self.program = program
+        self._params = parallel.global_replicated(params, mesh)
+        self._classifier_params = (
+            None
+            if program.classifier is None
+            else parallel.global_replicated(classifier_params, mesh)
+        )
+        self._scale = parallel.global_replicated(np.float32(classifier_scale), mesh)
+        self._job_key = parallel.global_replicated(jax.random.key_data(job_key), mesh)
+
+    def sample(
+        self,
+        indices: np.ndarray,
+        labels: np.ndarray | None = None,
+        low_res: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Samples the global batch `indices` (a multiple of the device count).
+
+        Args:
+          indices: int [B] global sample indices (the same on every process).
+          labels: int [B] class labels (model's y and/or the guidance target), or None.
+          low_res: uint8 [B, h, w, C] upsampler inputs, or None.
+
+        Returns:
+          (images uint8 [b, H, W, C], their global indices [b]): this process's rows,
+          in global order (all rows with one process).
+        """
+        mesh = self.program.mesh
+        indices = np.asarray(indices, np.int32)
+        rows = parallel.global_rows(indices, mesh)
+        put = functools.partial(parallel.global_rows, mesh=mesh)
+        images = _program(
+            self.program,
+            self._params,
+            self._classifier_params,
+            self._scale,
+            self._job_key,
+            rows,
+            None if labels is None else put(np.asarray(labels, np.int32)),
+            None if low_res is None else put(np.asarray(low_res, np.uint8)),
+        )
+        return parallel.local_rows(images), parallel.local_rows(rows)
+
+
+__all__ = ["SamplingProgram", "ShardedSampler", "to_uint8"]
