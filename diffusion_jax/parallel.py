@@ -174,13 +174,16 @@ def initialize_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
+    auto_detect: bool = False,
     cpu_collectives: str = "gloo",
 ) -> None:
     """Starts `jax.distributed` when this is one of several processes.
 
     With an explicit `coordinator_address` (GPU clusters without SLURM, CPU tests) all
-    three values must be given. Without one, `jax.distributed.initialize()` auto-detects
-    TPU pod slices and SLURM jobs; on a plain single machine nothing is started.
+    three values must be given. Without one, `auto_detect` (the launcher found a cluster
+    launcher's environment: a multi-task SLURM job, a multi-host TPU slice) lets
+    `jax.distributed.initialize()` read the cluster; otherwise nothing is started (one
+    process drives all local devices).
     On CPU, cross-process collectives go through `cpu_collectives` (gloo).
 
     Raises:
@@ -206,12 +209,5 @@ def initialize_distributed(
             process_id=process_id,
         )
         return
-    import os  # only to detect cluster launchers; the library reads no flags
-
-    if any(
-        k in os.environ
-        for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-    ):
-        if os.environ.get("SLURM_NTASKS", "1") == "1" and "TPU_WORKER_HOSTNAMES" not in os.environ:
-            return
-        jax.distributed.initialize()
+    if auto_detect:
+        jax.distributed.initialize()  # TPU pod slices, SLURM: jax reads the cluster
