@@ -20,16 +20,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
 flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv: list[str]) -> None:
+def run(argv: list[str], trainer: str) -> None:
+    """Starts the processes, then `diffusion_jax.training.<trainer>(config, workdir)`."""
     common.check_no_arguments(argv)
     logging.set_verbosity(logging.INFO)
     distributed.initialize()  # before any jax computation
     from diffusion_jax import training
 
     try:
-        training.train(_CONFIG.value, _WORKDIR.value)
+        getattr(training, trainer)(_CONFIG.value, _WORKDIR.value)
     except training.NonFiniteError as e:
         common.fail(str(e))
+
+
+def main(argv: list[str]) -> None:
+    run(argv, "train")
 
 
 if __name__ == "__main__":

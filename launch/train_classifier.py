@@ -4,28 +4,15 @@
 
 Running the same command again resumes from DIR's latest complete checkpoint. Several
 processes (GPU clusters): add --coordinator_address=HOST:PORT --num_processes=N
---process_id=I on each (not needed on TPU pods or SLURM).
+--process_id=I on each (not needed on TPU pods or SLURM). Flags as `launch.train`.
 """
 
-from absl import flags, logging
-
-from launch import common, distributed
-
-_CONFIG = common.define_config_flag("The run's config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-flags.mark_flags_as_required(["workdir"])
+from launch import common
+from launch import train as train_launcher  # defines --config, --workdir and the run
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
-    logging.set_verbosity(logging.INFO)
-    distributed.initialize()  # before any jax computation
-    from diffusion_jax import training
-
-    try:
-        training.train_classifier(_CONFIG.value, _WORKDIR.value)
-    except training.NonFiniteError as e:
-        common.fail(str(e))
+    train_launcher.run(argv, "train_classifier")
 
 
 if __name__ == "__main__":

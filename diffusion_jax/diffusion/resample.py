@@ -33,6 +33,7 @@ that order exactly as the paper code does, repeated timesteps included, in a
 state as well, so a NaN never enters the history.
 """
 
+import abc
 import dataclasses
 
 import flax.struct
@@ -59,7 +60,7 @@ class SamplerState:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleSampler:
+class ScheduleSampler(abc.ABC):
     """A distribution over timesteps (the paper code's ScheduleSampler).
 
     Attributes:
@@ -77,15 +78,16 @@ class ScheduleSampler:
             counts=jnp.zeros((self.num_timesteps,), jnp.int32),
         )
 
+    @abc.abstractmethod
     def weights(self, state: SamplerState) -> jax.Array:
         """Unnormalised positive weights of the timesteps, float32 [T] (paper: weights())."""
-        raise NotImplementedError
 
     def probabilities(self, state: SamplerState) -> jax.Array:
         """The distribution `sample` draws t from: float32 [T], summing to 1."""
         w = self.weights(state)
         return w / jnp.sum(w)
 
+    @abc.abstractmethod
     def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
         """Importance-samples timesteps for a batch.
 
@@ -98,8 +100,8 @@ class ScheduleSampler:
           (t, weights): t int32 [B] in [0, T); weights float32 [B], 1 / (T p_t), by
           which each example's loss is multiplied so the mean loss stays unbiased.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update(self, state: SamplerState, t, losses) -> SamplerState:
         """Records the losses of a batch (paper: update_with_all_losses).
 
@@ -111,7 +113,6 @@ class ScheduleSampler:
         Returns:
           The new state.
         """
-        raise NotImplementedError
 
     def _check_state(self, state: SamplerState) -> None:
         # Shapes are static under jit, so a state from another config (a checkpoint of
