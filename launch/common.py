@@ -79,7 +79,7 @@ def one_line(error: BaseException) -> str:
 
 
 def define_config_flag(
-    help_string: str, *, name: str = "config", required: bool = True
+    help_string: str, *, name: str = "config", required: bool = True, default: str | None = None
 ) -> flags.FlagHolder:
     """Defines `--<name>=configs/<file>.py[:variant]` and its `--<name>.<field>` overrides.
 
@@ -87,13 +87,15 @@ def define_config_flag(
       help_string: the flag's help.
       name: the flag name (also the override prefix).
       required: whether the flag must be given.
+      default: the config file used when the flag is not given (its `--<name>.<field>`
+        overrides still apply).
 
     Returns:
       The FlagHolder; `.value` is the (locked) ConfigDict after parsing.
     """
-    holder = config_flags.DEFINE_config_file(name, None, help_string)
+    holder = config_flags.DEFINE_config_file(name, default, help_string)
     _CONFIG_FLAG_NAMES.append(name)
-    if required:
+    if required and default is None:
         flags.mark_flag_as_required(name)
     return holder
 

@@ -18,8 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def sampling_commands():
     text = README.read_text()
-    section = text[text.index("## Sampling") : text.index("## Evaluating samples")]
-    section = section.replace("\\\n", " ")
+    section = text.replace("\\\n", " ")
     commands = re.findall(r"python -m launch\.sample ([^`\n]+)", section)
     assert len(commands) >= 8
     return commands

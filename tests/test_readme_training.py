@@ -18,8 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def training_commands():
     text = README.read_text()
-    section = text[text.index("## Training") : text.index("## Evaluating samples")]
-    section = section.replace("\\\n", " ")
+    section = text.replace("\\\n", " ")
     commands = re.findall(r"python -m (launch\.train(?:_classifier)?) ([^`\n\"]+)", section)
     assert len(commands) >= 6
     return commands

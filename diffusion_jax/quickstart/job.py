@@ -1,0 +1,423 @@
+"""The quickstart job's phases: train, train the classifiers, sample, measure, report.
+
+Every phase goes through the library users run: `training.train` /
+`training.train_classifier` (each in its own sub-workdir, so each resumes on its own),
+`sampling.run_sampling_job` (resumable), the diffusion's `calc_bpd_loop`. A re-run
+with the same workdir reuses what is finished (a training phase whose last checkpoint
+is at its `num_steps`, a sample file drawn from the same checkpoints and settings)
+and resumes what is not; a changed setting redoes only what depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from diffusion_jax import models, parallel
+from diffusion_jax.checkpoints import restore_params
+from diffusion_jax.checkpoints import workdir as workdir_lib
+from diffusion_jax.diffusion import create_diffusion
+from diffusion_jax.quickstart import baseline, report
+from diffusion_jax.training import checks
+from diffusion_jax.training.loop import config_json
+from diffusion_jax.training.writers import METRICS_FILE
+
+PHASES = ("diffusion", "classifier", "clean_classifier")
+_EXTRA_SECTIONS = ("classifier", "clean_classifier", "quickstart")
+JOB_FILE = "quickstart.json"  # the job's effective config, checked on every re-run
+STATE_FILE = "quickstart_state.json"  # what each derived output was made from
+_BPD_PURPOSE = 7
+
+
+def effective_config(config: Any, backend: str | None = None) -> ml_collections.ConfigDict:
+    """The job's config on this machine: `quickstart.accelerator` applied on a GPU/TPU."""
+    config = config.copy_and_resolve_references()
+    backend = backend or jax.default_backend()
+    job = config.quickstart
+    if backend != "cpu" and job.scale_on_accelerator:
+        accel = job.accelerator
+        config.training.num_steps = accel.num_steps
+        config.training.batch_size = accel.batch_size
+        config.training.ema_rates = (0.999,)
+        config.model.dtype = "auto"
+        for name in ("classifier", "clean_classifier"):
+            config[name].training.num_steps = accel.classifier_num_steps
+            config[name].training.eval_every = accel.classifier_num_steps
+            config[name].training.batch_size = accel.batch_size
+        job.samples_per_class = accel.samples_per_class
+        job.bpd_num_images = accel.bpd_num_images
+    return config
+
+
+def phase_config(config: Any, phase: str) -> ml_collections.ConfigDict:
+    """The standalone config of one training phase ('diffusion', 'classifier', ...).
+
+    The classifiers take their `model`, `optim` and `training` sections from
+    `config.<phase>` and everything else (diffusion, data, seed) from the top level.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
+    config = config.copy_and_resolve_references()
+    out = ml_collections.ConfigDict()
+    for key, value in config.items():
+        if key not in _EXTRA_SECTIONS:
+            out[key] = value
+    if phase != "diffusion":
+        for key in ("model", "optim", "training"):
+            out[key] = config[phase][key]
+    return out
+
+
+def _latest_step(directory: epath.Path) -> int | None:
+    if not workdir_lib.is_workdir(directory):
+        return None
+    manager = workdir_lib.create_manager(directory, keep=0, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def _check_workdir(config: Any, workdir: epath.Path) -> None:
+    """Writable, and holding nothing but an earlier run of this job's config."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            f"--workdir={workdir} is not writable ({type(e).__name__}: {e.strerror or e}); "
+            "choose a directory you can write to."
+        ) from None
+    record = workdir / JOB_FILE
+    if not record.exists():
+        if any(workdir.iterdir()):
+            raise ValueError(
+                f"--workdir={workdir} is not empty and holds no quickstart run ({JOB_FILE} "
+                "is missing); choose a new or empty --workdir."
+            )
+        return
+    saved = json.loads(record.read_text())
+    for phase in PHASES:
+        here = json.loads(config_json(phase_config(config, phase)))
+        there = phase_config(ml_collections.ConfigDict(saved), phase)
+        checks.check_resume_config(
+            json.loads(config_json(there)), here, f"--workdir={workdir} ({phase} model)"
+        )
+
+
+def _train_phase(config: Any, workdir: epath.Path, phase: str, index: int) -> int:
+    """Trains (or resumes, or reuses) one model; returns its final step."""
+    from diffusion_jax import training
+
+    cfg = phase_config(config, phase)
+    directory = workdir / phase
+    total = int(cfg.training.num_steps)
+    done = _latest_step(directory)
+    if done is not None and done >= total:
+        logging.info("[%d/6] %s: reusing %s (step %d)", index, phase, directory, done)
+        return done
+    what = {
+        "diffusion": "class-conditional diffusion model",
+        "classifier": "noise-aware classifier (guidance)",
+        "clean_classifier": "clean classifier (judges the samples)",
+    }[phase]
+    start = "from scratch" if done is None else f"resuming at step {done}"
+    logging.info("[%d/6] training the %s: %d steps, %s", index, what, total, start)
+    trainer = training.train if phase == "diffusion" else training.train_classifier
+    state = trainer(cfg, directory)
+    return int(jax.device_get(state.step))
+
+
+def _read_state(workdir: epath.Path) -> dict:
+    path = workdir / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_state(workdir: epath.Path, state: dict) -> None:
+    tmp = workdir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(workdir / STATE_FILE)
+
+
+def sample_runs(config: Any) -> list[tuple[str, float, float]]:
+    """(name, classifier_scale, cfg_scale) of each sample set the job draws."""
+    job = config.quickstart
+    runs = [("unguided", 0.0, 1.0), ("guided", float(job.classifier_scale), 1.0)]
+    if float(config.training.get("label_dropout", 0.0) or 0.0) > 0 and job.get("cfg_scale"):
+        runs.append(("cfg", 0.0, float(job.cfg_scale)))
+    return runs
+
+
+def _sampling_config(config, classifier_scale, cfg_scale, num_devices) -> Any:
+    cfg = phase_config(config, "diffusion")
+    k = int(cfg.model.num_classes)
+    per_class = int(config.quickstart.samples_per_class)
+    n = per_class * k
+    batch = min(n, int(cfg.sampling.batch_size))
+    sampling = cfg.sampling.to_dict()
+    sampling.update(
+        num_samples=n,
+        batch_size=-(-batch // num_devices) * num_devices,
+        labels=tuple(int(c) for c in np.repeat(np.arange(k), per_class)),  # one row per class
+        classifier_scale=float(classifier_scale),
+        cfg_scale=float(cfg_scale),
+        use_ema=True,
+    )
+    cfg.sampling = ml_collections.ConfigDict(sampling)  # labels: a tuple, not the str default
+    return cfg
+
+
+def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.Path]:
+    from diffusion_jax.sampling import run_sampling_job
+
+    mesh = parallel.create_mesh()
+    outputs = {}
+    runs = sample_runs(config)
+    for i, (name, scale, cfg_scale) in enumerate(runs):
+        t0 = time.time()
+        cfg = _sampling_config(config, scale, cfg_scale, mesh.devices.size)
+        output = workdir / f"samples_{name}.npz"
+        made_from = {
+            "diffusion_step": steps["diffusion"],
+            "classifier_step": steps["classifier"] if scale else None,
+            "sampling": json.loads(config_json(cfg.sampling)),
+            "seed": int(cfg.seed),
+        }
+        if state.get(output.name) != made_from:
+            # Made from other checkpoints or settings (or unfinished): draw again.
+            output.unlink(missing_ok=True)
+            parts = epath.Path(str(output) + ".parts")
+            if parts.exists() and output.name in state:
+                shutil.rmtree(parts)
+            state.pop(output.name, None)
+            _write_state(workdir, state)
+            logging.info(
+                "[4/6] sampling %s (%d/%d): %d images, %s %s steps, classifier scale %g, "
+                "cfg scale %g",
+                name, i + 1, len(runs), cfg.sampling.num_samples, cfg.sampling.method,
+                cfg.sampling.timestep_respacing, scale, cfg_scale,
+            )  # fmt: skip
+            run_sampling_job(
+                cfg,
+                str(workdir / "diffusion"),
+                str(output),
+                classifier_checkpoint=str(workdir / "classifier") if scale else None,
+                mesh=mesh,
+            )
+            state[output.name] = made_from
+            state.setdefault("sample_seconds", {})[name] = time.time() - t0
+            _write_state(workdir, state)
+        else:
+            logging.info("[4/6] sampling %s: reusing %s", name, output)
+        outputs[name] = output
+    return outputs
+
+
+def _read_npz(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
+        return np.asarray(data["arr_0"]), np.asarray(data["arr_1"])
+
+
+def _to_model_input(images: np.ndarray) -> jnp.ndarray:
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def _classify(config, workdir, images: np.ndarray, batch: int = 250) -> np.ndarray:
+    """The clean classifier's predicted class of uint8 images (at t = 0)."""
+    model = models.create_classifier(phase_config(config, "clean_classifier").model)
+    params, _ = restore_params(workdir / "clean_classifier")
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.zeros((x.shape[0],), jnp.int32)))
+    preds = []
+    for s in range(0, len(images), batch):
+        logits = apply(params, _to_model_input(images[s : s + batch]))
+        preds.append(np.asarray(jnp.argmax(logits, axis=-1)))
+    return np.concatenate(preds)
+
+
+def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split at the model's resolution, uint8, as the training pipeline makes it."""
+    from diffusion_jax.data import create_input_pipeline
+
+    data = phase_config(config, "diffusion").data
+    data.split = split
+    data.shuffle_buffer = 0
+    data.random_flip = False
+    data.random_crop = False
+    data.prefetch = 1
+    with create_input_pipeline(
+        data, global_batch_size=1, seed=0, process_index=0, process_count=1
+    ) as pipeline:
+        n = len(pipeline.source)
+    batch = max(d for d in range(1, 501) if n % d == 0)
+    images, labels = [], []
+    with create_input_pipeline(
+        data, global_batch_size=batch, seed=0, process_index=0, process_count=1
+    ) as pipeline:
+        for _ in range(n // batch):
+            b = next(pipeline)
+            images.append(np.asarray(b["image"]))
+            labels.append(np.asarray(b["label"]))
+    x = np.concatenate(images)
+    return np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8), np.concatenate(labels)
+
+
+def _balanced(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """Indices of the first n // num_classes images of each class (split order)."""
+    per = max(1, n // num_classes)
+    return np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(num_classes)])
+
+
+def _bpd_phase(config, workdir, steps: dict, state: dict) -> dict:
+    cfg = phase_config(config, "diffusion")
+    job = config.quickstart
+    test_x, test_y = _split_images(config, cfg.data.eval_split)
+    train_x, _ = _split_images(config, cfg.data.split)
+    log2p = baseline.fit_categorical(train_x)
+    pick = _balanced(test_y, int(job.bpd_num_images), int(cfg.model.num_classes))
+    made_from = {
+        "diffusion_step": steps["diffusion"],
+        "images": [int(i) for i in pick],
+        "seed": int(cfg.seed),
+    }
+    cached = state.get("bpd")
+    if cached and cached.get("made_from") == made_from:
+        logging.info("[5/6] bits/dim: reusing the result for step %d", steps["diffusion"])
+        return cached["result"]
+    rate = tuple(cfg.training.ema_rates)
+    params, _ = restore_params(workdir / "diffusion", ema_rate=rate[0] if rate else None)
+    model = models.create_model(cfg.model)
+    diffusion = create_diffusion(cfg.diffusion)
+    model_fn = jax.tree_util.Partial(model.apply, {"params": params})
+    base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), _BPD_PURPOSE)
+    batch = int(job.bpd_batch_size)
+    totals, start = [], time.time()
+    logging.info(
+        "[5/6] bits/dim of %d test images (%d steps each, %d per batch)",
+        len(pick), diffusion.num_timesteps, batch,
+    )  # fmt: skip
+    for s in range(0, len(pick), batch):
+        idx = pick[s : s + batch]
+        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(idx))
+        out = diffusion.calc_bpd_loop(
+            model_fn,
+            _to_model_input(test_x[idx]),
+            keys,
+            model_kwargs={"y": jnp.asarray(test_y[idx], jnp.int32)},
+        )
+        totals.append(np.asarray(out["total_bpd"]))
+        done = s + len(idx)
+        rate_s = done / (time.time() - start)
+        logging.info(
+            "bits/dim: %d/%d images, %.2f images/s, ETA %.0f s",
+            done, len(pick), rate_s, (len(pick) - done) / rate_s,
+        )  # fmt: skip
+    total = np.concatenate(totals)
+    result = {
+        "bpd": float(total.mean()),
+        "bpd_stderr": float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else 0.0,
+        "num_images": len(total),
+        "baseline_bpd": float(baseline.categorical_bpd(log2p, test_x[pick]).mean()),
+        "baseline_bpd_all_test": float(baseline.categorical_bpd(log2p, test_x).mean()),
+        "num_test_images": len(test_x),
+    }
+    result["seconds"] = time.time() - start
+    state["bpd"] = {"made_from": made_from, "result": result}
+    _write_state(workdir, state)
+    return result
+
+
+def _classifier_quartiles(workdir: epath.Path) -> dict:
+    """The last held-out evaluation the classifier run logged (metrics.jsonl)."""
+    path = workdir / METRICS_FILE
+    last = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "eval_acc@1" in record:
+            last = record
+    return last
+
+
+def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
+    """Runs (or continues) the quickstart job; returns its figures.
+
+    Args:
+      config: `configs/quickstart.py`'s config (overrides applied).
+      workdir: where everything goes (see `summary.md` there); re-running with the same
+        workdir reuses finished phases and resumes unfinished ones.
+
+    Returns:
+      The figures summary.md states (bits/dim, baseline, accuracies, times).
+
+    Raises:
+      OSError: the workdir is not writable.
+      ValueError: the workdir holds another config's run, or a bad config (before any
+        training).
+    """
+    if jax.process_count() > 1:
+        raise ValueError("the quickstart is a one-host job; run it in a single process.")
+    workdir = epath.Path(workdir)
+    config = effective_config(config)
+    num_devices = len(jax.devices())
+    for phase in PHASES:
+        trainer = "diffusion" if phase == "diffusion" else "classifier"
+        checks.check_training_config(phase_config(config, phase), trainer, num_devices)
+    _check_workdir(config, workdir)
+    (workdir / JOB_FILE).write_text(config_json(config))
+    began = time.time()
+    state = _read_state(workdir)
+    times, steps = {}, {}
+    for index, phase in enumerate(PHASES, start=1):
+        t0 = time.time()
+        before = _latest_step(workdir / phase)
+        steps[phase] = _train_phase(config, workdir, phase, index)
+        if before != steps[phase]:  # trained now (else: the time of the run that did)
+            state.setdefault("train_seconds", {})[phase] = (
+                state.get("train_seconds", {}).get(phase, 0.0) * (before is not None)
+                + time.time() - t0
+            )
+            _write_state(workdir, state)
+        times[phase] = state.get("train_seconds", {}).get(phase, time.time() - t0)
+    outputs = _sample_phase(config, workdir, steps, state)
+    times["sampling"] = sum(state.get("sample_seconds", {}).get(n, 0.0) for n in outputs)
+    bpd = _bpd_phase(config, workdir, steps, state)
+    times["bpd"] = bpd["seconds"]
+    logging.info("[6/6] judging the samples with the clean classifier; writing the report")
+    recognised = {}
+    for name, path in outputs.items():
+        images, labels = _read_npz(path)
+        recognised[name] = {
+            "accuracy": float(np.mean(_classify(config, workdir, images) == labels)),
+            "num_samples": len(labels),
+        }
+    test_x, test_y = _split_images(config, config.data.eval_split)
+    clean_test_acc = float(np.mean(_classify(config, workdir, test_x) == test_y))
+    figures = {
+        "steps": steps,
+        "bpd": bpd,
+        "recognised": recognised,
+        "clean_classifier_test_accuracy": clean_test_acc,
+        "classifier_eval": _classifier_quartiles(workdir / "classifier"),
+        "runs": [list(r) for r in sample_runs(config)],
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "backend": jax.default_backend(),
+        "num_devices": num_devices,
+    }
+    report.write_report(config, workdir, figures, outputs)
+    figures["seconds"]["total"] = round(time.time() - began, 1)
+    (workdir / "figures.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
+    logging.info("quickstart done in %.0f s: see %s", time.time() - began, workdir / "summary.md")
+    return figures
+
+
+__all__ = ["PHASES", "effective_config", "phase_config", "run_quickstart", "sample_runs"]
