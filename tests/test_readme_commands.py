@@ -21,6 +21,7 @@ from launch import common
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+_DEFINE = r"DEFINE_\w+\(\s*[\"'](\w+)[\"']"
 _ABSL_FLAGS = {"verbosity", "v", "logtostderr", "alsologtostderr", "helpfull", "help"}
 
 # launcher -> tests that run it end to end on tiny configs (file::function).
@@ -64,11 +65,11 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 def _defined_flags(launcher: str) -> set[str]:
     source = (ROOT / "launch" / f"{launcher}.py").read_text()
-    names = set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", source))
+    names = set(re.findall(_DEFINE, source))
     if "define_config_flag(" in source:
         names |= set(re.findall(r"define_config_flag\([^)]*name=[\"'](\w+)", source)) or {"config"}
     if "distributed" in source:
-        names |= set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", (ROOT / "launch" / "distributed.py").read_text()))
+        names |= set(re.findall(_DEFINE, (ROOT / "launch" / "distributed.py").read_text()))
     if "run(argv" in source and launcher != "train":  # reuses launch.train's flags
         names |= _defined_flags("train")
     return names | _ABSL_FLAGS

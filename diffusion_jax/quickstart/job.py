@@ -384,7 +384,8 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
         if before != steps[phase]:  # trained now (else: the time of the run that did)
             state.setdefault("train_seconds", {})[phase] = (
                 state.get("train_seconds", {}).get(phase, 0.0) * (before is not None)
-                + time.time() - t0
+                + time.time()
+                - t0
             )
             _write_state(workdir, state)
         times[phase] = state.get("train_seconds", {}).get(phase, time.time() - t0)
