@@ -198,7 +198,7 @@ def diffusion_train_step(
 
     Returns:
       (new state, metrics: loss, mse[, vb], their per-quartile means, grad_norm, lr,
-      nonfinite_steps).
+      nonfinite_steps[, null_labels: the share of labels dropped to the null class]).
     """
     step_rng = jax.random.fold_in(state.base_key, state.step)
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
@@ -232,6 +232,8 @@ def diffusion_train_step(
     sampler_state = sampler.update(state.sampler, t, terms["loss"])
     new_state, metrics = _apply_update(state, grads, loss, settings, sampler_state)
     metrics["loss"] = loss
+    if settings.label_dropout > 0:  # the share of the batch trained as unconditional
+        metrics["null_labels"] = jnp.mean((kwargs["y"] == settings.null_label).astype(jnp.float32))
     for name, values in terms.items():
         weighted = values * weights
         if name != "loss":
