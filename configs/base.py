@@ -15,6 +15,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # (in a config or on the command line) sets both, so they cannot disagree.
     image_size = ml_collections.FieldReference(64, field_type=int)
     learn_sigma = ml_collections.FieldReference(False, field_type=bool)
+    # Classifier-free guidance: the probability of training on the null class; > 0
+    # gives the model's label embedding its null row (models.null_label).
+    label_dropout = ml_collections.FieldReference(0.0, field_type=float)
 
     # --- Network (UNet, super-resolution UNet, or noise-aware classifier). -----------
     model = config.model = ml_collections.ConfigDict()
@@ -35,6 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     model.dropout = 0.0
     model.num_classes = ml_collections.FieldReference(None, field_type=int)
     model.learn_sigma = learn_sigma  # linked: diffusion.learn_sigma
+    model.label_dropout = label_dropout  # linked: training.label_dropout (> 0: a null row)
     # Compute dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); params stay float32.
     model.dtype = "auto"
     model.remat = False  # rematerialise blocks to save memory
@@ -89,6 +93,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3
     training.schedule_sampler = "uniform"  # 'uniform' | 'loss-second-moment'
+    # Classifier-free guidance (Ho & Salimans): each label is replaced by the null class
+    # model.num_classes with this probability (linked: model.label_dropout).
+    training.label_dropout = label_dropout
     # Fine-tuning: a convert_checkpoint directory or a training workdir whose parameters
     # start this run (fresh optimiser state); '' = random initialisation.
     training.init_from = ""
@@ -119,8 +126,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling = config.sampling = ml_collections.ConfigDict()
     sampling.num_samples = 50_000
     sampling.batch_size = 256  # global
-    sampling.method = "ancestral"  # 'ancestral' | 'ddim'
-    sampling.timestep_respacing = 250
+    sampling.method = "ancestral"  # 'ancestral' | 'ddim' | 'dpm_solver++'
+    sampling.timestep_respacing = 250  # steps (dpm_solver++: its model evaluations)
     sampling.eta = 0.0
     sampling.clip_denoised = True
     sampling.classifier_scale = 0.0  # 0 = no classifier guidance
@@ -129,5 +136,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.use_ema = True  # training workdirs: sample with the first training.ema_rates copy
     # Class labels: 'random' (uniform), one class (7) or a tuple of classes used in turn.
     sampling.labels = ml_collections.FieldReference("random", field_type=object)
-    sampling.cfg_scale = 1.0  # classifier-free guidance scale (1.0 = plain conditional)
+    # Classifier-free guidance scale s in eps_u + s (eps_c - eps_u) (1.0 = plain
+    # conditional); needs a model trained with training.label_dropout > 0.
+    sampling.cfg_scale = 1.0
     return config

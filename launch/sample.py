@@ -5,8 +5,9 @@
   python -m launch.sample --config=configs/upsample64_256.py --checkpoint=ckpt/up64_256 \
     --base_samples=samples/imagenet64.npz --output=samples/imagenet256_stack.npz
 
-Settings come from `config.sampling` (num_samples, global batch_size, method, timestep
-respacing, eta, classifier_scale, use_ema, labels) and `config.seed`, e.g.
+Settings come from `config.sampling` (num_samples, global batch_size, method ('ancestral',
+'ddim', 'dpm_solver++'), timestep respacing (= the steps), eta, classifier_scale,
+cfg_scale, use_ema, labels) and `config.seed`, e.g.
 `--config=configs/imagenet128.py:ddim25` or `--config.sampling.num_samples=1000`.
 `--checkpoint` is a convert_checkpoint directory or a training workdir. The job runs
 over every device of every process (several processes: add --coordinator_address=HOST:PORT

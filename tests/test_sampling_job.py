@@ -271,3 +271,72 @@ def test_ddim_rows_use_the_papers_ddim_spacing():
     np.testing.assert_array_equal(ddim.timestep_map, np.arange(0, 1000, 40))  # stride 40
     config.sampling.method = "ancestral"
     assert job_lib.sampling_respacing(config) == 25  # section spacing, as the paper's 250
+
+
+@pytest.fixture(scope="module")
+def cfg_checkpoint(ck, tmp_path_factory):
+    """The tiny base model with a null-class row, as training with label dropout leaves it."""
+    from diffusion_jax import checkpoints
+
+    params, _ = checkpoints.restore_params(ck["base_dir"])
+    table = np.asarray(params["label_emb"]["embedding"])
+    null_row = np.random.default_rng(0).normal(size=(1, table.shape[1])).astype(table.dtype)
+    params["label_emb"]["embedding"] = np.concatenate([table, null_row])
+    config = sm.load(sm.BASE)
+    config.training.label_dropout = 0.1  # linked: model.label_dropout
+    directory = tmp_path_factory.mktemp("cfg") / "base_cfg"
+    checkpoints.save_params(directory, params, config)
+    return str(directory)
+
+
+def test_dpm_solver_with_both_guidances_is_the_same_on_8_and_1_devices(
+    ck, cfg_checkpoint, tmp_path, monkeypatch
+):
+    import jax
+
+    from diffusion_jax import parallel
+    from diffusion_jax.sampling import sharded
+
+    wrapped, original = [], sharded.classifier_free_model_fn
+
+    def recording(model_fn, scale, null_label):
+        wrapped.append(null_label)
+        return original(model_fn, scale, null_label)
+
+    monkeypatch.setattr(sharded, "classifier_free_model_fn", recording)
+
+    config = job_config(
+        ck, num_samples=8, method="dpm_solver++", timestep_respacing=4, cfg_scale=3.0
+    )
+    config.training.label_dropout = 0.1
+    eight = sm.read_npz(sampling.run_sampling_job(config, cfg_checkpoint, str(tmp_path / "8.npz")))
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    one = sampling.run_sampling_job(config, cfg_checkpoint, str(tmp_path / "1.npz"), mesh=mesh)
+    one = sm.read_npz(one)
+    np.testing.assert_array_equal(eight["arr_1"], one["arr_1"])
+    diff = np.abs(eight["arr_0"].astype(int) - one["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    # Both programs were built with classifier-free guidance towards the null class 1000
+    # (traced once each; the combination itself is tested in test_classifier_free_guidance).
+    assert wrapped == [1000, 1000]
+    assert np.abs(eight["arr_0"][0].astype(int) - eight["arr_0"][1].astype(int)).mean() > 5
+
+
+def test_cfg_scale_needs_a_null_class_and_methods_are_checked(ck, tmp_path, no_device_work):
+    base, out = str(ck["base_dir"]), str(tmp_path / "o.npz")
+    for match, config in (
+        (
+            r"sampling\.cfg_scale=3\.0 \(classifier-free guidance\) needs a class-conditional "
+            r"model trained with training\.label_dropout > 0; --checkpoint=.* has no null class",
+            job_config(ck, cfg_scale=3.0),
+        ),
+        (r"sampling\.method: unknown value 'plms'", job_config(ck, method="plms")),
+    ):
+        with pytest.raises(ValueError, match=match) as info:
+            sampling.run_sampling_job(config, base, out)
+        assert "\n" not in str(info.value)
+    # The config must say the checkpoint has a null row (and vice versa).
+    with_null = job_config(ck)
+    with_null.training.label_dropout = 0.1
+    with pytest.raises(ValueError, match=r"checkpoint has model\.label_dropout=0"):
+        sampling.run_sampling_job(with_null, base, out)

@@ -1,9 +1,14 @@
 """Train steps: sharded == single device, FSDP == replicated, microbatched == one batch.
 
+The diffusion steps train with label dropout (classifier-free guidance), so each of
+these equalities holds for the dropped labels too.
+
 Adam's first steps are sign-like (g / (|g| + eps)), so float32 reduction-order noise in
 near-zero gradients would flip whole updates; these comparisons use optim.eps = 1 so
 the update is smooth in the gradient and a real difference in the gradient shows.
 """
+
+import json
 
 import jax
 import numpy as np
@@ -12,6 +17,8 @@ import pytest
 from configs import quickstart
 from diffusion_jax import parallel
 from diffusion_jax.training import checks, ema_key, loop
+
+LABEL_DROPOUT = 0.25
 
 
 def tiny_config(**training):
@@ -30,6 +37,7 @@ def tiny_config(**training):
     config.training.num_steps = 100
     config.training.ema_rates = (0.9, 0.99)
     config.training.schedule_sampler = "loss-second-moment"
+    config.training.label_dropout = LABEL_DROPOUT  # linked: model.label_dropout
     config.training.update(training)
     return config
 
@@ -97,6 +105,11 @@ def test_sharded_step_equals_single_device(single_device_run, setup8):
     assert_trees_close(state8.params, state1.params)
     assert_trees_close(state8.ema, state1.ema)
     assert_trees_close(state8.opt_state, state1.opt_state, rtol=1e-4, atol=1e-7)
+    # Label dropout: the embedding has the null row (10 classes + 1), and the same
+    # labels of the batch were replaced by the null class 10 on 8 devices as on one.
+    assert state8.params["label_emb"]["embedding"].shape[0] == 11
+    assert 0.0 < float(metrics8["null_labels"]) < 1.0
+    np.testing.assert_array_equal(metrics8["null_labels"], metrics1["null_labels"])
     np.testing.assert_array_equal(state8.sampler.counts, state1.sampler.counts)
     np.testing.assert_allclose(state8.sampler.history, state1.sampler.history, rtol=1e-5)
     for k in ("loss", "mse", "vb", "grad_norm", "loss_q0", "vb_q3"):
@@ -172,6 +185,7 @@ def test_classifier_step_sharded_equals_single_device():
     config.model.learn_sigma = False
     config.model.pool = "adaptive"
     config.training.ema_rates = ()
+    config.training.label_dropout = 0.0  # a classifier trains on every label
     state1, m1, _ = run_steps(config, jax.devices()[:1], trainer="classifier")
     state8, m8, _ = run_steps(config, jax.devices(), trainer="classifier")
     assert_trees_close(state8.params, state1.params)
@@ -191,3 +205,43 @@ def test_learning_rate_schedule_warmup_and_anneal():
     np.testing.assert_allclose(
         [float(sched(s)) for s in (0, 5, 10, 50, 100)], [0.0, 0.5 * 0.95, 0.9, 0.5, 0.0], atol=1e-6
     )
+
+
+def test_label_dropout_replaces_that_share_of_labels_by_the_null_class():
+    from diffusion_jax.training import steps
+
+    labels = jax.numpy.asarray(np.arange(100_000) % 10, jax.numpy.int32)
+    got = np.asarray(steps.drop_labels(labels, jax.random.key(0), 0.3, 10))
+    dropped = got == 10
+    # SE of the share: sqrt(0.3 * 0.7 / 1e5) = 0.0014; 4 SE allowed.
+    assert abs(dropped.mean() - 0.3) < 0.006, dropped.mean()
+    np.testing.assert_array_equal(got[~dropped], np.asarray(labels)[~dropped])
+    assert set(np.unique(got)) <= set(range(11))
+    np.testing.assert_array_equal(steps.drop_labels(labels, jax.random.key(0), 0.0, 10), labels)
+    other = np.asarray(steps.drop_labels(labels, jax.random.key(1), 0.3, 10))
+    assert (other != got).mean() > 0.3  # keyed: another key drops other labels
+
+
+def test_label_dropout_is_checked_and_resuming_with_another_is_refused():
+    config = tiny_config()
+    assert config.model.label_dropout == LABEL_DROPOUT  # one reference, two sections
+    checks.check_training_config(config, "diffusion", 8)
+
+    def fails(match, config, trainer="diffusion"):
+        with pytest.raises(ValueError, match=match) as info:
+            checks.check_training_config(config, trainer, 8)
+        assert "\n" not in str(info.value)
+
+    fails(r"training\.label_dropout must be in \[0, 1\), got 1\.0", tiny_config(label_dropout=1.0))
+    unconditional = tiny_config()
+    unconditional.model.num_classes = None
+    unconditional.data.class_cond = False
+    fails(r"label_dropout=0\.25 needs a class-conditional model: set model\.num_cl", unconditional)
+    classifier = tiny_config()
+    classifier.model.kind = "classifier"
+    fails(r"label_dropout=0\.25 is for diffusion models", classifier, "classifier")
+    saved = json.loads(config.to_json_best_effort())
+    with pytest.raises(ValueError, match=r"training\.label_dropout \(run: 0\.25, now: 0\.1\)"):
+        checks.check_resume_config(
+            saved, json.loads(tiny_config(label_dropout=0.1).to_json_best_effort()), "DIR"
+        )

@@ -1,10 +1,11 @@
 """Gaussian diffusion in pure, jit-compatible JAX (the paper code's GaussianDiffusion).
 
 `create_diffusion(config.diffusion)` returns a `Diffusion` (a hashable value) with
-q_sample, training_losses, p_sample_loop, ddim_sample_loop, calc_bpd_loop and the other
-pieces as methods; `SamplerOptions` is the one home of a sampler's settings (used by
-`Diffusion.sample_loop`); `classifier_cond_fn` builds the guidance gradient from a
-classifier.
+q_sample, training_losses, p_sample_loop, ddim_sample_loop, dpm_solver_sample_loop,
+calc_bpd_loop and the other pieces as methods; `SamplerOptions` is the one home of a
+sampler's settings (used by `Diffusion.sample_loop`); `classifier_cond_fn` builds the
+guidance gradient from a classifier and `classifier_free_model_fn` wraps a model for
+classifier-free guidance.
 """
 
 from diffusion_jax.diffusion.factory import Diffusion, create_diffusion
@@ -14,7 +15,7 @@ from diffusion_jax.diffusion.gaussian import (
     MODEL_VAR_TYPES,
     GaussianDiffusion,
 )
-from diffusion_jax.diffusion.guidance import classifier_cond_fn
+from diffusion_jax.diffusion.guidance import classifier_cond_fn, classifier_free_model_fn
 from diffusion_jax.diffusion.losses import (
     discretized_gaussian_log_likelihood,
     mean_flat,
@@ -46,6 +47,7 @@ __all__ = [
     "ScheduleSampler",
     "UniformSampler",
     "classifier_cond_fn",
+    "classifier_free_model_fn",
     "create_diffusion",
     "create_schedule_sampler",
     "discretized_gaussian_log_likelihood",

@@ -1,5 +1,11 @@
-"""Classifier guidance: the gradient s * grad_x log p(y | x_t) from a noisy classifier."""
+"""Guidance: classifier guidance (the paper) and classifier-free guidance (Ho & Salimans).
 
+`classifier_cond_fn` gives the samplers' cond_fn, s * grad_x log p(y | x_t) from a
+noise-aware classifier; `classifier_free_model_fn` wraps a model_fn trained with label
+dropout into eps_u + s * (eps_c - eps_u). The two combine.
+"""
+
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -53,4 +59,71 @@ def classifier_cond_fn(classifier_apply: Callable, classifier_params, scale: flo
         raise ValueError(f"classifier_apply must be callable, got {type(classifier_apply)}")
     return jax.tree_util.Partial(
         _classifier_gradient, classifier_apply, classifier_params, jnp.asarray(scale, jnp.float32)
+    )
+
+
+def _classifier_free(model_fn, scale, null_label, x, t, y=None, **model_kwargs):
+    if y is None:
+        raise ValueError(
+            "classifier-free guidance needs the labels y: pass model_kwargs={'y': labels}"
+        )
+    batch, channels = x.shape[0], x.shape[-1]
+    if jnp.shape(y) != (batch,):
+        raise ValueError(f"y must have shape ({batch},) to match x of shape {x.shape}")
+
+    def twice(v):
+        return jnp.concatenate([v, v], axis=0)
+
+    t = jnp.broadcast_to(t, (batch,))
+    null = jnp.full_like(y, null_label)
+    # One call on the doubled batch [conditional | unconditional]: one program, the
+    # model's batch dimension shared (sharded over the same devices).
+    out = model_fn(
+        twice(x),
+        twice(t),
+        y=jnp.concatenate([y, null], axis=0),
+        **{k: twice(v) for k, v in model_kwargs.items()},
+    )
+    out = out.astype(jnp.promote_types(out.dtype, jnp.float32))
+    cond, uncond = out[:batch], out[batch:]
+    scale = jnp.asarray(scale).astype(out.dtype)
+    # The mean channels only: the affine combination (weights 1 - s and s) is the same
+    # whether they hold eps or x_0. Learned variances come from the conditional pass.
+    eps = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
+    return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
+
+
+def classifier_free_model_fn(model_fn: Callable, scale, null_label: int) -> Callable:
+    """Classifier-free guidance: a model_fn every sampler takes (Ho & Salimans 2022).
+
+    The result evaluates the conditional and the unconditional halves in ONE call of
+    `model_fn` on a doubled batch: x and t concatenated twice, labels [y, null_label],
+    and every other model input (e.g. low_res) duplicated along the batch. It returns
+    eps_u + scale * (eps_c - eps_u) in the mean (eps) channels and, for learned-sigma
+    models, the conditional pass's variance channels. scale = 1 is the plain
+    conditional model, 0 the unconditional (null-label) one.
+
+    A `jax.tree_util.Partial`: model_fn's parameters and the scale are traced inputs of
+    the compiled loops, so a new scale does not recompile.
+
+    Args:
+      model_fn: `model_fn(x, t, y=labels, **model_kwargs)` of a class-conditional model
+        trained with label dropout (`training.label_dropout > 0`), so it knows the null
+        class.
+      scale: the guidance scale s.
+      null_label: the null class index (the model's num_classes; see
+        `diffusion_jax.models.null_label`).
+
+    Returns:
+      `guided(x, t, y, **model_kwargs)` -> output shaped like model_fn's.
+    """
+    if not callable(model_fn):
+        raise ValueError(f"model_fn must be callable, got {type(model_fn)}")
+    if isinstance(null_label, bool) or not isinstance(null_label, numbers.Integral):
+        raise ValueError(
+            f"null_label must be the null class index (an int: the model's num_classes), "
+            f"got {null_label!r}"
+        )
+    return jax.tree_util.Partial(
+        _classifier_free, model_fn, jnp.asarray(scale, jnp.float32), int(null_label)
     )

@@ -1,4 +1,4 @@
-"""The compiled sampling loops of `Diffusion` (ancestral, DDIM, DDIM inversion).
+"""The compiled sampling loops of `Diffusion` (ancestral, DDIM, DDIM inversion, DPM-Solver++).
 
 A mixin: `Diffusion` combines it with `GaussianDiffusion`'s math. Every loop is
 `sample_loop` with a `SamplerOptions` (the one home of the sampler's settings); the
@@ -47,7 +47,8 @@ class SamplingLoops:
           shape: sample shape [B, H, W, C].
           rng: one key (sample i uses fold_in(rng, i)), [B] per-sample keys, or None
             (only for a deterministic loop given noise).
-          options: `SamplerOptions` (kind 'ancestral' or 'ddim', eta, clipping, ...).
+          options: `SamplerOptions` (kind 'ancestral', 'ddim' or 'dpm_solver++', eta,
+            steps, clipping, ...).
           noise: fixed x_T of `shape`; by default drawn per sample inside the program
             (see `initial_noise`).
           denoised_fn: applied to x_0 predictions before clipping.
@@ -256,6 +257,71 @@ class SamplingLoops:
             cond_kwargs=cond_kwargs,
             progress=progress,
         )
+
+    def dpm_solver_sample_loop(
+        self,
+        model_fn: ModelFn,
+        shape,
+        rng,
+        *,
+        steps=20,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        cond_kwargs=None,
+        progress=False,
+        keep_intermediates=False,
+    ):
+        """DPM-Solver++ (2M) from x_T to x_0 in `steps` model evaluations, one compiled scan.
+
+        The model is evaluated at `steps` of this diffusion's timesteps, evenly spaced
+        with both ends kept (as timestep_respacing=steps keeps them), i.e. always at
+        integer timesteps of the training schedule; see `dpm_solver` for the update
+        and the final step (the data prediction at timestep 0). Deterministic given
+        x_T. Learned-variance models contribute their mean channels only.
+
+        Args:
+          model_fn: pure `model_fn(x, t_model, **model_kwargs)`, hashable (e.g. from
+            `classifier_free_model_fn` for classifier-free guidance).
+          shape: sample shape [B, H, W, C].
+          rng: one key or [B] per-sample keys (only draws x_T), or None with noise.
+          steps: model evaluations, in [2, num_timesteps]; None = every timestep of
+            this (respaced) diffusion.
+          noise: fixed x_T of `shape`.
+          clip_denoised: clip (threshold) the x_0 predictions to [-1, 1].
+          denoised_fn: applied to x_0 predictions before clipping.
+          cond_fn: classifier guidance `cond_fn(x, t_model, **cond_kwargs)`; shifts
+            eps by -sqrt(1 - alpha_bar_t) * gradient, as DDIM's Algorithm 2.
+          model_kwargs: extra model inputs.
+          cond_kwargs: cond_fn's inputs; None = model_kwargs.
+          progress: host-side progress bar.
+          keep_intermediates: return a dict with 'samples'/'pred_xstarts' [steps, ...]
+            (row i: after the model evaluation i) instead of the samples.
+
+        Returns:
+          [B, H, W, C] samples (or the dict).
+        """
+        options = SamplerOptions(
+            kind="dpm_solver++",
+            clip_denoised=clip_denoised,
+            keep_intermediates=keep_intermediates,
+            progress=progress,
+            steps=steps,
+        )
+        out = self.sample_loop(
+            model_fn,
+            shape,
+            rng,
+            options,
+            noise=noise,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            cond_kwargs=cond_kwargs,
+        )
+        return out if keep_intermediates else out["sample"]
 
     def ddim_reverse_sample_loop(
         self,

@@ -1,4 +1,4 @@
-"""`SamplerOptions`: the one home of a sampler's settings (kind, eta, clipping, ...).
+"""`SamplerOptions`: the one home of a sampler's settings (kind, eta, steps, clipping, ...).
 
 The loops, the single-step samplers and the sampling jobs take one `SamplerOptions`
 instead of the same keywords threaded through every layer; adding a sampler or an
@@ -18,9 +18,14 @@ from typing import Any
 import jax
 
 # What each loop kind is: (draws step noise, description for progress bars).
-KINDS = ("ancestral", "ddim", "ddim_reverse")
+KINDS = ("ancestral", "ddim", "ddim_reverse", "dpm_solver++")
 # `config.sampling.method` names -> loop kinds.
-METHODS = {"ancestral": "ancestral", "ddpm": "ancestral", "ddim": "ddim"}
+METHODS = {
+    "ancestral": "ancestral",
+    "ddpm": "ancestral",
+    "ddim": "ddim",
+    "dpm_solver++": "dpm_solver++",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +33,18 @@ class SamplerOptions:
     """How a sampling loop runs.
 
     Attributes:
-      kind: 'ancestral' (Algorithm 1), 'ddim' (Algorithm 2 when guided) or
-        'ddim_reverse' (DDIM inversion x_0 -> x_T).
+      kind: 'ancestral' (Algorithm 1), 'ddim' (Algorithm 2 when guided),
+        'ddim_reverse' (DDIM inversion x_0 -> x_T) or 'dpm_solver++' (DPM-Solver++ 2M,
+        multistep data prediction; deterministic given x_T).
       eta: DDIM's eta (0 = deterministic given x_T, 1 = the ancestral variance);
         must be 0 for 'ancestral' and 'ddim_reverse'. Traced: changing it does not
         recompile.
       clip_denoised: clip x_0 predictions to [-1, 1].
       keep_intermediates: also return every step's x_{t-1} and x_0 prediction.
       progress: show a host-side progress bar (steps/s).
+      steps: 'dpm_solver++' only: model evaluations, at that many integer timesteps of
+        the diffusion evenly spaced in log-SNR (see `dpm_solver`); None = every
+        timestep.
     """
 
     kind: str = "ancestral"
@@ -43,6 +52,7 @@ class SamplerOptions:
     clip_denoised: bool = True
     keep_intermediates: bool = False
     progress: bool = False
+    steps: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -54,13 +64,22 @@ class SamplerOptions:
                 raise ValueError(f"eta applies to DDIM only; {self.kind} needs eta=0.0")
         for name in ("clip_denoised", "keep_intermediates", "progress"):
             object.__setattr__(self, name, bool(getattr(self, name)))
+        if self.steps is not None:
+            if self.kind != "dpm_solver++":
+                raise ValueError(
+                    f"steps applies to dpm_solver++ only; {self.kind} runs every timestep of "
+                    "its (respaced) diffusion: set timestep_respacing instead"
+                )
+            if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 2:
+                raise ValueError(f"dpm_solver++ steps must be an int >= 2, got {self.steps!r}")
+            object.__setattr__(self, "steps", int(self.steps))
 
     @property
     def stochastic(self) -> bool:
         """Whether the loop draws step noise (needs keys beyond x_T)."""
         if self.kind == "ancestral":
             return True
-        if self.kind == "ddim_reverse":
+        if self.kind in ("ddim_reverse", "dpm_solver++"):
             return False
         try:
             return float(self.eta) != 0.0
@@ -71,9 +90,14 @@ class SamplerOptions:
     def from_config(cls, sampling_config: Any, **overrides) -> SamplerOptions:
         """Options from `config.sampling` (method, eta, clip_denoised).
 
+        DPM-Solver++ takes its steps from `sampling.timestep_respacing` (an int such as
+        20; '' or 0 = every timestep), chosen by the solver over the training schedule,
+        which it must then run on (see `sampling_respacing` in the sampling job).
+
         Args:
-          sampling_config: a ConfigDict or mapping with `method` ('ancestral' | 'ddim'),
-            `eta` and `clip_denoised`.
+          sampling_config: a ConfigDict or mapping with `method` ('ancestral' | 'ddim' |
+            'dpm_solver++'), `eta`, `clip_denoised` (and `timestep_respacing` for
+            'dpm_solver++').
           **overrides: fields to set instead (e.g. progress=True).
 
         Raises:
@@ -91,14 +115,36 @@ class SamplerOptions:
             eta=float(get("eta", 0.0)) if kind == "ddim" else 0.0,
             clip_denoised=bool(get("clip_denoised", True)),
         )
+        if kind == "dpm_solver++":
+            values["steps"] = dpm_solver_steps(get("timestep_respacing", ""))
         values.update(overrides)
         return cls(**values)
+
+
+def dpm_solver_steps(timestep_respacing) -> int | None:
+    """DPM-Solver++'s steps from `sampling.timestep_respacing` (None = every timestep).
+
+    Raises:
+      ValueError: naming sampling.timestep_respacing when it is not one step count.
+    """
+    spec = timestep_respacing
+    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "0")) or spec == 0:
+        return None
+    if isinstance(spec, str) and spec.strip().isdigit():
+        spec = int(spec)
+    if isinstance(spec, bool) or not isinstance(spec, numbers.Integral):
+        raise ValueError(
+            f"sampling.timestep_respacing={timestep_respacing!r}: with "
+            "sampling.method='dpm_solver++' it is the number of solver steps, an int such "
+            "as 20"
+        )
+    return int(spec)
 
 
 jax.tree_util.register_dataclass(
     SamplerOptions,
     data_fields=["eta"],
-    meta_fields=["kind", "clip_denoised", "keep_intermediates", "progress"],
+    meta_fields=["kind", "clip_denoised", "keep_intermediates", "progress", "steps"],
 )
 
-__all__ = ["KINDS", "METHODS", "SamplerOptions"]
+__all__ = ["KINDS", "METHODS", "SamplerOptions", "dpm_solver_steps"]

@@ -1,5 +1,7 @@
 """Ancestral and DDIM sampling: single steps and whole loops as one compiled scan.
 
+`run_loop` also runs DPM-Solver++ (its program lives in `dpm_solver`).
+
 Randomness is per sample, so a sample never depends on the batch it was drawn in
 (its size, its other members, how it is sharded over devices). `rng` is either one
 typed key, and then sample i of the batch uses `key_i = fold_in(rng, i)`, or a batch
@@ -17,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import callables, keys, progress
+from diffusion_jax.diffusion import callables, dpm_solver, keys, progress
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, compute_dtype
 from diffusion_jax.diffusion.options import SamplerOptions
 
@@ -290,7 +292,7 @@ def run_loop(
 
     Args:
       diffusion: the process (hashable value: equal settings share programs).
-      options: the loop's kind, eta, clipping, intermediates and progress bar.
+      options: the loop's kind, eta, steps, clipping, intermediates and progress bar.
       model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
       x_init: [B, H, W, C] starting point (x_T, or x_0 for the reverse loop).
       sample_rngs: [B] keys, one per sample (step t of sample i draws from
@@ -325,10 +327,15 @@ def run_loop(
         options = dataclasses.replace(
             options, eta=jnp.asarray(options.eta, compute_dtype(x_init.dtype))
         )
+    program, num_steps = _loop_program, diffusion.num_timesteps
+    if options.kind == dpm_solver.KIND:
+        program = dpm_solver.loop_program
+        steps = dpm_solver.solver_timesteps(diffusion.tables["alphas_cumprod"], options.steps)
+        num_steps = len(steps)  # (and checks steps on the host)
     if options.progress:
-        progress.open_bar(options.kind, diffusion.num_timesteps)
+        progress.open_bar(options.kind, num_steps)
     try:
-        result = _loop_program(
+        result = program(
             diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
         )
         if options.progress:

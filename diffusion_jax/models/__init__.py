@@ -27,6 +27,7 @@ __all__ = [
     "create_classifier",
     "create_model",
     "default_channel_mult",
+    "null_label",
     "qkv_attention",
     "resolve_compute_dtype",
     "timestep_embedding",
@@ -99,6 +100,21 @@ def default_channel_mult(image_size: int, kind: str = "unet") -> tuple[float, ..
     return table[image_size]
 
 
+def null_label(model_config: Any) -> int | None:
+    """The null class of a model trained for classifier-free guidance, else None.
+
+    The one place that says what `label_dropout > 0` means for a network: a
+    class-conditional model trained with label dropout (`model.label_dropout`, linked
+    to `training.label_dropout`) has one more label-embedding row, index num_classes,
+    standing for "no label". Models without the field (converted paper checkpoints,
+    older configs) have none.
+    """
+    num_classes = _get(model_config, "num_classes", None)
+    if num_classes is None or not float(_get(model_config, "label_dropout", 0.0) or 0.0) > 0:
+        return None
+    return int(num_classes)
+
+
 def validate_model_config(model_config: Any) -> dict[str, Any]:
     """Checks a `config.model` section and resolves its defaults.
 
@@ -167,6 +183,18 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
     dropout = float(_get(model_config, "dropout", 0.0))
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {dropout}.")
+    label_dropout = float(_get(model_config, "label_dropout", 0.0) or 0.0)
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(
+            f"training.label_dropout (= model.label_dropout) must be in [0, 1), got "
+            f"{label_dropout}."
+        )
+    if label_dropout > 0 and (num_classes is None or kind == "classifier"):
+        raise ValueError(
+            f"training.label_dropout={label_dropout} needs a class-conditional diffusion "
+            "model: set model.num_classes (and data.class_cond=True), or "
+            "training.label_dropout=0.0."
+        )
     return dict(
         kind=kind,
         image_size=image_size,
@@ -179,6 +207,7 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
         dropout=dropout,
         conv_resample=bool(_get(model_config, "conv_resample", True)),
         num_classes=None if num_classes is None else int(num_classes),
+        null_class=null_label(model_config) is not None,
         num_heads=num_heads,
         num_head_channels=num_head_channels,
         num_heads_upsample=int(_get(model_config, "num_heads_upsample", -1)),

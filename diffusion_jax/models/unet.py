@@ -38,8 +38,9 @@ def _check_channels(x: jnp.ndarray, channels: int, name: str = "x") -> None:
         )
 
 
-def _check_labels(y, batch: int, num_classes: int) -> None:
-    """Labels must be [B] ints in [0, num_classes); the range is checked when concrete.
+def _check_labels(y, batch: int, num_classes: int, null_class: bool = False) -> None:
+    """Labels must be [B] ints in [0, num_classes) (or num_classes itself, the null
+    class, when the model has one); the range is checked when concrete.
 
     Out-of-range labels would index the embedding table silently (NaN or wrapped rows).
     Under jit the values are traced and only the shape can be checked.
@@ -50,10 +51,12 @@ def _check_labels(y, batch: int, num_classes: int) -> None:
         values = np.asarray(y)
     except jax.errors.TracerArrayConversionError:
         return
-    if values.size and (values.min() < 0 or values.max() >= num_classes):
+    rows = num_classes + int(null_class)
+    if values.size and (values.min() < 0 or values.max() >= rows):
+        null = f" or {num_classes}, the null class" if null_class else ""
         raise ValueError(
             f"y holds labels in [{values.min()}, {values.max()}] but the model has "
-            f"num_classes={num_classes}: labels must lie in [0, {num_classes})."
+            f"num_classes={num_classes}: labels must lie in [0, {num_classes}){null}."
         )
 
 
@@ -179,6 +182,9 @@ class UNet(ParamsTreeApply):
     sizes in pixels and `channel_mult` is already resolved (no empty default here).
     Called as `module.apply(variables, x, t, y=None, train=False)` with x [B, H, W, C]
     in [-1, 1] and t [B] (int or float); returns [B, H, W, out_channels] in float32.
+    With `null_class` (a model trained with label dropout for classifier-free
+    guidance) the label embedding has num_classes + 1 rows, label num_classes being
+    "no label".
     """
 
     image_size: int
@@ -191,6 +197,7 @@ class UNet(ParamsTreeApply):
     dropout: float = 0.0
     conv_resample: bool = True
     num_classes: int | None = None
+    null_class: bool = False
     num_heads: int = 1
     num_head_channels: int = -1
     num_heads_upsample: int = -1
@@ -219,7 +226,7 @@ class UNet(ParamsTreeApply):
                 f"(num_classes={self.num_classes})."
             )
         if y is not None:
-            _check_labels(y, x.shape[0], self.num_classes)
+            _check_labels(y, x.shape[0], self.num_classes, self.null_class)
         res, attn = block_factories(self, train)
         heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
         mc = self.model_channels
@@ -227,7 +234,7 @@ class UNet(ParamsTreeApply):
         emb = time_embedding(t, mc)
         if self.num_classes is not None:
             label_emb = nn.Embed(
-                self.num_classes,
+                self.num_classes + int(self.null_class),
                 4 * mc,
                 param_dtype=jnp.float32,
                 embedding_init=nn.initializers.normal(1.0),

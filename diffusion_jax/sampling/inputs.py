@@ -34,6 +34,7 @@ ARCHITECTURE_FIELDS = (
     "attention_resolutions",
     "channel_mult",
     "num_classes",
+    "null_class",
     "num_heads",
     "num_head_channels",
     "num_heads_upsample",
@@ -53,7 +54,11 @@ DIFFUSION_FIELDS = (
     "rescale_timesteps",
     "rescale_learned_sigmas",
 )
-_FIELD_NAMES = {"model_channels": "num_channels", "out_channels": "learn_sigma"}
+_FIELD_NAMES = {
+    "model_channels": "num_channels",
+    "out_channels": "learn_sigma",
+    "null_class": "label_dropout",
+}
 _LABEL_PURPOSE = 1  # labels 'random': label i from fold_in(fold_in(seed key, 1), i)
 
 
@@ -91,8 +96,9 @@ def check_model_matches(saved: Any, model_config: Any, flag: str, section: str =
         a, b = _normalise(theirs.get(field)), _normalise(ours.get(field))
         if a != b:
             name = _FIELD_NAMES.get(field, field)
-            if field == "out_channels":
-                a, b = saved.get("learn_sigma"), model_config.get("learn_sigma")
+            if field in ("out_channels", "null_class"):
+                default = 0.0 if field == "null_class" else None
+                a, b = saved.get(name, default), model_config.get(name, default)
             raise ValueError(
                 f"{flag} does not match the config: the checkpoint has {section}.{name}={a!r}, "
                 f"the config {section}.{name}={b!r}; set --config.{section}.{name}={a!r} (or "

@@ -54,6 +54,7 @@ class _Plan:
     classifier_dir: str | None
     classifier_model: Any
     classifier_scale: float
+    cfg_scale: float
     fingerprint: dict
 
 
@@ -62,13 +63,15 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
     inputs.check_num_samples(sampling.num_samples, sampling.batch_size, mesh.devices.size)
     out = inputs.check_output(output)
     options = SamplerOptions.from_config(sampling)
-    if float(sampling.get("cfg_scale", 1.0)) != 1.0:
-        raise ValueError(
-            "sampling.cfg_scale != 1.0 (classifier-free guidance) is not supported by "
-            "launch.sample yet; use classifier guidance (sampling.classifier_scale)."
-        )
     saved = inputs.read_saved_config(checkpoint, "--checkpoint")
     inputs.check_model_matches(saved.get("model", {}), model, "--checkpoint")
+    cfg_scale = float(sampling.get("cfg_scale", 1.0))
+    if cfg_scale != 1.0 and models.null_label(saved.get("model", {})) is None:
+        raise ValueError(
+            f"sampling.cfg_scale={cfg_scale} (classifier-free guidance) needs a "
+            f"class-conditional model trained with training.label_dropout > 0; "
+            f"--checkpoint={checkpoint} has no null class: set sampling.cfg_scale=1.0."
+        )
     inputs.check_diffusion_matches(saved.get("diffusion"), config.diffusion, "--checkpoint")
     ema_rate = None
     is_workdir = (epath.Path(checkpoint) / "checkpoints").is_dir()
@@ -147,7 +150,7 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
     return _Plan(
         config, out, n, int(sampling.batch_size), options, ema_rate, labels, low_res,
-        classifier_dir, classifier_model, scale, fingerprint,
+        classifier_dir, classifier_model, scale, cfg_scale, fingerprint,
     )  # fmt: skip
 
 
@@ -156,9 +159,13 @@ def sampling_respacing(config: Any) -> Any:
 
     The paper's DDIM rows (`--timestep_respacing ddim25`) keep every (T/N)-th step,
     which differs from the section spacing a bare N means for ancestral sampling.
+    DPM-Solver++ runs on the whole training schedule and picks its N steps itself
+    (`SamplerOptions.steps`, from the same field).
     """
     respacing = config.sampling.timestep_respacing
     method = str(config.sampling.get("method", "ancestral")).lower()
+    if method == "dpm_solver++":
+        return ""
     if method == "ddim" and str(respacing).strip().isdigit():
         return f"ddim{int(respacing)}"
     return respacing
@@ -336,7 +343,8 @@ def run_sampling_job(
     Args:
       config: the model's config; `config.sampling` says what to draw (num_samples,
         batch_size (global), method, timestep_respacing, eta, clip_denoised,
-        classifier_scale / classifier_config / classifier_checkpoint, use_ema, labels),
+        classifier_scale / classifier_config / classifier_checkpoint, cfg_scale,
+        use_ema, labels),
         `config.seed` the job key.
       checkpoint: a convert_checkpoint directory or a training workdir (its first EMA
         copy when sampling.use_ema).
@@ -385,6 +393,7 @@ def _sample_batches(plan, checkpoint, mesh, start, num_batches, image_shape) -> 
         mesh=mesh,
         class_conditional=settings["num_classes"] is not None,
         classifier=classifier,
+        null_label=models.null_label(config.model) if plan.cfg_scale != 1.0 else None,
     )
     params = _restore(checkpoint, config.model, plan.ema_rate)
     job_key = jax.random.fold_in(jax.random.key(int(config.seed)), _JOB_PURPOSE)
@@ -394,6 +403,7 @@ def _sample_batches(plan, checkpoint, mesh, start, num_batches, image_shape) -> 
         job_key,
         classifier_params=classifier_params,
         classifier_scale=plan.classifier_scale,
+        cfg_scale=plan.cfg_scale,
     )
     parts = _parts_dir(plan)
     progress = _Progress(plan.num_samples, min(start * plan.batch_size, plan.num_samples))

@@ -21,7 +21,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import parallel
-from diffusion_jax.diffusion import Diffusion, SamplerOptions, classifier_cond_fn
+from diffusion_jax.diffusion import (
+    Diffusion,
+    SamplerOptions,
+    classifier_cond_fn,
+    classifier_free_model_fn,
+)
 
 
 def to_uint8(x: jnp.ndarray) -> jnp.ndarray:
@@ -42,6 +47,9 @@ class SamplingProgram:
       mesh: the mesh with a `'data'` axis the batch is sharded over.
       class_conditional: the model takes `y=` labels.
       classifier: the guidance classifier's Flax module, or None.
+      null_label: classifier-free guidance with this null class (`models.null_label`
+        of the model's config); None = no classifier-free guidance (the model runs
+        once per step, not on a doubled batch).
     """
 
     diffusion: Diffusion
@@ -51,15 +59,32 @@ class SamplingProgram:
     mesh: Mesh
     class_conditional: bool = False
     classifier: Any = None
+    null_label: int | None = None
+
+    def __post_init__(self):
+        if self.null_label is not None and not self.class_conditional:
+            raise ValueError(
+                "classifier-free guidance (null_label) needs a class-conditional model"
+            )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _program(
-    program: SamplingProgram, params, classifier_params, scale, key_data, indices, labels, low_res
+    program: SamplingProgram,
+    params,
+    classifier_params,
+    scale,
+    cfg_scale,
+    key_data,
+    indices,
+    labels,
+    low_res,
 ):
     job_key = jax.random.wrap_key_data(key_data)
     rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(job_key, indices)  # [B] keys
     model_fn = jax.tree_util.Partial(program.model.apply, {"params": params})
+    if program.null_label is not None:
+        model_fn = classifier_free_model_fn(model_fn, cfg_scale, program.null_label)
     model_kwargs = {}
     if program.class_conditional:
         model_kwargs["y"] = labels
@@ -98,6 +123,7 @@ class ShardedSampler:
         *,
         classifier_params: Any = None,
         classifier_scale: float = 0.0,
+        cfg_scale: float = 1.0,
     ):
         """Places the parameters on the mesh (replicated).
 
@@ -107,7 +133,14 @@ class ShardedSampler:
           job_key: the job's typed key; sample i uses fold_in(job_key, i).
           classifier_params: the classifier's params tree when guided.
           classifier_scale: the guidance scale s.
+          cfg_scale: the classifier-free guidance scale (1.0 = plain conditional); a
+            value other than 1.0 needs `program.null_label`.
         """
+        if float(cfg_scale) != 1.0 and program.null_label is None:
+            raise ValueError(
+                f"cfg_scale={cfg_scale} needs a SamplingProgram with null_label (a model "
+                "trained with training.label_dropout > 0)"
+            )
         mesh = program.mesh
         self.program = program
         self._params = parallel.global_replicated(params, mesh)
@@ -117,6 +150,7 @@ class ShardedSampler:
             else parallel.global_replicated(classifier_params, mesh)
         )
         self._scale = parallel.global_replicated(np.float32(classifier_scale), mesh)
+        self._cfg_scale = parallel.global_replicated(np.float32(cfg_scale), mesh)
         self._job_key = parallel.global_replicated(jax.random.key_data(job_key), mesh)
 
     def sample(
@@ -145,6 +179,7 @@ class ShardedSampler:
             self._params,
             self._classifier_params,
             self._scale,
+            self._cfg_scale,
             self._job_key,
             rows,
             None if labels is None else put(np.asarray(labels, np.int32)),

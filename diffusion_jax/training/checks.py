@@ -47,6 +47,7 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
             f"{_LAUNCHERS[trainer]}."
         )
     model, data, training = config.model, config.data, config.training
+    _check_label_dropout(config, trainer)
     from diffusion_jax.diffusion import create_diffusion
     from diffusion_jax.diffusion.resample import create_schedule_sampler
     from diffusion_jax.models import validate_model_config
@@ -121,6 +122,27 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
         raise ValueError(
             f"training.init_from={training.init_from!r} does not exist: give a "
             "convert_checkpoint output directory or a training workdir."
+        )
+
+
+def _check_label_dropout(config: Any, trainer: str) -> None:
+    rate = float(config.training.get("label_dropout", 0.0))
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"training.label_dropout must be in [0, 1), got {rate}.")
+    if rate > 0 and trainer == "classifier":
+        raise ValueError(
+            f"training.label_dropout={rate} is for diffusion models (classifier-free "
+            "guidance); a classifier trains on every label: set training.label_dropout=0.0."
+        )
+    if rate > 0 and config.model.num_classes is None:
+        raise ValueError(
+            f"training.label_dropout={rate} needs a class-conditional model: set "
+            "model.num_classes (and data.class_cond=True), or training.label_dropout=0.0."
+        )
+    if float(config.model.get("label_dropout", 0.0)) != rate:
+        raise ValueError(
+            f"model.label_dropout={config.model.get('label_dropout', 0.0)} != "
+            f"training.label_dropout={rate}; set one value for both."
         )
 
 

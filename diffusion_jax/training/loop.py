@@ -31,7 +31,7 @@ from diffusion_jax.checkpoints.workdir import create_manager
 from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.diffusion.resample import create_schedule_sampler
-from diffusion_jax.models import create_classifier, create_model
+from diffusion_jax.models import create_classifier, create_model, null_label
 from diffusion_jax.training import checkpointing, checks, steps
 from diffusion_jax.training.optimizer import create_optimizer, learning_rate_schedule
 from diffusion_jax.training.state import TrainState, create_train_state
@@ -357,7 +357,11 @@ def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
     diffusion = create_diffusion(config.diffusion)
     sampler = create_schedule_sampler(config.training.schedule_sampler, diffusion.num_timesteps)
     settings = steps.StepSettings(
-        apply_fn=model.apply, num_timesteps=diffusion.num_timesteps, **settings_kwargs
+        apply_fn=model.apply,
+        num_timesteps=diffusion.num_timesteps,
+        label_dropout=float(config.training.get("label_dropout", 0.0)),
+        null_label=null_label(config.model),
+        **settings_kwargs,
     )
     size, low = config.model.image_size, config.data.low_res_size
 

@@ -20,6 +20,8 @@ import optax
 from diffusion_jax.training.state import TrainState, ema_key
 
 _QUARTILES = 4
+# fold_in purposes beside the step's split (t, noise, dropout), which stays as it was.
+_LABEL_DROPOUT_PURPOSE = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,9 @@ class StepSettings:
       num_microbatches: gradient accumulation: the global batch is split into this many
         microbatches whose mean gradient equals the whole batch's.
       num_timesteps: T of the training diffusion (per-quartile metrics).
+      label_dropout: classifier-free guidance: the probability of replacing each label
+        by `null_label` (0 = off).
+      null_label: the null class (`models.null_label`), or None without one.
     """
 
     apply_fn: Callable
@@ -42,6 +47,15 @@ class StepSettings:
     ema_rates: tuple[float, ...]
     num_microbatches: int
     num_timesteps: int
+    label_dropout: float = 0.0
+    null_label: int | None = None
+
+    def __post_init__(self):
+        if self.label_dropout > 0 and self.null_label is None:
+            raise ValueError(
+                f"training.label_dropout={self.label_dropout} needs a model with a null "
+                "class (a class-conditional model built with the same label_dropout)."
+            )
 
 
 def _split_micro(tree: Any, k: int) -> Any:
@@ -136,6 +150,25 @@ def _apply_update(state: TrainState, grads, loss, settings: StepSettings, sample
     return new_state, metrics
 
 
+def drop_labels(labels: jax.Array, rng: jax.Array, rate: float, null_label: int) -> jax.Array:
+    """Replaces each label by `null_label` with probability `rate` (independently).
+
+    The draw is over the global batch from one key, so it does not depend on how the
+    batch is sharded (partitionable threefry) or split into microbatches.
+
+    Args:
+      labels: int [B] class labels.
+      rng: a typed key.
+      rate: the probability in [0, 1).
+      null_label: the null class index.
+
+    Returns:
+      int [B] labels.
+    """
+    drop = jax.random.bernoulli(rng, rate, labels.shape)
+    return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+
+
 def _model_kwargs(batch: dict) -> dict:
     kwargs = {}
     if "label" in batch:
@@ -153,7 +186,8 @@ def diffusion_train_step(
     t is drawn for the whole batch by the timestep sampler, which also gives the
     importance weights the per-example losses are multiplied by (ones for 'uniform');
     the sampler's loss history is updated with the unweighted per-example losses, as
-    the paper code does.
+    the paper code does. With `settings.label_dropout` each label is replaced by the
+    null class with that probability (classifier-free guidance), keyed from the step.
 
     Args:
       state: the train state.
@@ -164,7 +198,7 @@ def diffusion_train_step(
 
     Returns:
       (new state, metrics: loss, mse[, vb], their per-quartile means, grad_norm, lr,
-      nonfinite_steps).
+      nonfinite_steps[, null_labels: the share of labels dropped to the null class]).
     """
     step_rng = jax.random.fold_in(state.base_key, state.step)
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
@@ -172,7 +206,13 @@ def diffusion_train_step(
     t, weights = sampler.sample(state.sampler, t_rng, x.shape[0])
     noise = jax.random.normal(noise_rng, x.shape, x.dtype)
     k = settings.num_microbatches
-    inputs = {"x": x, "t": t, "w": weights, "noise": noise, "kwargs": _model_kwargs(batch)}
+    kwargs = _model_kwargs(batch)
+    if settings.label_dropout > 0:
+        label_rng = jax.random.fold_in(step_rng, _LABEL_DROPOUT_PURPOSE)
+        kwargs["y"] = drop_labels(
+            kwargs["y"], label_rng, settings.label_dropout, settings.null_label
+        )
+    inputs = {"x": x, "t": t, "w": weights, "noise": noise, "kwargs": kwargs}
 
     def loss_fn(params, mb, j):
         drng = jax.random.fold_in(dropout_rng, j)
@@ -192,6 +232,8 @@ def diffusion_train_step(
     sampler_state = sampler.update(state.sampler, t, terms["loss"])
     new_state, metrics = _apply_update(state, grads, loss, settings, sampler_state)
     metrics["loss"] = loss
+    if settings.label_dropout > 0:  # the share of the batch trained as unconditional
+        metrics["null_labels"] = jnp.mean((kwargs["y"] == settings.null_label).astype(jnp.float32))
     for name, values in terms.items():
         weighted = values * weights
         if name != "loss":
