@@ -1,13 +1,17 @@
 """`launch.sweep` end to end: a 2 scales x 2 steps grid on tiny random models, resumed.
 
-The sweep runs as a user runs it (a subprocess), guided DDIM on the tiny 16x16
-class-conditional model with its tiny classifier, 8 samples a point, random Inception
-weights. The Frechet distance is replaced (in the sweep's process and here alike) by
-an O(D^2) function of the same statistics, |mu1 - mu2|^2 + |tr sigma1 - tr sigma2|: a
-2048-d `sqrtm` takes ~40 s on this 2-core machine and is tested in
-test_evaluation_metrics.py; here we check that each point's row holds what the
-evaluator computes from that point's samples and the reference. Scales 0.5 and 2 share
-one compiled guided program per step count.
+The first run is the command a user runs (a subprocess): guided ancestral sampling on the
+tiny 16x16 class-conditional model with its tiny classifier, 8 samples a point, random
+Inception weights. The re-runs (a point's results deleted, a sub-grid, changed
+settings) and the bad inputs call `run_sweep` in-process. `sampling.method` is just one
+more field the grid sets, so DDIM (and DPM-Solver++) points take the same path.
+
+The Frechet distance is replaced (in the sweep's process and here alike) by an O(D^2)
+function of the same statistics, |mu1 - mu2|^2 + |tr sigma1 - tr sigma2|: a 2048-d
+`sqrtm` takes ~40 s on this 2-core machine and is tested in test_evaluation_metrics.py;
+here we check that each row holds what the evaluator computes from that point's samples
+and the reference. Scales 0.5 and 2 share one compiled guided program per step count;
+the 4-step one is test_sampling_job's (a persistent-cache hit in a suite run).
 """
 
 import json
@@ -41,7 +45,7 @@ CHEAP_FID = textwrap.dedent(
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
     """
 )
-GRID = ["--methods=ddim", "--steps=2,4", "--scales=0.5,2"]
+GRID = ["--methods=ancestral", "--steps=2,4", "--scales=0.5,2"]
 
 
 def cheap_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -49,19 +53,26 @@ def cheap_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    """The inputs, and the first run of the grid (its stdout)."""
+def inputs(tmp_path_factory):
+    """Tiny checkpoints, random Inception weights, a 16x16 reference batch."""
     tmp = tmp_path_factory.mktemp("sweep")
     checkpoints = sm.make_checkpoints(tmp / "ckpt")
-    weights = ev.write_random_inception(tmp)
+    ev.write_random_inception(tmp)
     ev.write_reference(tmp / "ref.npz")
+    return tmp, checkpoints
+
+
+@pytest.fixture(scope="module")
+def swept(inputs):
+    """The inputs, and the first run of the grid (its command line and stdout)."""
+    tmp, checkpoints = inputs
     args = [
         f"--config={REPO / sm.BASE}",
         f"--checkpoint={checkpoints['base_dir']}",
         f"--classifier_checkpoint={checkpoints['classifier_dir']}",
         f"--reference={tmp / 'ref.npz'}",
         f"--workdir={tmp / 'out'}",
-        f"--inception_weights={weights}",
+        f"--inception_weights={tmp / 'w.npz'}",
         *GRID,
     ]
     return tmp, args, checkpoints, run_sweep(args)
@@ -81,15 +92,17 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the sweep's first run: ~40 s cold on 2 busy cores (compiles)
 def test_grid_table_matches_the_evaluator_run_separately(swept, monkeypatch):
     tmp, _, _, stdout = swept
     out = tmp / "out"
     assert "reference statistics: computed and cached in" in stdout
-    assert "[4/4] ddim, 4 steps, classifier_scale=2: FID" in stdout and "; done" in stdout
+    assert "[4/4] ancestral, 4 steps, classifier_scale=2: FID" in stdout and "; done" in stdout
     assert (out / "sweep.md").read_text().strip() in stdout
     rows = read_csv(out / "sweep.csv")
     assert [(r["method"], r["steps"], r["classifier_scale"]) for r in rows] == [
-        ("ddim", "2", "0.5"), ("ddim", "2", "2.0"), ("ddim", "4", "0.5"), ("ddim", "4", "2.0")
+        ("ancestral", "2", "0.5"), ("ancestral", "2", "2.0"),
+        ("ancestral", "4", "0.5"), ("ancestral", "4", "2.0"),
     ]  # fmt: skip
     for name in sweep.PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -111,59 +124,67 @@ def test_grid_table_matches_the_evaluator_run_separately(swept, monkeypatch):
     assert not np.array_equal(images[0], images[2])  # and the step count
 
 
-def test_rerun_recomputes_only_the_missing_point(swept):
-    tmp, args, _, first = swept
-    out, points = tmp / "out", tmp / "out" / "points"
-    cache = out / sweep.REFERENCE_CACHE
-    stamps = {p.name: p.stat().st_mtime_ns for p in (*points.glob("*.json"), cache)}
-    (points / "ddim_4steps_scale0.5.json").unlink()  # its metrics, and its samples
-    (points / "ddim_4steps_scale0.5.npz").unlink()
-    again = run_sweep(args)
-    assert again.count("done earlier") == 3
-    assert "[3/4] ddim, 4 steps, classifier_scale=0.5: FID" in again
-    assert f"reference statistics: read from {cache}" in again  # no reference pass
-    after = {p.name: p.stat().st_mtime_ns for p in (*points.glob("*.json"), cache)}
-    assert {k for k in stamps if after[k] != stamps[k]} == {"ddim_4steps_scale0.5.json"}
-    # Same keys, same samples: the table is the first run's (but for the timing column).
-    table = [r[:-1] for r in (line.split(" | ") for line in first.splitlines()) if len(r) > 5]
-    assert table == [
-        r[:-1] for r in (line.split(" | ") for line in again.splitlines()) if len(r) > 5
-    ]
-
-
-def test_a_changed_grid_extends_a_changed_config_is_refused(swept):
-    tmp, _, checkpoints, _ = swept
-    config = sm.load(sm.BASE)
-    settings = sweep.SweepSettings(
+def settings(tmp, checkpoints, **changes) -> sweep.SweepSettings:
+    """The fixture's sweep (as its command line says), with `changes`."""
+    fields = dict(
         checkpoint=str(checkpoints["base_dir"]),
         reference=str(tmp / "ref.npz"),
         workdir=str(tmp / "out"),
-        scales=(2.0,),
-        steps=(2,),
-        methods=("ddim",),
+        scales=(0.5, 2.0),
+        steps=(2, 4),
+        methods=("ancestral",),
         classifier_checkpoint=str(checkpoints["classifier_dir"]),
         inception_weights=str(tmp / "w.npz"),
     )
-    result = sweep.run_sweep(config, settings)  # a sub-grid: every point done before
+    return sweep.SweepSettings(**{**fields, **changes})
+
+
+@pytest.mark.slow
+def test_rerun_recomputes_only_the_missing_point(swept, monkeypatch):
+    tmp, _, checkpoints, first = swept
+    out, points = tmp / "out", tmp / "out" / "points"
+    cache = out / sweep.REFERENCE_CACHE
+    stamps = {p.name: p.stat().st_mtime_ns for p in (*points.glob("*.json"), cache)}
+    (points / "ancestral_4steps_scale0.5.json").unlink()  # its metrics, and its samples
+    (points / "ancestral_4steps_scale0.5.npz").unlink()
+    monkeypatch.setattr(metrics, "frechet_distance", cheap_distance)
+    lines = []
+    result = sweep.run_sweep(sm.load(sm.BASE), settings(tmp, checkpoints), progress=lines.append)
+    assert result.computed == ("ancestral_4steps_scale0.5",)
+    assert result.reference_computed is False  # read from the workdir's cache
+    assert f"reference statistics: read from {cache}" in lines
+    assert sum("done earlier" in line for line in lines) == 3
+    after = {p.name: p.stat().st_mtime_ns for p in (*points.glob("*.json"), cache)}
+    assert {k for k in stamps if after[k] != stamps[k]} == {"ancestral_4steps_scale0.5.json"}
+
+    # Same keys, same samples: the table is the first run's (but for the timing column).
+    def table(text):
+        return [r[:-1] for r in (line.split(" | ") for line in text.splitlines()) if len(r) > 5]
+
+    assert table(result.markdown) == table(first)
+    # A sub-grid is part of the same sweep: every point done, nothing computed.
+    result = sweep.run_sweep(sm.load(sm.BASE), settings(tmp, checkpoints, scales=(2.0,)))
     assert result.computed == () and result.reference_computed is None
-    assert [r["point"]["scale"] for r in result.rows] == [2.0]
+    assert [(r["point"]["steps"], r["point"]["scale"]) for r in result.rows] == [(2, 2.0), (4, 2.0)]
+
+
+@pytest.mark.slow
+def test_a_changed_config_or_checkpoint_is_refused(swept):
+    tmp, _, checkpoints, _ = swept
+    config = sm.load(sm.BASE)
     config.seed = 1
     with pytest.raises(ValueError, match=r"other settings \(changed: config.seed\)"):
-        sweep.run_sweep(config, settings)
+        sweep.run_sweep(config, settings(tmp, checkpoints))
+    other = settings(tmp, checkpoints, classifier_checkpoint=None, scales=(0.0,))
+    with pytest.raises(ValueError, match=r"changed: classifier_checkpoint\)"):
+        sweep.run_sweep(sm.load(sm.BASE), other)
     assert json.loads((tmp / "out" / sweep.SWEEP_FILE).read_text())["config"]["seed"] == 0
 
 
-def test_bad_input_fails_before_any_work(swept, tmp_path):
-    tmp, _, checkpoints, _ = swept
+def test_bad_input_fails_before_any_work(inputs, tmp_path):
+    tmp, checkpoints = inputs
     config = sm.load(sm.BASE)
-    good = dict(
-        checkpoint=str(checkpoints["base_dir"]),
-        reference=str(tmp / "ref.npz"),
-        workdir=str(tmp_path / "out"),
-        scales=(0.0, 1.0),
-        classifier_checkpoint=str(checkpoints["classifier_dir"]),
-        inception_weights=str(tmp / "w.npz"),
-    )
+    good = dict(workdir=str(tmp_path / "out"), scales=(0.0, 1.0), steps=(), methods=())
     ev.write_reference(tmp_path / "ref32.npz", size=32)
     cases = [
         (dict(scales=()), "the grid is empty: --scales lists no values"),
@@ -177,5 +198,5 @@ def test_bad_input_fails_before_any_work(swept, tmp_path):
     ]
     for change, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            sweep.run_sweep(config, sweep.SweepSettings(**{**good, **change}))
+            sweep.run_sweep(config, settings(tmp, checkpoints, **{**good, **change}))
     assert not (tmp_path / "out" / sweep.SWEEP_FILE).exists()
