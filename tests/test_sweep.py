@@ -58,7 +58,7 @@ def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     checkpoints = sm.make_checkpoints(tmp / "ckpt")
     ev.write_random_inception(tmp)
-    ev.write_reference(tmp / "ref.npz")
+    ev.write_reference(tmp / "ref.npz", num_images=16)  # 2 Inception batches
     return tmp, checkpoints
 
 

@@ -98,7 +98,7 @@ def _write_cache(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with tmp.open("wb") as f:
             np.savez(f, **arrays)
-        tmp.rename(path)
+        tmp.replace(path)  # rename() refuses an existing target on some filesystems
     except OSError as e:  # a read-only directory only costs the cache
         logging.warning("Could not write activation cache %s: %s", path, e)
 
