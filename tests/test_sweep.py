@@ -195,6 +195,7 @@ def test_bad_input_fails_before_any_work(inputs, tmp_path):
         (dict(reference=str(tmp_path / "ref32.npz")), "holds 32x32 images; the model samples 16"),
         (dict(classifier_checkpoint=None), "classifier_scale=1.0 needs a classifier"),
         (dict(scale_field="cfg"), "--scale_field='cfg'"),
+        (dict(scale_field="cfg_scale", scales=(3.0,)), "cfg_scale=3.0 .* needs a class-cond"),
     ]
     for change, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
