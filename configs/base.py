@@ -89,6 +89,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.batch_size = 256  # global
     training.microbatch = -1  # -1 = no gradient accumulation
     training.ema_rates = (0.9999,)  # () = keep no EMA (the paper's classifiers)
+    # EMA rate min(r, (1 + step) / (10 + step)): for short runs (not in the paper's code).
+    training.ema_warmup = False
     training.log_every = 100
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3

@@ -179,6 +179,14 @@ def test_ema_follows_its_rate(setup8):
         assert_trees_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_ema_warmup_rate_is_the_closed_form():
+    from diffusion_jax.training.steps import ema_rate_at
+
+    assert ema_rate_at(0.999, 5, False) == 0.999
+    got = [float(ema_rate_at(0.995, s, True)) for s in (0, 10, 1000, 10**6)]
+    np.testing.assert_allclose(got, [1 / 10, 11 / 20, 1001 / 1010, 0.995], rtol=1e-6)
+
+
 def test_classifier_step_sharded_equals_single_device():
     config = tiny_config()
     config.model.kind = "classifier"
@@ -245,3 +253,14 @@ def test_label_dropout_is_checked_and_resuming_with_another_is_refused():
         checks.check_resume_config(
             saved, json.loads(tiny_config(label_dropout=0.1).to_json_best_effort()), "DIR"
         )
+
+
+def test_a_run_saved_before_a_field_existed_resumes_while_the_field_is_off():
+    saved = {"training": {"num_steps": 10, "batch_size": 8}}
+    for off in (0.0, False, None, ""):
+        now = {"training": {"num_steps": 20, "batch_size": 8, "new_field": off}}
+        assert checks.config_differences(saved, now) == []
+    now = {"training": {"num_steps": 10, "batch_size": 8, "new_field": 0.1}}
+    assert checks.config_differences(saved, now) == [
+        "training.new_field (run: '<absent>', now: 0.1)"
+    ]

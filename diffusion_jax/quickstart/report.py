@@ -208,6 +208,10 @@ def summary_markdown(config: Any, workdir: epath.Path, figures: dict, outputs: d
         f"--checkpoint={workdir}/diffusion --classifier_checkpoint={workdir}/classifier "
         f"--config.sampling.classifier_scale={job.classifier_scale:g} "
         f"--config.sampling.labels=3 --output=threes.npz`",
+        f"- Classifier-free guidance with DPM-Solver++ in 20 steps: `python -m launch.sample "
+        f"--config=configs/quickstart.py --checkpoint={workdir}/diffusion "
+        "--config.sampling.cfg_scale=3 --config.sampling.method=dpm_solver++ "
+        "--config.sampling.timestep_respacing=20 --output=cfg_dpm.npz`",
         f"- Watch the curves: `tensorboard --logdir={workdir}`",
         "- Train a paper model: see the README (`python -m launch.train "
         "--config=configs/imagenet64.py --workdir=DIR`).",

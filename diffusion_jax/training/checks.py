@@ -160,12 +160,23 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples -> lists, as in the saved JSON
 
 
+# A field a newer version added is off in runs saved before it existed.
+_OFF = (None, False, 0, 0.0, "", [])
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Fields (dotted) whose values differ, ignoring RESUMABLE_FIELDS."""
+    """Fields (dotted) whose values differ, ignoring RESUMABLE_FIELDS.
+
+    A field the saved run does not have (written before the field existed) counts as
+    equal when its current value is off (None, False, 0, '', ()): new features default
+    to off, so such a run resumes under a newer version.
+    """
     a, b = _flatten(_normalise(saved)), _flatten(_normalise(current))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
+            continue
+        if key not in a and any(b[key] == off and type(b[key]) is type(off) for off in _OFF):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(

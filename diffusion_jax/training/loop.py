@@ -196,6 +196,7 @@ def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = N
         "lr_schedule": learning_rate_schedule(config.optim, training.num_steps),
         "ema_rates": tuple(float(r) for r in training.ema_rates),
         "num_microbatches": num_micro,
+        "ema_warmup": bool(training.get("ema_warmup", False)),
     }
     task = _TASKS[trainer](config, settings_kwargs, mesh, workdir)
 

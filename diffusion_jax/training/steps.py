@@ -39,6 +39,9 @@ class StepSettings:
       label_dropout: classifier-free guidance: the probability of replacing each label
         by `null_label` (0 = off).
       null_label: the null class (`models.null_label`), or None without one.
+      ema_warmup: use rate min(r, (1 + step) / (10 + step)) at each step instead of r,
+        so early EMA copies do not keep the random initialisation (short runs; the
+        paper's code has no warm-up: off by default).
     """
 
     apply_fn: Callable
@@ -49,6 +52,7 @@ class StepSettings:
     num_timesteps: int
     label_dropout: float = 0.0
     null_label: int | None = None
+    ema_warmup: bool = False
 
     def __post_init__(self):
         if self.label_dropout > 0 and self.null_label is None:
@@ -115,18 +119,27 @@ def _accumulate_grads(loss_fn, params, micro_inputs, k: int):
     return loss_sum / k, jax.tree.map(lambda g: g / k, grad_sum), aux
 
 
+def ema_rate_at(rate: float, step, warmup: bool):
+    """The EMA rate of the update at `step` (0-based): `rate`, or with warm-up
+    min(rate, (1 + step) / (10 + step))."""
+    if not warmup:
+        return rate
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(rate, (1.0 + step) / (10.0 + step))
+
+
 def _apply_update(state: TrainState, grads, loss, settings: StepSettings, sampler_state):
     """The optimiser + EMA update, skipped (state kept) when loss or gradient is not finite."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = settings.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = {
-        ema_key(r): jax.tree.map(
-            lambda e, p, r=r: e * r + p * (1.0 - r), state.ema[ema_key(r)], params
+    ema = {}
+    for r in settings.ema_rates:
+        decay = ema_rate_at(r, state.step, settings.ema_warmup)
+        ema[ema_key(r)] = jax.tree.map(
+            lambda e, p, d=decay: e * d + p * (1.0 - d), state.ema[ema_key(r)], params
         )
-        for r in settings.ema_rates
-    }
 
     def keep_if_finite(new, old):
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
