@@ -147,6 +147,7 @@ def run_paper(config, cls_config, parts, train_batch, sample_batch):
             train_batch=train_batch, sample_batch=sample_batch, mode=mode,
             fp16=_PAPER_FP16.value, repeats=_REPEATS.value, warmup=_WARMUP.value, scale=scale,
         )  # fmt: skip
+        paper_code.release_memory()
     return rows
 
 

@@ -24,6 +24,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
+# torch (the paper code) and JAX share the card in one process: JAX allocates on demand
+# instead of taking 75% up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [ -d .whl ] && ! python3 -c "import ml_collections, guided_diffusion" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"

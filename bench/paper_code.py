@@ -213,3 +213,14 @@ def measure(
 
         record("guided", sample_batch, guided_step)
     return rows
+
+
+def release_memory() -> None:
+    """Hands the paper code's cached CUDA memory back (JAX runs next in the process)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
