@@ -114,6 +114,9 @@ def main():
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=str, default="1,2,4", help="Decode-thread counts, e.g. 1,4,8,16."
+    )
     args = parser.parse_args()
 
     import jax
@@ -124,13 +127,18 @@ def main():
         mean_pixels = write_jpegs(root, args.num_images)
         num_batches = max(1, args.num_images // args.batch_size - 1)
         rows = []
-        for threads in (1, 2, 4):
+        thread_counts = [int(n) for n in args.threads.split(",")]
+        for threads in thread_counts:
             rate = time_pipeline(
                 root, args.image_size, args.batch_size, num_batches, threads, args.repeats
             )
             rows.append((f"InputPipeline, {threads} decode thread(s)", rate))
+        top = max(thread_counts)
         rows.append(
-            ("iterate_uint8_images, 4 threads", time_uint8(root, args.image_size, 4, args.repeats))
+            (
+                f"iterate_uint8_images, {top} threads",
+                time_uint8(root, args.image_size, top, args.repeats),
+            )
         )
         rows.append(
             (

@@ -26,6 +26,10 @@ _PR_NUM = flags.DEFINE_integer("pr_num", 50000, "Feature rows per set for precis
 _PR_BLOCK = flags.DEFINE_integer("pr_block", 10000, "Row/column block of the distances.")
 _FID_DIM = flags.DEFINE_integer("fid_dim", 2048, "Dimension of the Frechet-distance timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
+_COMPARE = flags.DEFINE_string(
+    "compare_precision", "", "Also time features at this jax.lax.Precision (e.g. DEFAULT) and "
+    "report |FID(halves) - FID(halves) at HIGHEST|; random weights, so a proxy only.",
+)  # fmt: skip
 
 
 def _median_time(fn, repeats):
@@ -55,6 +59,33 @@ def main(argv):
     )
     rows = []
     rows.append(("Inception features", f"{_NUM.value / t_feat:.1f} images/s"))
+    rows.append(("  -> 50,000 images", f"{50000 / (_NUM.value / t_feat):.0f} s"))
+    if _COMPARE.value:
+        precision = getattr(jax.lax.Precision, _COMPARE.value.upper())
+        fast = evaluation.Inception(
+            params=params, fingerprint="bench-fast", module=inception_lib.InceptionV3FID(
+                precision=precision)
+        )  # fmt: skip
+        evaluation.compute_features(
+            images[: _BATCH.value], fast, mesh=mesh, batch_size=_BATCH.value
+        )
+        t_fast = _median_time(
+            lambda: evaluation.compute_features(images, fast, mesh=mesh, batch_size=_BATCH.value),
+            _REPEATS.value,
+        )
+        rows.append(
+            (f"Inception features, {_COMPARE.value}", f"{_NUM.value / t_fast:.1f} images/s")
+        )
+        fids = []
+        for m in (model, fast):
+            pool = evaluation.compute_features(images, m, mesh=mesh, batch_size=_BATCH.value)
+            pool = np.asarray(pool["pool"], np.float64)
+            half = len(pool) // 2
+            mu_a, sig_a = evaluation.compute_statistics(pool[:half])
+            mu_b, sig_b = evaluation.compute_statistics(pool[half:])
+            fids.append(evaluation.frechet_distance(mu_a, sig_a, mu_b, sig_b))
+        rows.append((f"FID(halves) HIGHEST vs {_COMPARE.value}", f"{fids[0]:.5f} vs {fids[1]:.5f}"
+                     f" (|diff| {abs(fids[0] - fids[1]):.2e})"))  # fmt: skip
     feats = np.abs(rng.standard_normal((2, _PR_NUM.value, 2048))).astype(np.float32)
     for dtype in ("float16", "float32"):
         kw = dict(row_batch_size=_PR_BLOCK.value, col_batch_size=_PR_BLOCK.value)

@@ -31,6 +31,9 @@ API:
   override of a field the config does not have, with ml_collections' did-you-mean
   (`--config.modle.x` -> 'Did you mean "model" instead of "modle"?') or else the fields
   there are.
+- `define_list(name, help_string, item_type=str, default=None)`: a comma-separated list
+  flag parsed once into a list of `item_type` (`--scales=0,1,4` -> [0.0, 1.0, 4.0]); a bad
+  item is absl's one-line flag error.
 - `check_no_arguments(argv)`: raises `app.UsageError` if positional arguments are given.
 - `load_config_file(spec)`: `(config, None)` or `(None, what is wrong)` for a
   `path[:argument]` config spec, loaded as ml_collections loads it (for tools that take a
@@ -98,6 +101,52 @@ def define_config_flag(
     if required and default is None:
         flags.mark_flag_as_required(name)
     return holder
+
+
+class _TypedListParser(flags.ListParser):
+    """A comma-separated list whose items are converted by `item_type`."""
+
+    def __init__(self, item_type: Callable[[str], Any]):
+        super().__init__()
+        self._item_type = item_type
+
+    def parse(self, argument: str | list) -> list:
+        items = super().parse(argument)
+        try:
+            return [self._item_type(item) for item in items]
+        except ValueError:
+            raise ValueError(
+                f"{argument!r} is not a comma-separated list of {self._item_type.__name__}s"
+            ) from None
+
+    def flag_type(self) -> str:
+        return f"comma-separated list of {self._item_type.__name__}s"
+
+
+def define_list(
+    name: str,
+    help_string: str,
+    item_type: Callable[[str], Any] = str,
+    default: str | None = None,
+) -> flags.FlagHolder:
+    """Defines `--<name>=a,b,c`, parsed once into a list of `item_type` (e.g. float).
+
+    Args:
+      name: the flag name.
+      help_string: the flag's help.
+      item_type: converts each item (raising ValueError on a bad one).
+      default: the default as a comma-separated string, or None.
+
+    Returns:
+      The FlagHolder; `.value` is the list (None when not given and no default).
+    """
+    return flags.DEFINE(
+        _TypedListParser(item_type),
+        name,
+        default,
+        help_string,
+        serializer=flags.CsvListSerializer(","),
+    )
 
 
 def check_no_arguments(argv: Sequence[str]) -> None:

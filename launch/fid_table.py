@@ -7,13 +7,15 @@
 holds the released .pt files under their released names (converted once into
 WORKDIR/converted/) or converted directories named by config. Prints our figures beside
 the paper's as a markdown table, also written to WORKDIR/<table>.md and .csv. Re-running
-continues: finished rows are kept, a half-finished row continues its sampling job.
+continues: finished rows are kept, a half-finished row continues its sampling job; the
+reference's Inception statistics are computed once (WORKDIR/reference.inception.npz).
 --num_samples (and --steps) make quick runs, marked as not comparable.
 """
 
 import functools
 
 from absl import flags
+from etils import epath
 
 from launch import common, distributed
 
@@ -40,14 +42,6 @@ _WEIGHTS = flags.DEFINE_string("inception_weights", None, "pt_inception .pth or 
 flags.mark_flags_as_required(["table", "checkpoint_dir", "reference", "workdir"])
 
 
-def _evaluate(inception, split_size, batch_size, reference, samples):
-    from diffusion_jax import evaluation
-
-    return evaluation.evaluate_npz(
-        reference, samples, inception, split_size=split_size, batch_size=batch_size
-    )
-
-
 def main(argv: list[str]) -> None:
     common.check_no_arguments(argv)
     distributed.initialize()  # before any jax computation
@@ -56,21 +50,29 @@ def main(argv: list[str]) -> None:
     from diffusion_jax import evaluation
     from diffusion_jax.sampling import fid_table
 
-    split = min(5000, _NUM_SAMPLES.value or 5000)  # the paper's Inception Score split
-    devices = jax.device_count()  # a quick run's Inception batch need not be padded to 256
-    eval_batch = min(256, -(-(_NUM_SAMPLES.value or 256) // devices) * devices)
+    split, eval_batch = evaluation.evaluation_sizes(_NUM_SAMPLES.value, jax.device_count())
+
+    @functools.cache  # the reference's activations once for every row, cached in WORKDIR
+    def evaluator(reference: str) -> evaluation.ReferenceEvaluator:
+        return evaluation.ReferenceEvaluator(
+            reference,
+            evaluation.load_inception(_WEIGHTS.value),
+            cache_path=epath.Path(_WORKDIR.value) / "reference.inception.npz",
+            batch_size=eval_batch,
+            split_size=split,
+        )
+
     settings = fid_table.TableSettings(
         checkpoint_dir=_CHECKPOINT_DIR.value,
         reference=_REFERENCE.value,
         workdir=_WORKDIR.value,
-        evaluate=lambda ref, samples: _evaluate(inception(), split, eval_batch, ref, samples),
+        evaluate=lambda reference, samples: evaluator(reference)(samples),
         num_samples=_NUM_SAMPLES.value,
         steps=_STEPS.value,
         variant=_VARIANT.value,
         rows=tuple(_ROWS.value) if _ROWS.value else None,
         batch_size=_BATCH.value,
     )
-    inception = functools.cache(lambda: evaluation.load_inception(_WEIGHTS.value))
     print(fid_table.run_table(_TABLE.value, settings), flush=True)
 
 

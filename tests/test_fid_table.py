@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _evaluation_inputs as ev
 import _sampling_models as sm
 import numpy as np
 import pytest
@@ -39,22 +40,16 @@ def test_tables_hold_the_paper_rows():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from test_inception import build_random_fid_inception
-
     tmp = tmp_path_factory.mktemp("table")
-    torch.save(build_random_fid_inception(seed=1).state_dict(), tmp / "w.pth")
-    evaluation.save_inception_npz(tmp / "w.pth", tmp / "w.npz")
+    weights = ev.write_random_inception(tmp)
     released = tmp / "released"
     released.mkdir()
     for name, seed in (("imagenet128", 1), ("classifier128", 2)):
         net = sm.reference_model(sm.load(f"configs/{name}.py:tiny"), seed)
         torch.save(net.state_dict(), released / fid_table.RELEASED[name])
-    rng = np.random.default_rng(0)
-    coarse = rng.uniform(0, 255, (24, 4, 4, 3))
-    images = coarse.repeat(4, 1).repeat(4, 2).astype(np.uint8)  # smooth 16x16 "photos"
     # Images only: the evaluator computes the reference statistics (and caches them).
-    np.savez(tmp / "ref.npz", images)
-    return tmp, evaluation.load_inception(tmp / "w.npz")
+    ev.write_reference(tmp / "ref.npz")
+    return tmp, evaluation.load_inception(weights)
 
 
 def run_table(tmp):

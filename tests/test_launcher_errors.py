@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONVERT = ["--torch_checkpoint={tmp}/model.pt", "--output={tmp}/out"]
 TINY = "--config=configs/imagenet64.py:tiny"
+SWEEP = ["--checkpoint={tmp}/none", "--reference={tmp}/ref.npz", "--workdir={tmp}/sweep"]
 # Runs a launcher with every outgoing connection failing, as on a machine without network.
 OFFLINE = textwrap.dedent(
     """
@@ -138,6 +139,22 @@ CASES = {
         "evaluate",
         ["{tmp}/ref.npz", "{tmp}/ref.npz", "--inception_weights={tmp}/ref.npz"],
         ["ref.npz is not the FID Inception weights", "arr_0"],
+    ),
+    # sweep: the grid and the reference, before any sampling.
+    "sweep_empty_grid": (
+        "sweep",
+        [TINY, *SWEEP, "--scales="],
+        ["the grid is empty: --scales lists no values"],
+    ),
+    "sweep_bad_scale": (
+        "sweep",
+        [TINY, *SWEEP, "--scales=0,x"],
+        ["--scales", "'0,x' is not a comma-separated list of floats"],
+    ),
+    "sweep_reference_size": (
+        "sweep",
+        [TINY, *SWEEP, "--scales=0"],
+        ["--reference={tmp}/ref.npz holds 8x8 images; the model samples 16x16"],
     ),
     # make_reference.
     "reference_exists": (

@@ -61,3 +61,18 @@ def test_images_do_not_depend_on_device_count_or_batch(setup):
     assert np.abs(a[0].astype(int) - a[1].astype(int)).mean() > 5
     other_key, _ = setup(parallel.create_mesh(), 8).sample(np.arange(8), labels[:8])
     assert np.abs(a.astype(int) - other_key.astype(int)).mean() > 5
+
+
+def test_guided_loop_compiles_once_across_batches(setup):
+    """One program serves every same-shape batch, new weights and keys: no recompiles."""
+    from _compiles import count_compiles
+
+    sampler = setup(parallel.create_mesh())
+    labels = np.arange(24) % 1000
+    first, _ = sampler.sample(np.arange(8), labels[:8])  # compiles unless an earlier test did
+    reseeded = setup(parallel.create_mesh(), seed=9)
+    with count_compiles() as compiled:
+        second, _ = sampler.sample(np.arange(8, 16), labels[8:16])
+        third, _ = reseeded.sample(np.arange(16, 24), labels[16:])
+    assert compiled == [], compiled
+    assert not np.array_equal(first, second) and not np.array_equal(second, third)

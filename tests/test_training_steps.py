@@ -85,6 +85,24 @@ def setup8():
     return config, mesh, loop.create_setup(config, mesh, "diffusion")
 
 
+def test_train_steps_compile_once(setup8):
+    """N steps run one program: the donated state comes back with the shardings the step
+    takes, so no step recompiles (counted with jax.monitoring, as bench/ does)."""
+    from _compiles import count_compiles
+
+    config, mesh, setup = setup8
+    state = setup.init()
+    batches = [jax.device_put(batch_for(config, i), parallel.data_sharding(mesh)) for i in range(2)]
+    state, _ = setup.train_step(state, batches[0])  # compiles unless an earlier test did
+    with count_compiles() as compiled:
+        for i in range(3):
+            state, metrics = setup.train_step(state, batches[i % 2])
+        jax.block_until_ready(metrics)
+    assert compiled == [], compiled
+    assert setup.train_step._cache_size() == 1
+    assert int(state.step) == 4
+
+
 def test_sharded_step_equals_single_device(single_device_run, setup8):
     state1, metrics1, _ = single_device_run
     config, mesh, setup = setup8

@@ -2,8 +2,10 @@
 
 from diffusion_jax.evaluation.evaluator import (
     EvaluationResult,
+    ReferenceEvaluator,
     activations_and_statistics,
     evaluate_npz,
+    evaluation_sizes,
     write_reference_batch,
 )
 from diffusion_jax.evaluation.features import (
@@ -39,11 +41,13 @@ __all__ = [
     "Inception",
     "InceptionV3FID",
     "NpzReadError",
+    "ReferenceEvaluator",
     "activations_and_statistics",
     "check_images",
     "compute_features",
     "compute_statistics",
     "evaluate_npz",
+    "evaluation_sizes",
     "fetch_default_weights",
     "frechet_distance",
     "inception_score",

@@ -98,7 +98,7 @@ def _write_cache(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with tmp.open("wb") as f:
             np.savez(f, **arrays)
-        tmp.rename(path)
+        tmp.replace(path)  # rename() refuses an existing target on some filesystems
     except OSError as e:  # a read-only directory only costs the cache
         logging.warning("Could not write activation cache %s: %s", path, e)
 
@@ -114,10 +114,18 @@ class _Activations:
 
 
 def _activations(
-    npz: ImageNpz, inception_model: Inception, *, mesh: Mesh | None, batch_size: int, cache: bool
+    npz: ImageNpz,
+    inception_model: Inception,
+    *,
+    mesh: Mesh | None,
+    batch_size: int,
+    cache: bool,
+    cache_path: epath.Path | None = None,
 ) -> _Activations:
-    """The file's features, from `<file>.inception.npz` when that matches, else computed."""
-    cache_path = npz.path.parent / (npz.path.name + CACHE_SUFFIX)
+    """The file's features, from the cache (default `<file>.inception.npz`) when that
+    matches, else computed."""
+    if cache_path is None:
+        cache_path = npz.path.parent / (npz.path.name + CACHE_SUFFIX)
     key = _cache_key(npz, inception_model, mesh) if cache else {}
     cached = _read_cache(cache_path, key) if cache else None
     if cached is not None and all(k in cached for k in FEATURE_KEYS):
@@ -160,6 +168,7 @@ def activations_and_statistics(
     mesh: Mesh | None = None,
     batch_size: int = 256,
     cache: bool = True,
+    cache_path: str | epath.PathLike | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Features of a batch file and its FID statistics, cached beside the file.
 
@@ -174,12 +183,17 @@ def activations_and_statistics(
       mesh: device mesh for the feature pass (default: all devices).
       batch_size: global batch size of the feature pass.
       cache: read/write `<file>.inception.npz` beside the batch file.
+      cache_path: the cache file instead (e.g. in a run's workdir, when the batch file
+        lives in read-only storage); same key, so a mismatch recomputes and overwrites.
 
     Returns:
       `(features, stats)`: `{"pool", "spatial", "logits"}` float32 and
       `{"mu", "sigma", "mu_s", "sigma_s"}` float64.
     """
-    acts = _activations(npz, inception_model, mesh=mesh, batch_size=batch_size, cache=cache)
+    where = None if cache_path is None else epath.Path(cache_path)
+    acts = _activations(
+        npz, inception_model, mesh=mesh, batch_size=batch_size, cache=cache, cache_path=where
+    )
     return acts.features, _statistics(npz, acts)
 
 
@@ -250,9 +264,18 @@ def evaluate_npz(
     sample_acts = _activations(sample, inception_model, **kw)
     say("computing/reading sample batch statistics...")
     sample_stats = _statistics(sample, sample_acts)
-    ref_feats, sample_feats = ref_acts.features, sample_acts.features
 
     say("Computing evaluations...")
+    return _evaluations(
+        ref_acts.features, ref_stats, sample_acts.features, sample_stats,
+        split_size=split_size, distance_dtype=distance_dtype, pr_batch_size=pr_batch_size,
+    )  # fmt: skip
+
+
+def _evaluations(
+    ref_feats, ref_stats, sample_feats, sample_stats, *, split_size, distance_dtype, pr_batch_size
+) -> EvaluationResult:
+    """The five metrics from both batches' features and statistics."""
     inception_score = metrics.inception_score(sample_feats["logits"], split_size)
     fid = metrics.frechet_distance(
         sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]
@@ -270,6 +293,101 @@ def evaluate_npz(
     return EvaluationResult(
         inception_score=inception_score, fid=fid, sfid=sfid, precision=precision, recall=recall
     )
+
+
+def evaluation_sizes(num_samples: int | None, num_devices: int) -> tuple[int, int]:
+    """`(split_size, batch_size)` for evaluating runs of `num_samples` samples.
+
+    The paper's Inception Score split (5000) and a 256-image Inception batch, shrunk for
+    quick runs of fewer samples (a batch of 8 samples need not be padded to 256).
+
+    Args:
+      num_samples: samples per file; None: the paper's 50,000.
+      num_devices: devices of the feature pass (the batch is a multiple of them).
+    """
+    n = num_samples or 50_000
+    return min(5000, n), min(256, -(-n // num_devices) * num_devices)
+
+
+class ReferenceEvaluator:
+    """One reference batch against many sample files, its activations read once.
+
+    The reference's features and statistics are computed (or read from the activation
+    cache at `cache_path`, keyed as the evaluator's: the file's size, mtime and a hash of
+    its ends, the Inception's `cache_id` and the platform) on the first evaluation and
+    kept; each sample file's activations are cached beside it. `key` names what the
+    metrics depend on besides the samples, so results computed against another
+    reference or other weights can be told apart.
+    """
+
+    def __init__(
+        self,
+        reference: str | epath.PathLike,
+        inception_model: Inception,
+        *,
+        cache_path: str | epath.PathLike | None = None,
+        mesh: Mesh | None = None,
+        batch_size: int = 256,
+        split_size: int = 5000,
+        distance_dtype: str = "float16",
+        pr_batch_size: int = 10000,
+    ):
+        """Opens and checks the reference (no Inception pass yet).
+
+        Args:
+          reference: the reference batch (.npz).
+          inception_model: from `load_inception`.
+          cache_path: where the reference's activations are cached (default beside it).
+          mesh, batch_size: of the feature passes.
+          split_size, distance_dtype, pr_batch_size: as `evaluate_npz`'s.
+        """
+        self.reference = open_image_npz(reference)
+        self.inception_model = inception_model
+        self.cache_path = None if cache_path is None else epath.Path(cache_path)
+        self.mesh, self.batch_size, self.split_size = mesh, batch_size, split_size
+        self.distance_dtype, self.pr_batch_size = distance_dtype, pr_batch_size
+        key = _cache_key(self.reference, inception_model, mesh)
+        self.key = f"{key['cache_source']}|{key['cache_model']}|split={split_size}"
+        self.computed_reference: bool | None = None  # after the first evaluation
+        self._reference: tuple[dict, dict] | None = None
+
+    def reference_activations(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The reference's `(features, stats)`, computed or read on the first call."""
+        if self._reference is None:
+            kw = dict(mesh=self.mesh, batch_size=self.batch_size, cache=True)
+            acts = _activations(
+                self.reference, self.inception_model, cache_path=self.cache_path, **kw
+            )
+            self.computed_reference = acts.cache_path is not None
+            self._reference = acts.features, _statistics(self.reference, acts)
+        return self._reference
+
+    def __call__(self, sample_path: str | epath.PathLike) -> EvaluationResult:
+        """Evaluates a sample file against the reference (as `evaluate_npz`).
+
+        Raises:
+          FileNotFoundError / ValueError: a bad sample file, a resolution other than the
+            reference's, fewer samples than `split_size`.
+        """
+        sample = open_image_npz(sample_path)
+        if sample.resolution != self.reference.resolution:
+            raise ValueError(
+                f"Samples {sample.path} have {sample.resolution} images but the reference "
+                f"{self.reference.path} has {self.reference.resolution}."
+            )
+        if sample.num_images < self.split_size:
+            raise ValueError(
+                f"{sample.path} has {sample.num_images} images, fewer than one Inception "
+                f"Score split (split_size={self.split_size})."
+            )
+        ref_feats, ref_stats = self.reference_activations()
+        sample_feats, sample_stats = activations_and_statistics(
+            sample, self.inception_model, mesh=self.mesh, batch_size=self.batch_size
+        )
+        return _evaluations(
+            ref_feats, ref_stats, sample_feats, sample_stats, split_size=self.split_size,
+            distance_dtype=self.distance_dtype, pr_batch_size=self.pr_batch_size,
+        )  # fmt: skip
 
 
 class _ImageBuffer:

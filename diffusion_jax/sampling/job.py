@@ -377,6 +377,28 @@ def run_sampling_job(
     return plan.output
 
 
+def check_sampling_job(
+    config: Any,
+    checkpoint: str,
+    output: str,
+    *,
+    classifier_checkpoint: str | None = None,
+    base_samples: str | None = None,
+    mesh: Mesh | None = None,
+) -> None:
+    """Runs every check `run_sampling_job` makes before device work, and nothing else.
+
+    For drivers of many jobs (`sampling.sweep`), so that a bad setting of the last job is
+    reported before the first one samples. Arguments as `run_sampling_job`'s.
+
+    Raises:
+      ValueError / FileNotFoundError / OSError: as `run_sampling_job` would.
+    """
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
+    create_diffusion(config.diffusion, timestep_respacing=sampling_respacing(config))
+
+
 def _sample_batches(plan, checkpoint, mesh, start, num_batches, image_shape) -> None:
     config = plan.config
     settings = models.validate_model_config(config.model)
@@ -423,4 +445,4 @@ def _sample_batches(plan, checkpoint, mesh, start, num_batches, image_shape) -> 
         progress.close()
 
 
-__all__ = ["run_sampling_job"]
+__all__ = ["check_sampling_job", "run_sampling_job", "sampling_respacing"]

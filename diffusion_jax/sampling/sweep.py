@@ -1,0 +1,438 @@
+"""A guidance-scale x sampling-steps grid for one model and checkpoint (`launch.sweep`).
+
+The paper's study of the guidance scale (FID, sFID, IS, precision and recall as the
+classifier scale grows, and the cost of fewer sampling steps), for any config: every
+grid point (method, steps, scale) is one sampling job (`run_sampling_job`: resumable,
+keys by sample index, so a point's samples do not depend on the others), evaluated
+against one reference batch whose Inception activations are computed once and cached
+in the workdir (`ReferenceEvaluator`, keyed by the reference file and the Inception's
+weights and platform: another reference is detected and recomputed, never reused).
+
+The workdir:
+  sweep.json                  what every point's samples depend on (config without the
+                              grid fields, checkpoints, scale field)
+  reference.inception.npz     the reference's activations and statistics (keyed)
+  points/<slug>.npz / .png    a point's samples (and `.parts/` while it samples)
+  points/<slug>.json          a point's metrics, seconds and the reference key used
+  sweep.md, sweep.csv         the table (one row per point of this run's grid)
+  fid_vs_is.png, precision_recall.png, fid_vs_steps.png
+
+Re-running: a finished point (its .json, evaluated against the same reference key) is
+kept; an unfinished one continues its sampling job; a point evaluated against another
+reference or Inception is re-evaluated from its samples. The grid may change between
+runs (the workdir then extends: new points are added, earlier ones stay on disk and
+return when named again), but anything else the samples depend on may not: a different
+config, checkpoint, classifier or scale field is refused with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from diffusion_jax import evaluation, parallel
+from diffusion_jax.sampling.job import check_sampling_job, run_sampling_job
+
+SCALE_FIELDS = ("classifier_scale", "cfg_scale")
+SWEEP_FILE = "sweep.json"
+REFERENCE_CACHE = "reference.inception.npz"
+PLOTS = ("fid_vs_is.png", "precision_recall.png", "fid_vs_steps.png")
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+_HEADERS = ("FID", "sFID", "IS", "Precision", "Recall")
+_PAPER_NUM_SAMPLES = 50_000
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    """One point of the grid: `sampling.method`, `sampling.timestep_respacing`, the scale."""
+
+    method: str
+    steps: int
+    scale: float
+
+    @property
+    def slug(self) -> str:
+        """The point's file name (without suffix) under `points/`."""
+        name = f"{self.method.replace('+', 'p')}_{self.steps}steps_scale{self.scale:g}"
+        return re.sub(r"[^A-Za-z0-9.]+", "_", name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+    """What to sweep, and against what.
+
+    Attributes:
+      checkpoint: a convert_checkpoint directory or a training workdir.
+      reference: the reference batch (.npz) of the model's resolution.
+      workdir: samples, per-point results, the reference cache, table and plots.
+      scales: values of `scale_field`.
+      steps: values of `sampling.timestep_respacing` (step counts); () = the config's.
+      methods: values of `sampling.method`; () = the config's.
+      scale_field: 'classifier_scale' (classifier guidance) or 'cfg_scale'
+        (classifier-free guidance).
+      classifier_checkpoint: the guidance classifier (default
+        `sampling.classifier_checkpoint`); needed for non-zero classifier scales.
+      inception_weights: pt_inception `.pth` or converted `.npz`; None = cached download.
+    """
+
+    checkpoint: str
+    reference: str
+    workdir: str
+    scales: tuple[float, ...]
+    steps: tuple[int, ...] = ()
+    methods: tuple[str, ...] = ()
+    scale_field: str = "classifier_scale"
+    classifier_checkpoint: str | None = None
+    inception_weights: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """What `run_sweep` did: the table and which points this run computed."""
+
+    markdown: str
+    rows: tuple[dict, ...]  # one record per grid point (as points/<slug>.json)
+    computed: tuple[str, ...]  # slugs of the points sampled and/or evaluated by this run
+    reference_computed: bool | None  # None: no point needed the reference
+
+
+def _unique(values) -> tuple:
+    return tuple(dict.fromkeys(values))
+
+
+def _config_steps(config: Any) -> int:
+    value = config.sampling.timestep_respacing
+    if isinstance(value, int) or str(value).strip().isdigit():
+        return int(value) or int(config.diffusion.steps)  # 0: every step
+    raise ValueError(
+        f"sampling.timestep_respacing={value!r} is not a step count: pass --steps=N[,M...]."
+    )
+
+
+def make_grid(config: Any, settings: SweepSettings) -> list[GridPoint]:
+    """The points, methods outermost, then steps, then scales (duplicates dropped).
+
+    Raises:
+      ValueError: an empty axis, a step count outside [1, diffusion.steps], an unknown
+        scale field.
+    """
+    if settings.scale_field not in SCALE_FIELDS:
+        raise ValueError(f"--scale_field={settings.scale_field!r}: one of {SCALE_FIELDS}.")
+    methods = _unique(str(m).lower() for m in settings.methods) or (
+        str(config.sampling.get("method", "ancestral")).lower(),
+    )
+    steps = _unique(int(s) for s in settings.steps) or (_config_steps(config),)
+    scales = _unique(float(s) for s in settings.scales)
+    for name, axis in (("--methods", methods), ("--steps", steps), ("--scales", scales)):
+        if not axis:
+            raise ValueError(f"the grid is empty: {name} lists no values.")
+    total = int(config.diffusion.steps)
+    bad = [s for s in steps if not 1 <= s <= total]
+    if bad:
+        raise ValueError(f"--steps={bad}: each must be in [1, {total}] (diffusion.steps).")
+    return [GridPoint(m, n, s) for m, n, s in itertools.product(methods, steps, scales)]
+
+
+def point_config(config: Any, point: GridPoint, scale_field: str) -> Any:
+    """A copy of `config` whose `config.sampling` draws `point`."""
+    out = config.copy_and_resolve_references()
+    with out.unlocked(), out.ignore_type():
+        out.sampling.method = point.method
+        out.sampling.timestep_respacing = point.steps
+        out.sampling[scale_field] = point.scale
+    return out
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _identity(config: Any, settings: SweepSettings, classifier: str | None) -> dict:
+    """What every point's samples depend on besides the point itself."""
+    whole = config.to_dict()
+    for field in ("method", "timestep_respacing", settings.scale_field):
+        whole["sampling"].pop(field, None)
+    whole["sampling"].pop("classifier_checkpoint", None)  # resolved below
+    return _json(
+        {
+            "config": whole,
+            "checkpoint": str(settings.checkpoint),
+            "classifier_checkpoint": classifier,
+            "scale_field": settings.scale_field,
+        }
+    )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _check_workdir(workdir: epath.Path, identity: dict) -> None:
+    """Refuses a workdir holding a sweep of other settings; records ours otherwise."""
+    path = workdir / SWEEP_FILE
+    if path.exists():
+        saved, ours = _flatten(json.loads(path.read_text())), _flatten(identity)
+        changed = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+        if changed:
+            more = f" and {len(changed) - 5} more" if changed[5:] else ""
+            shown = ", ".join(changed[:5]) + more
+            raise ValueError(
+                f"--workdir={workdir} holds a sweep of other settings (changed: {shown}); "
+                "a sweep's workdir only extends its grid: re-run with the same config and "
+                "checkpoints, or choose another --workdir."
+            )
+    elif jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
+
+
+def _agree(value: bool) -> bool:
+    """Process 0's answer, on every process (they must take the same branches)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _finished(path: epath.Path, point: GridPoint, key: str) -> dict | None:
+    """The point's record if it was evaluated against `key`, else None."""
+    record = json.loads(path.read_text()) if path.exists() else None
+    ok = record is not None and record.get("point") == dataclasses.asdict(point)
+    return record if ok and record.get("evaluated_against") == key else None
+
+
+def _read_record(path: epath.Path, point: GridPoint, key: str) -> dict | None:
+    record = _finished(path, point, key)
+    return record if _agree(record is not None) else None
+
+
+def _write(path: epath.Path, text: str) -> None:
+    if jax.process_index() == 0:
+        tmp = path.parent / f"{path.name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def _describe(point: GridPoint, scale_field: str) -> str:
+    return f"{point.method}, {point.steps} steps, {scale_field}={point.scale:g}"
+
+
+def _eta(seconds: list[float], remaining: int) -> str:
+    if not remaining:
+        return "done"
+    if not seconds:
+        return "ETA unknown"
+    return f"ETA {np.mean(seconds) * remaining:.0f} s"
+
+
+def run_sweep(
+    config: Any,
+    settings: SweepSettings,
+    *,
+    mesh: Mesh | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Runs (or continues) the grid; writes the table, CSV and plots into the workdir.
+
+    Every input is checked before any sampling (each point's sampling job included) or
+    Inception pass.
+
+    Args:
+      config: the model's config; `config.sampling` holds the settings the grid does not
+        vary (num_samples, batch_size, eta, labels, use_ema, ...), `config.seed` the key.
+      settings: the grid and its inputs.
+      mesh: default: every device of every process.
+      progress: called on process 0 with a line per point (points done / total, ETA).
+
+    Returns:
+      The `SweepResult`.
+
+    Raises:
+      ValueError / FileNotFoundError / OSError: one sentence per bad input.
+    """
+    say = progress if progress is not None and jax.process_index() == 0 else (lambda _: None)
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    points = make_grid(config, settings)
+    workdir = epath.Path(settings.workdir)
+    if not epath.Path(settings.reference).exists():
+        raise FileNotFoundError(f"--reference={settings.reference}: no such file.")
+    reference = evaluation.open_image_npz(settings.reference)
+    size = int(config.model.image_size)
+    if reference.resolution != (size, size):
+        raise ValueError(
+            f"--reference={settings.reference} holds {reference.resolution[0]}x"
+            f"{reference.resolution[1]} images; the model samples {size}x{size}: use the "
+            "reference batch of the model's resolution."
+        )
+    classifier = settings.classifier_checkpoint or config.sampling.classifier_checkpoint or None
+    samples_dir = workdir / "points"
+    for point in points:  # every job's checks, before the first (long) one samples
+        check_sampling_job(
+            point_config(config, point, settings.scale_field),
+            settings.checkpoint,
+            str(samples_dir / f"{point.slug}.npz"),
+            classifier_checkpoint=classifier,
+            mesh=mesh,
+        )
+    _check_workdir(workdir, _identity(config, settings, classifier))
+
+    num_samples = int(config.sampling.num_samples)
+    split, batch = evaluation.evaluation_sizes(num_samples, int(mesh.devices.size))
+    evaluator = evaluation.ReferenceEvaluator(
+        settings.reference,
+        evaluation.load_inception(settings.inception_weights),
+        cache_path=workdir / REFERENCE_CACHE,
+        mesh=mesh,
+        batch_size=batch,
+        split_size=split,
+    )
+    records, computed, seconds = [], [], []
+    for i, point in enumerate(points):
+        done_path = samples_dir / f"{point.slug}.json"
+        record = _read_record(done_path, point, evaluator.key)
+        if record is None:
+            start = time.perf_counter()
+            samples = run_sampling_job(
+                point_config(config, point, settings.scale_field),
+                settings.checkpoint,
+                str(samples_dir / f"{point.slug}.npz"),
+                classifier_checkpoint=classifier,
+                mesh=mesh,
+            )
+            sampled = time.perf_counter() - start
+            need_reference = evaluator.computed_reference is None
+            result = evaluator(samples)
+            if need_reference:
+                how = "computed and cached in" if evaluator.computed_reference else "read from"
+                say(f"reference statistics: {how} {workdir / REFERENCE_CACHE}")
+            record = {
+                "point": dataclasses.asdict(point),
+                "scale_field": settings.scale_field,
+                "samples": str(samples),
+                "num_samples": num_samples,
+                "seconds": sampled,  # sampling wall-clock of the run that finished it
+                "evaluated_against": evaluator.key,
+                "metrics": {m: float(getattr(result, m)) for m in METRICS},
+            }
+            _write(done_path, json.dumps(record, indent=2))
+            computed.append(point.slug)
+            seconds.append(time.perf_counter() - start)
+            status = f"FID {record['metrics']['fid']:.2f} ({seconds[-1]:.0f} s)"
+        else:
+            status = "done earlier"
+        records.append(record)
+        remaining = sum(
+            _finished(samples_dir / f"{p.slug}.json", p, evaluator.key) is None
+            for p in points[i + 1 :]
+        )
+        say(
+            f"[{i + 1}/{len(points)}] {_describe(point, settings.scale_field)}: {status}; "
+            f"{_eta(seconds, remaining)}"
+        )
+    markdown, csv_text = format_table(records, settings, num_samples)
+    _write(workdir / "sweep.md", markdown)
+    _write(workdir / "sweep.csv", csv_text)
+    if jax.process_index() == 0:
+        write_plots(records, workdir, settings.scale_field)
+    return SweepResult(markdown, tuple(records), tuple(computed), evaluator.computed_reference)
+
+
+def format_table(records: list[dict], settings: SweepSettings, num_samples: int) -> tuple[str, str]:
+    """(markdown, csv) of the points' metrics, one row per point."""
+    import csv
+
+    field = settings.scale_field
+    note = f"{num_samples} samples per point against {settings.reference}" + (
+        ": NOT comparable with the paper's 50,000-sample figures."
+        if num_samples < _PAPER_NUM_SAMPLES
+        else "."
+    )
+    head = ["method", "steps", field, *_HEADERS, "samples", "seconds"]
+    lines = [f"### Sweep of {field}", "", note, "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "steps", field, *METRICS, "samples", "seconds"])
+    for r in records:
+        p, m = r["point"], r["metrics"]
+        name = epath.Path(r["samples"]).name
+        cells = [p["method"], str(p["steps"]), f"{p['scale']:g}"]
+        cells += [f"{m[k]:.3f}" for k in METRICS] + [name, f"{r['seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        writer.writerow(
+            [p["method"], p["steps"], p["scale"], *(repr(m[k]) for k in METRICS),
+             r["samples"], f"{r['seconds']:.3f}"]
+        )  # fmt: skip
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> None:
+    """FID vs IS and precision vs recall (one line per method and steps, points labelled
+    by scale) and FID vs steps (one line per method and scale), as PNGs in `workdir`."""
+    from matplotlib.figure import Figure  # lazy: only the sweep needs matplotlib
+
+    def series(by: Callable[[dict], tuple], order: str) -> dict:
+        out: dict[tuple, list[dict]] = {}
+        for r in records:
+            out.setdefault(by(r["point"]), []).append(r)
+        return {k: sorted(v, key=lambda r: r["point"][order]) for k, v in out.items()}
+
+    def save(fig, name: str) -> None:
+        with (workdir / name).open("wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+
+    by_run = series(lambda p: (p["method"], p["steps"]), "scale")
+    for name, (x, y), (xlabel, ylabel) in (
+        (PLOTS[0], ("inception_score", "fid"), ("Inception Score", "FID")),
+        (PLOTS[1], ("recall", "precision"), ("Recall", "Precision")),
+    ):
+        fig = Figure(figsize=(6, 4.5), layout="constrained")
+        ax = fig.add_subplot()
+        for (method, steps), rs in by_run.items():
+            xs = [r["metrics"][x] for r in rs]
+            ys = [r["metrics"][y] for r in rs]
+            ax.plot(xs, ys, marker="o", label=f"{method}, {steps} steps")
+            for r, xi, yi in zip(rs, xs, ys):
+                ax.annotate(f"{r['point']['scale']:g}", (xi, yi), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)  # fmt: skip
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} vs {xlabel} (labels: {scale_field})")
+        ax.legend(fontsize=8)
+        save(fig, name)
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for (method, scale), rs in series(lambda p: (p["method"], p["scale"]), "steps").items():
+        steps = [r["point"]["steps"] for r in rs]
+        ax.plot(steps, [r["metrics"]["fid"] for r in rs], marker="o",
+                label=f"{method}, {scale_field}={scale:g}")  # fmt: skip
+    ax.set(xlabel="sampling steps", ylabel="FID", title="FID vs sampling steps")
+    ax.legend(fontsize=8)
+    save(fig, PLOTS[2])
+
+
+__all__ = [
+    "GridPoint",
+    "SweepResult",
+    "SweepSettings",
+    "format_table",
+    "make_grid",
+    "point_config",
+    "run_sweep",
+    "write_plots",
+]
