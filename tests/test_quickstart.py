@@ -91,7 +91,8 @@ def test_quickstart_trains_guides_and_reports(run):
     ev = figures["classifier_eval"]
     assert ev["eval_acc@1_q0"] > ev["eval_acc@1_q3"], ev
     # The diffusion loss fell (L_simple, first logged window vs last).
-    rows = [json.loads(x) for x in (workdir / "diffusion" / "metrics.jsonl").read_text().splitlines()]
+    lines = (workdir / "diffusion" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
     mse = [r["mse"] for r in rows if "mse" in r]
     assert mse[-1] < mse[0] / 3, mse
     # Progress with ETA for every long phase.

@@ -21,7 +21,7 @@ from launch import common
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-_DEFINE = r"DEFINE_\w+\(\s*[\"'](\w+)[\"']"
+_DEFINE = r"(?:DEFINE_\w+|define_list)\(\s*[\"'](\w+)[\"']"
 _ABSL_FLAGS = {"verbosity", "v", "logtostderr", "alsologtostderr", "helpfull", "help"}
 
 # launcher -> tests that run it end to end on tiny configs (file::function).
@@ -41,6 +41,7 @@ END_TO_END = {
     "convert_checkpoint": ["test_checkpoints.py::test_convert_checkpoint_launcher_end_to_end"],
     "evaluate": ["test_evaluation_launchers.py::test_evaluate_prints_reference_lines_and_caches"],
     "make_reference": ["test_evaluation_launchers.py::test_make_reference_writes_paper_format"],
+    "sweep": ["test_sweep.py::test_grid_table_matches_the_evaluator_run_separately"],
     "fid_table": ["test_fid_table.py::test_two_row_table_matches_the_evaluator_run_separately"],
     # Real datasets need the network or manual archives: the launcher's error paths and
     # the conversion it runs are tested on local data.
