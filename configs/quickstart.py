@@ -6,6 +6,8 @@ samples with and without classifier guidance (and with classifier-free guidance)
 reports what the paper reports, in about 15 minutes on a 2-core CPU; nothing to
 download:
   python -m launch.quickstart --workdir=quickstart_out
+The diffusion model alone (the top level is its config):
+  python -m launch.train --config=configs/quickstart.py --workdir=/tmp/quickstart_diffusion
 
 The top level is the diffusion model's config (so `launch.train` takes it too);
 `classifier` and `clean_classifier` hold the two classifiers' network, optimiser and

@@ -47,3 +47,25 @@ def x64():
     """
     with jax.enable_x64(True):
         yield
+
+
+# The longest files first: the suite runs on two workers file by file (pyproject's
+# `-n 2 --dist loadfile`), and a long file started last would run alone at the end.
+_LONGEST_FIRST = (
+    "test_quickstart.py",
+    "test_training_e2e.py",
+    "test_fid_table.py",
+    "test_training_features.py",
+    "test_sampling_e2e.py",
+    "test_training_learning.py",
+    "test_sweep.py",
+    "test_training_steps.py",
+    "test_evaluation_launchers.py",
+    "test_sampling_job.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    del config
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept

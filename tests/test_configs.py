@@ -145,17 +145,17 @@ def test_tiny_variant_is_small_and_builds(name):
 
 def test_quickstart_runs_a_forward_pass_on_cpu():
     config = load("quickstart").get_config()
-    assert (config.data.dataset, config.data.image_size) == ("mnist_5k", 32)
+    assert (config.data.dataset, config.data.image_size) == ("mnist_5k", 16)
     assert config.model.num_classes == 10 and config.data.class_cond
     module = create_model(config.model)
-    x = jnp.zeros((2, 32, 32, 3), jnp.float32)
+    x = jnp.zeros((2, 16, 16, 3), jnp.float32)
     t = jnp.array([0, 999], jnp.int32)
     y = jnp.array([3, 7], jnp.int32)
     shapes = jax.eval_shape(module.init, jax.random.key(0), x, t, y=y)
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32), shapes)
     out = jax.jit(module.apply)(variables, x, t, y=y)
-    assert out.shape == (2, 32, 32, 6) and out.dtype == jnp.float32
+    assert out.shape == (2, 16, 16, 6) and out.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 0
     n = sum(p.size for p in jax.tree.leaves(variables))
     assert n < 5_000_000

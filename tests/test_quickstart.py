@@ -29,12 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The shortened run (the default is in configs/quickstart.py).
 SHORT = [
-    "--config.training.num_steps=500",
+    "--config.training.num_steps=400",
     "--config.training.checkpoint_every=100",
-    "--config.classifier.training.num_steps=300",
-    "--config.classifier.training.eval_every=300",
-    "--config.clean_classifier.training.num_steps=200",
-    "--config.clean_classifier.training.eval_every=200",
+    "--config.classifier.training.num_steps=250",
+    "--config.classifier.training.eval_every=250",
+    "--config.clean_classifier.training.num_steps=150",
+    "--config.clean_classifier.training.eval_every=150",
     "--config.quickstart.samples_per_class=5",
     "--config.quickstart.bpd_num_images=10",
     "--config.quickstart.bpd_batch_size=10",
@@ -113,20 +113,29 @@ def test_quickstart_trains_guides_and_reports(run):
 @pytest.mark.slow
 def test_rerun_reuses_and_another_config_is_refused(run):
     workdir, _ = run
-    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    figures = _figures(workdir)
+
+    def snapshot():
+        return {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+
+    before = snapshot()
     proc = _run(workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training the" not in proc.stderr and "reusing" in proc.stderr
-    for name in ("samples_guided.npz", "samples_unguided.npz"):
-        assert (workdir / name).stat().st_mtime_ns == before[workdir / name]
-    assert _figures(workdir)["bpd"] == json.loads(json.dumps(_figures(workdir)["bpd"]))
+    # The checkpoints, training logs and samples are reused as they are (the report is
+    # written again from them, with the same figures).
+    for path, mtime in before.items():
+        if path.parent != workdir or path.suffix == ".npz":
+            assert path.stat().st_mtime_ns == mtime, path
+    again = _figures(workdir)
+    assert again["recognised"] == figures["recognised"] and again["bpd"] == figures["bpd"]
     # Another model in the same workdir: one line, nothing touched.
+    before = snapshot()
     proc = _run(workdir, "--config.model.num_channels=64")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "model.num_channels" in lines[-1], lines[-3:]
-    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
-    assert {p: after[p] for p in before} == before
+    assert snapshot() == before
 
 
 def test_workdir_problems_are_one_line_before_any_work(tmp_path):

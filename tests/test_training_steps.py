@@ -33,6 +33,8 @@ def tiny_config(**training):
     model.dtype = "float32"
     config.optim.eps = 1.0
     config.optim.lr = 1e-2
+    config.optim.warmup_steps = 0
+    config.training.ema_warmup = False
     config.training.batch_size = 16
     config.training.num_steps = 100
     config.training.ema_rates = (0.9, 0.99)
