@@ -40,8 +40,17 @@ def _classifier_model(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return model
 
 
-def _classifier_training(num_steps: int, noised: bool) -> ml_collections.ConfigDict:
-    training = base.get_base_config().training
+def _classifier_section(
+    config: ml_collections.ConfigDict, num_steps: int, noised: bool
+) -> ml_collections.ConfigDict:
+    """A classifier's model, optim and training sections (diffusion and data are shared)."""
+    section = ml_collections.ConfigDict()
+    section.model = _classifier_model(config)
+    section.optim = base.get_base_config().optim
+    section.optim.lr = 1e-3
+    section.optim.weight_decay = 0.05
+    section.optim.anneal_lr = True
+    section.training = training = base.get_base_config().training
     training.num_steps = num_steps
     training.batch_size = 64
     training.ema_rates = ()  # as the paper's classifiers
@@ -50,7 +59,7 @@ def _classifier_training(num_steps: int, noised: bool) -> ml_collections.ConfigD
     training.noised = noised
     training.eval_every = num_steps  # held-out accuracy (per t-quartile) at the end
     training.eval_num_samples = 500  # the whole test split
-    return training
+    return section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -96,23 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sampling.timestep_respacing = 100
     sampling.classifier_scale = 0.0  # the guided run uses quickstart.classifier_scale
 
-    config.classifier = ml_collections.ConfigDict()
-    config.classifier.model = _classifier_model(config)
-    config.classifier.optim = base.get_base_config().optim
-    config.classifier.optim.lr = 1e-3
-    config.classifier.optim.weight_decay = 0.05
-    config.classifier.optim.anneal_lr = True
-    config.classifier.training = _classifier_training(600, noised=True)
-
+    config.classifier = _classifier_section(config, 600, noised=True)
     # The judge of the samples: trained on clean training images only, never on samples
     # or on noised inputs, and separate from the guidance classifier.
-    config.clean_classifier = ml_collections.ConfigDict()
-    config.clean_classifier.model = _classifier_model(config)
-    config.clean_classifier.optim = base.get_base_config().optim
-    config.clean_classifier.optim.lr = 1e-3
-    config.clean_classifier.optim.weight_decay = 0.05
-    config.clean_classifier.optim.anneal_lr = True
-    config.clean_classifier.training = _classifier_training(300, noised=False)
+    config.clean_classifier = _classifier_section(config, 300, noised=False)
 
     job = config.quickstart = ml_collections.ConfigDict()
     job.samples_per_class = 10  # one grid row per class

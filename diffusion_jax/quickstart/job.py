@@ -29,7 +29,7 @@ from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.quickstart import baseline, report
 from diffusion_jax.training import checks
 from diffusion_jax.training.loop import config_json
-from diffusion_jax.training.writers import METRICS_FILE
+from diffusion_jax.training.writers import read_metrics
 
 PHASES = ("diffusion", "classifier", "clean_classifier")
 _EXTRA_SECTIONS = ("classifier", "clean_classifier", "quickstart")
@@ -233,16 +233,20 @@ def _to_model_input(images: np.ndarray) -> jnp.ndarray:
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
-def _classify(config, workdir, images: np.ndarray, batch: int = 250) -> np.ndarray:
-    """The clean classifier's predicted class of uint8 images (at t = 0)."""
+def _clean_classifier(config, workdir, batch: int = 250):
+    """`classify(uint8 images) -> predicted classes` by the clean classifier (at t = 0)."""
     model = models.create_classifier(phase_config(config, "clean_classifier").model)
     params, _ = restore_params(workdir / "clean_classifier")
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.zeros((x.shape[0],), jnp.int32)))
-    preds = []
-    for s in range(0, len(images), batch):
-        logits = apply(params, _to_model_input(images[s : s + batch]))
-        preds.append(np.asarray(jnp.argmax(logits, axis=-1)))
-    return np.concatenate(preds)
+
+    def classify(images: np.ndarray) -> np.ndarray:
+        preds = []
+        for s in range(0, len(images), batch):
+            logits = apply(params, _to_model_input(images[s : s + batch]))
+            preds.append(np.asarray(jnp.argmax(logits, axis=-1)))
+        return np.concatenate(preds)
+
+    return classify
 
 
 def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -278,12 +282,10 @@ def _balanced(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
     return np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(num_classes)])
 
 
-def _bpd_phase(config, workdir, steps: dict, state: dict) -> dict:
+def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     cfg = phase_config(config, "diffusion")
     job = config.quickstart
-    test_x, test_y = _split_images(config, cfg.data.eval_split)
-    train_x, _ = _split_images(config, cfg.data.split)
-    log2p = baseline.fit_categorical(train_x)
+    test_x, test_y = test
     pick = _balanced(test_y, int(job.bpd_num_images), int(cfg.model.num_classes))
     made_from = {
         "diffusion_step": steps["diffusion"],
@@ -294,6 +296,7 @@ def _bpd_phase(config, workdir, steps: dict, state: dict) -> dict:
     if cached and cached.get("made_from") == made_from:
         logging.info("[5/6] bits/dim: reusing the result for step %d", steps["diffusion"])
         return cached["result"]
+    log2p = baseline.fit_categorical(_split_images(config, cfg.data.split)[0])
     rate = tuple(cfg.training.ema_rates)
     params, _ = restore_params(workdir / "diffusion", ema_rate=rate[0] if rate else None)
     model = models.create_model(cfg.model)
@@ -339,13 +342,8 @@ def _bpd_phase(config, workdir, steps: dict, state: dict) -> dict:
 
 def _classifier_quartiles(workdir: epath.Path) -> dict:
     """The last held-out evaluation the classifier run logged (metrics.jsonl)."""
-    path = workdir / METRICS_FILE
-    last = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if "eval_acc@1" in record:
-            last = record
-    return last
+    evals = [r for r in read_metrics(workdir) if "eval_acc@1" in r]
+    return evals[-1] if evals else {}
 
 
 def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
@@ -391,18 +389,17 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
         times[phase] = state.get("train_seconds", {}).get(phase, time.time() - t0)
     outputs = _sample_phase(config, workdir, steps, state)
     times["sampling"] = sum(state.get("sample_seconds", {}).get(n, 0.0) for n in outputs)
-    bpd = _bpd_phase(config, workdir, steps, state)
+    test = _split_images(config, config.data.eval_split)
+    bpd = _bpd_phase(config, workdir, steps, state, test)
     times["bpd"] = bpd["seconds"]
     logging.info("[6/6] judging the samples with the clean classifier; writing the report")
-    recognised = {}
-    for name, path in outputs.items():
-        images, labels = _read_npz(path)
-        recognised[name] = {
-            "accuracy": float(np.mean(_classify(config, workdir, images) == labels)),
-            "num_samples": len(labels),
-        }
-    test_x, test_y = _split_images(config, config.data.eval_split)
-    clean_test_acc = float(np.mean(_classify(config, workdir, test_x) == test_y))
+    classify = _clean_classifier(config, workdir)
+    samples = {name: _read_npz(path) for name, path in outputs.items()}
+    recognised = {
+        name: {"accuracy": float(np.mean(classify(images) == labels)), "num_samples": len(labels)}
+        for name, (images, labels) in samples.items()
+    }
+    clean_test_acc = float(np.mean(classify(test[0]) == test[1]))
     figures = {
         "steps": steps,
         "bpd": bpd,
@@ -414,7 +411,7 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
         "backend": jax.default_backend(),
         "num_devices": num_devices,
     }
-    report.write_report(config, workdir, figures, outputs)
+    report.write_report(config, workdir, figures, outputs, samples)
     figures["seconds"]["total"] = round(time.time() - began, 1)
     (workdir / "figures.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
     logging.info("quickstart done in %.0f s: see %s", time.time() - began, workdir / "summary.md")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 from etils import epath
 
-from diffusion_jax.training.writers import METRICS_FILE
+from diffusion_jax.training.writers import read_metrics
 
 GRID_FILE = "samples_grid.png"
 CURVES_FILE = "loss_curves.png"
@@ -27,13 +26,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _metrics(directory: epath.Path) -> list[dict]:
-    path = directory / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def class_rows(images: np.ndarray, labels: np.ndarray, columns: int = 10) -> np.ndarray:
@@ -81,7 +73,7 @@ def write_curves(path: epath.Path, workdir: epath.Path) -> None:
     ]
     fig, axes = plt.subplots(1, len(runs), figsize=(13, 3.6))
     for ax, (name, keys, title) in zip(axes, runs):
-        records = _metrics(workdir / name)
+        records = read_metrics(workdir / name)
         for key in keys:
             points = [(r["step"], r[key]) for r in records if key in r]
             if points:
@@ -98,17 +90,21 @@ def write_curves(path: epath.Path, workdir: epath.Path) -> None:
     plt.close(fig)
 
 
-def _read(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
-    with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
-        return np.asarray(data["arr_0"]), np.asarray(data["arr_1"])
+def write_report(
+    config: Any, workdir: epath.Path, figures: dict, outputs: dict, samples: dict
+) -> None:
+    """Writes the grid, the curves and summary.md into `workdir`.
 
-
-def write_report(config: Any, workdir: epath.Path, figures: dict, outputs: dict) -> None:
-    """Writes the grid, the curves and summary.md into `workdir`."""
+    Args:
+      config: the job's effective config.
+      workdir: the job's workdir.
+      figures: what `run_quickstart` measured.
+      outputs: sample set name -> its `.npz` path.
+      samples: sample set name -> (uint8 images, requested labels), as read from it.
+    """
     runs = {name: (scale, cfg) for name, scale, cfg in figures["runs"]}
     panels = []
-    for name, path in outputs.items():
-        images, labels = _read(path)
+    for name, (images, labels) in samples.items():
         scale, cfg = runs[name]
         knob = f"scale {scale:g}" if name == "guided" else f"cfg {cfg:g}" if name == "cfg" else ""
         acc = figures["recognised"][name]["accuracy"]

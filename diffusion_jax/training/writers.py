@@ -46,6 +46,14 @@ class JsonlWriter:
         pass
 
 
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
+    """The records `JsonlWriter` appended to DIR/metrics.jsonl ([] when there are none)."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class LoggingWriter:
     """Scalars as log lines (clu's LoggingWriter format) when clu cannot be imported."""
 
