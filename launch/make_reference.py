@@ -5,7 +5,9 @@
 The output holds `arr_0` (the images, center-cropped as the paper's preprocessing) and the
 FID statistics `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial), so
 `launch.evaluate REF.npz SAMPLES.npz` works with it exactly as with the paper's batches.
-An existing output is kept unless `--overwrite`; unreadable images are skipped and counted.
+An existing output is kept unless `--overwrite`, which replaces it atomically (a run killed
+while writing keeps the old file); two runs writing one output are refused (a lock file
+beside it). Unreadable images are skipped and counted.
 """
 
 import itertools
@@ -13,7 +15,7 @@ import itertools
 from absl import flags
 from etils import epath
 
-from diffusion_jax import data, evaluation
+from diffusion_jax import data, evaluation, locks
 from launch import common
 
 _IMAGES = flags.DEFINE_string(
@@ -47,8 +49,15 @@ flags.mark_flags_as_required(["images", "output"])
 
 def main(argv: list[str]) -> None:
     common.check_no_arguments(argv)
-    if epath.Path(_OUTPUT.value).exists() and not _OVERWRITE.value:
+    output = epath.Path(_OUTPUT.value)
+    if output.exists() and not _OVERWRITE.value:
         raise FileExistsError(f"{_OUTPUT.value} exists; pass --overwrite to replace it.")
+    lock = locks.workdir_lock(output.parent, job="make_reference", name=f".{output.name}.lock")
+    with lock:
+        write(output)
+
+
+def write(output: epath.Path) -> None:
     batches = data.iterate_uint8_images(
         _IMAGES.value,
         _SIZE.value,
@@ -60,10 +69,16 @@ def main(argv: list[str]) -> None:
     )
     # The first batch opens the source, so a bad --images fails before the weights load.
     first = list(itertools.islice(batches, 1))
+    count = len(first[0]) if first else 0
+    if count < 2 and count < _BATCH.value:  # the source ended: refused before the weights
+        raise ValueError(
+            f"--images={_IMAGES.value} holds {count} readable image(s); a reference batch "
+            "needs at least 2 (FID needs a covariance)."
+        )
     inception_model = evaluation.load_inception(_WEIGHTS.value)
     n = evaluation.write_reference_batch(
         itertools.chain(first, batches),
-        _OUTPUT.value,
+        output,
         inception_model,
         batch_size=_BATCH.value,
         num_images=_NUM.value,

@@ -9,11 +9,12 @@ Layout of a parameter checkpoint directory (what `launch.convert_checkpoint` wri
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import orbax.checkpoint as ocp
 from etils import epath
+
+from diffusion_jax.files import read_json, write_text_atomic
 
 if TYPE_CHECKING:  # ml_collections is imported lazily: the GPU image lacks it
     import ml_collections
@@ -47,7 +48,7 @@ def save_params(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save((directory / PARAMS_DIR).resolve(), params)
     checkpointer.wait_until_finished()
-    (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    write_text_atomic(directory / CONFIG_FILE, config.to_json_best_effort(indent=2))
     return directory
 
 
@@ -58,7 +59,9 @@ def restore_config(directory: str | epath.PathLike) -> ml_collections.ConfigDict
         raise FileNotFoundError(f"{path} not found: is {directory} a save_params directory?")
     import ml_collections  # lazy: only restoring a config needs it
 
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(
+        read_json(path, hint="Re-create it with launch.convert_checkpoint.")
+    )
 
 
 def restore_params(

@@ -8,14 +8,78 @@ sampling job never loads the optimiser state.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("params", "ema", "opt_state", "extra", "data", "config")
 JSON_ITEMS = ("data", "config")
+_T = TypeVar("_T")
+
+
+class DamagedCheckpointError(OSError):
+    """A listed checkpoint step that cannot be read (truncated arrays, missing metadata)."""
+
+
+def _reason(error: BaseException) -> str:
+    """A short one-line account of a read failure (tensorstore's specs cut off)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    message = re.split(r" \[tensorstore_spec", message)[0].rstrip(".")
+    return message if len(message) <= 240 else message[:237] + "..."
+
+
+def read_step(directory: str | epath.PathLike, step: int, read: Callable[[], _T]) -> _T:
+    """Runs `read()` (an Orbax read of checkpoint `step`), naming the step on failure.
+
+    Raises:
+      DamagedCheckpointError: whatever the read raised, as one line naming the step's
+        directory and what was wrong.
+    """
+    try:
+        return read()
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged files
+        where = epath.Path(directory) / CHECKPOINTS_DIR / str(step)
+        raise DamagedCheckpointError(f"checkpoint {where} is damaged: {_reason(e)}") from e
+
+
+def restore_newest_readable(
+    manager: ocp.CheckpointManager,
+    directory: str | epath.PathLike,
+    restore: Callable[[int], _T],
+) -> tuple[_T, int] | None:
+    """`restore(step)` of the newest step that reads; None when there are no steps.
+
+    A step whose `restore` raises `DamagedCheckpointError` (see `read_step`) is skipped
+    with a one-line warning naming it and what was wrong, and the previous complete step
+    is tried. Any other error (a config that does not match, say) propagates.
+
+    Raises:
+      FileNotFoundError: every complete step is damaged (names the directory and the
+        newest one's fault).
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    damaged = []
+    for step in steps:
+        try:
+            result = restore(step)
+        except DamagedCheckpointError as e:
+            damaged.append(str(e))
+            continue
+        for message in damaged:
+            logging.warning("%s; using the newest readable one, step %d, instead.", message, step)
+        return result, step
+    raise FileNotFoundError(
+        f"no readable checkpoint in {epath.Path(directory) / CHECKPOINTS_DIR}: all "
+        f"{len(steps)} are damaged (the newest: {damaged[0]})."
+    )
 
 
 def ema_key(rate: float) -> str:
@@ -92,19 +156,36 @@ def restore_workdir_params(
       ValueError: ema_rate is not one the run kept.
     """
     manager = create_manager(directory, keep=0, read_only=True)
-    steps = manager.all_steps()
-    if not steps:
-        raise FileNotFoundError(
-            f"{epath.Path(directory) / CHECKPOINTS_DIR} holds no complete checkpoint yet."
-        )
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise FileNotFoundError(f"{directory} has no checkpoint at step {step}; it has {steps}.")
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"{epath.Path(directory) / CHECKPOINTS_DIR} holds no complete checkpoint yet."
+            )
+        restore = functools.partial(_restore_params, manager, directory, ema_rate, target)
+        if step is not None:  # the step asked for, or a one-line error
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"{directory} has no checkpoint at step {step}; it has {steps}."
+                )
+            return (*restore(step), step)
+        (params, config), step = restore_newest_readable(manager, directory, restore)
+        return params, config, step
+    finally:
+        manager.close()
+
+
+def _restore_params(
+    manager: ocp.CheckpointManager, directory, ema_rate, target, step: int
+) -> tuple[Any, dict]:
+    config = read_step(
+        directory,
+        step,
+        lambda: manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())),
+    )["config"]
     if ema_rate is None:
         item = "params"
-        wrap = saved_target(manager, step, item) if target is None else target
+        wrap = None if target is None else target
     else:
         rates = config.get("training", {}).get("ema_rates", [])
         if ema_key(ema_rate) not in {ema_key(r) for r in rates}:
@@ -114,13 +195,14 @@ def restore_workdir_params(
                 "parameters)."
             )
         item = "ema"
-        if target is None:
-            wrap = saved_target(manager, step, item)
-        else:
-            wrap = {ema_key(r): target for r in rates}
-    restored = manager.restore(
-        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(wrap)})
-    )[item]
-    manager.close()
+        wrap = None if target is None else {ema_key(r): target for r in rates}
+
+    def read():
+        abstract = saved_target(manager, step, item) if wrap is None else wrap
+        return manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+        )[item]
+
+    restored = read_step(directory, step, read)
     params = restored if ema_rate is None else restored[ema_key(ema_rate)]
-    return params, config, step
+    return params, config

@@ -67,8 +67,10 @@ class _BatchProducer:
         process_index: int,
         process_count: int,
         num_threads: int,
+        num_classes: int | None = None,
     ):
         self.source = source
+        self.num_classes = num_classes
         self.image_size = image_size
         self.batch_size = batch_size
         self.seed = seed
@@ -122,6 +124,7 @@ class _BatchProducer:
         batch = {"image": images}
         if self.class_cond:
             batch["label"] = np.asarray([label for _, label in examples], np.int32)  # [B]
+            check_labels(batch["label"], self.num_classes)
         if self.low_res_size:
             batch["low_res"] = area_downsample(images, self.low_res_size)  # [B, s, s, 3]
         return batch
@@ -220,6 +223,7 @@ class InputPipeline:
         prefetch: int = 2,
         device_prefetch: int = 2,
         num_threads: int = 4,
+        num_classes: int | None = None,
     ):
         """Configures the pipeline; reading starts at the first `next()`.
 
@@ -242,6 +246,11 @@ class InputPipeline:
           prefetch: host batches prepared ahead in the background thread.
           device_prefetch: batches transferred to devices ahead of use (with a mesh).
           num_threads: image decoding threads.
+          num_classes: the model's class count (`model.num_classes`): a labelled source
+            with more classes is refused here, and every batch's labels are checked to
+            lie in [0, num_classes) before they reach a device (a label equal to
+            num_classes would silently be the classifier-free guidance null class).
+            None: no check.
 
         Raises:
           ValueError: for inconsistent arguments (names the argument).
@@ -263,6 +272,12 @@ class InputPipeline:
                 "config.data.class_cond=True but the dataset has no class labels; set "
                 "class_cond=False or use labelled data (folder: name files CLASS_xxx.jpg)."
             )
+        if class_cond and num_classes is not None and source.num_classes > num_classes:
+            raise ValueError(
+                f"the dataset has {source.num_classes} classes but model.num_classes="
+                f"{num_classes}; set --config.model.num_classes={source.num_classes} (or use "
+                f"data with at most {num_classes} classes)."
+            )
         self._producer = _BatchProducer(
             source,
             image_size=image_size,
@@ -278,6 +293,7 @@ class InputPipeline:
             process_index=process_index,
             process_count=process_count,
             num_threads=max(1, num_threads),
+            num_classes=num_classes if class_cond else None,
         )
         self.mesh = mesh
         self.prefetch = max(1, prefetch)
@@ -389,6 +405,24 @@ class InputPipeline:
         return self._state["skipped"]
 
 
+def check_labels(labels: np.ndarray, num_classes: int | None) -> None:
+    """Raises ValueError unless every label lies in [0, num_classes) (None: no check).
+
+    Done in numpy on the host, before the batch goes to a device: inside the jitted step
+    an out-of-range label is an out-of-bounds embedding lookup (NaN or clamped), and
+    `num_classes` itself is the null class of classifier-free guidance.
+    """
+    if num_classes is None or labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"a batch holds label {bad}, outside [0, model.num_classes={num_classes}); set "
+            "model.num_classes to the dataset's class count or fix the labels."
+        )
+
+
 def create_input_pipeline(
     data_config: Any,
     *,
@@ -399,6 +433,7 @@ def create_input_pipeline(
     process_count: int | None = None,
     low_res_size: int | None = None,
     num_threads: int = 4,
+    num_classes: int | None = None,
 ) -> InputPipeline:
     """Builds the training pipeline described by `config.data`.
 
@@ -415,6 +450,8 @@ def create_input_pipeline(
       process_count: number of hosts (default `jax.process_count()`).
       low_res_size: overrides `data_config.low_res_size` (super-resolution input side).
       num_threads: image decoding threads.
+      num_classes: the model's class count: labels are checked against it (see
+        `InputPipeline`); None: no check.
 
     Returns:
       An `InputPipeline` (iterator with `get_state` / `set_state` / `close`); use it as
@@ -456,4 +493,5 @@ def create_input_pipeline(
         mesh=mesh,
         prefetch=data_config.prefetch,
         num_threads=num_threads,
+        num_classes=num_classes,
     )

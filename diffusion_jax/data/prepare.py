@@ -39,6 +39,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+from diffusion_jax.files import read_json
+
 ARRAY_RECORD = "array_record"
 TFRECORD = "tfrecord"
 # Records are read one at a time by index, so each record is its own group.
@@ -356,8 +358,8 @@ def _walk_files(root: epath.Path) -> list[epath.Path]:
 
 def _is_complete_conversion(version_dir: epath.Path, info: Any) -> bool:
     try:
-        data = json.loads((version_dir / _DATASET_INFO).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = read_json(version_dir / _DATASET_INFO)
+    except (FileNotFoundError, ValueError):
         return False
     if data.get("fileFormat") != ARRAY_RECORD:
         return False
@@ -489,7 +491,7 @@ def convert_to_array_record(
         destination = work_dir / path.relative_to(source_dir)
         destination.parent.mkdir(parents=True, exist_ok=True)
         path.copy(destination)
-    metadata = json.loads((source_dir / _DATASET_INFO).read_text())
+    metadata = read_json(source_dir / _DATASET_INFO)
     metadata["fileFormat"] = ARRAY_RECORD
     metadata.pop("alternativeFileFormats", None)
     (work_dir / _DATASET_INFO).write_text(json.dumps(metadata, indent=2, sort_keys=True))

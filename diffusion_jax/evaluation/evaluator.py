@@ -30,7 +30,14 @@ from diffusion_jax.evaluation.features import (
     compute_features,
     compute_statistics,
 )
-from diffusion_jax.evaluation.npz_io import IMAGES_KEY, STAT_KEYS, ImageNpz, open_image_npz
+from diffusion_jax.evaluation.npz_io import (
+    IMAGES_KEY,
+    STAT_KEYS,
+    ImageNpz,
+    check_finite_statistics,
+    open_image_npz,
+)
+from diffusion_jax.files import atomic_write
 
 CACHE_SUFFIX = ".inception.npz"
 _HASHED_BYTES = 1 << 20
@@ -94,11 +101,9 @@ def _read_cache(path: epath.Path, key: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 def _write_cache(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.parent / (path.name + ".tmp")
     try:
-        with tmp.open("wb") as f:
+        with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
-        tmp.replace(path)  # rename() refuses an existing target on some filesystems
     except OSError as e:  # a read-only directory only costs the cache
         logging.warning("Could not write activation cache %s: %s", path, e)
 
@@ -138,6 +143,7 @@ def _activations(
         mesh=mesh,
         batch_size=batch_size,
         num_images=npz.num_images,
+        source=str(npz.path),
     )
     return _Activations(feats, None, cache_path if cache else None, key)
 
@@ -156,6 +162,7 @@ def _statistics(npz: ImageNpz, acts: _Activations) -> dict[str, np.ndarray]:
         mu, sigma = compute_statistics(acts.features["pool"])
         mu_s, sigma_s = compute_statistics(acts.features["spatial"])
         stats = computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+        check_finite_statistics(stats, npz.path)
     if acts.cache_path is not None:
         _write_cache(acts.cache_path, {**acts.features, **computed, **acts.cache_key})
     return stats
@@ -249,6 +256,12 @@ def evaluate_npz(
             "reference batch of their resolution, or pass allow_resolution_mismatch "
             "(--allow_resolution_mismatch) if this is intended."
         )
+    for npz in (ref, sample):  # before any Inception pass: FID needs a covariance
+        if npz.num_images < 2:
+            raise ValueError(
+                f"{npz.path} has {npz.num_images} image(s); FID needs at least 2 (a mean and "
+                "a covariance)."
+            )
     if sample.num_images < split_size:
         raise ValueError(
             f"{sample.path} has {sample.num_images} images, fewer than one Inception Score "
@@ -471,12 +484,21 @@ def write_reference_batch(
             images.append(batch, f"image batch {i}")
             yield batch
 
-    feats = compute_features(collect(), inception_model, mesh=mesh, batch_size=batch_size)
+    output_path = epath.Path(output_path)
+    feats = compute_features(
+        collect(),
+        inception_model,
+        mesh=mesh,
+        batch_size=batch_size,
+        source=f"the images for {output_path}",
+    )
     mu, sigma = compute_statistics(feats["pool"])
     mu_s, sigma_s = compute_statistics(feats["spatial"])
     del feats  # ~1 GB at 50k images; not needed while writing
-    output_path = epath.Path(output_path)
+    stats = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+    check_finite_statistics(stats, f"the reference batch for {output_path}")
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("wb") as f:
-        np.savez(f, **{IMAGES_KEY: images.finish()}, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    # Atomic: a run killed while writing keeps the file it was to replace.
+    with atomic_write(output_path, "wb") as f:
+        np.savez(f, **{IMAGES_KEY: images.finish()}, **stats)
     return images.size

@@ -210,6 +210,7 @@ def compute_features(
     mesh: Mesh | None = None,
     batch_size: int = 256,
     num_images: int | None = None,
+    source: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Inception features of a set of images in one batched pass, sharded over devices.
 
@@ -234,6 +235,7 @@ def compute_features(
       batch_size: global batch size; rounded up to a multiple of the device count.
       num_images: this process's image count, for the progress ETA, when `images` is an
         iterable.
+      source: where the images come from (a file name), for error messages.
 
     Returns:
       `{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]}` float32 numpy, N
@@ -290,7 +292,7 @@ def compute_features(
                 out[k].append(feats[k])
         progress.update(int(counts.sum()))
     if progress is None:
-        raise ValueError("compute_features got no images.")
+        raise ValueError(f"compute_features got no images from {source or 'its input'}.")
     return {k: np.concatenate([v for out in outputs for v in out[k]], axis=0) for k in FEATURE_KEYS}
 
 

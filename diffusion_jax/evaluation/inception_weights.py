@@ -24,6 +24,7 @@ from etils import epath
 
 from diffusion_jax import torch_files
 from diffusion_jax.evaluation import inception
+from diffusion_jax.files import atomic_write
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = (
@@ -95,7 +96,7 @@ def save_inception_npz(state_dict_path: str | epath.PathLike, npz_path: str | ep
       npz_path: where to write the `.npz` (same parameter names, torch layout).
     """
     state = read_state_dict(state_dict_path)
-    with epath.Path(npz_path).open("wb") as f:
+    with atomic_write(npz_path, "wb") as f:
         np.savez(f, **state)
 
 
@@ -167,11 +168,9 @@ def state_dict_to_params(state: dict[str, np.ndarray]) -> dict:
 
 def _download(url: str, dest: epath.Path, timeout_s: float) -> None:
     """Downloads `url` to `dest` atomically (a temporary file renamed on success)."""
-    tmp = dest.parent / (dest.name + ".tmp")
-    with urllib.request.urlopen(url, timeout=timeout_s) as response, tmp.open("wb") as f:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, atomic_write(dest, "wb") as f:
         while chunk := response.read(1 << 20):
             f.write(chunk)
-    tmp.rename(dest)
 
 
 def fetch_default_weights(

@@ -121,7 +121,9 @@ class ImageNpz:
         """
         if not _check_statistics(self.path, self.members, {}):
             return None
-        return {k: np.asarray(self._load_member(k), np.float64) for k in STAT_KEYS}
+        stats = {k: np.asarray(self._load_member(k), np.float64) for k in STAT_KEYS}
+        check_finite_statistics(stats, self.path)
+        return stats
 
     def _load_member(self, key: str) -> np.ndarray:
         with (
@@ -130,6 +132,20 @@ class ImageNpz:
             np.load(f, allow_pickle=False) as data,
         ):
             return data[key]
+
+
+def check_finite_statistics(stats: dict[str, np.ndarray], path: str | epath.PathLike) -> None:
+    """Raises ValueError naming `path` if a FID statistic holds NaN or infinity.
+
+    A non-finite mean or covariance makes every FID against it `nan`, printed as if it
+    were a result.
+    """
+    for key in STAT_KEYS:
+        if key in stats and not np.all(np.isfinite(stats[key])):
+            raise ValueError(
+                f"{path}: the FID statistic '{key}' holds NaN or infinite values; rebuild "
+                "the file (make_reference for a reference batch) or check its images."
+            )
 
 
 def _check_statistics(

@@ -15,15 +15,25 @@ Parameters can be read alone (`restore_params`) without the optimiser state.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.experimental import multihost_utils
 
+from diffusion_jax.checkpoints.workdir import read_step, restore_newest_readable
 from diffusion_jax.training.state import TrainState
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (read-only or full disk): the run stops."""
+
 
 _ARRAY_ITEMS = ("params", "ema", "opt_state", "extra")
 
@@ -82,18 +92,77 @@ def save(
     *,
     force: bool = True,
 ) -> None:
-    """Starts an async save of `state` at its step (all processes call it)."""
+    """Starts an async save of `state` at its step (all processes call it).
+
+    Raises:
+      CheckpointSaveError: this save or the previous (asynchronous) one failed; one line
+        naming the directory and the cause.
+    """
     step = int(jax.device_get(state.step))
     items = {name: ocp.args.StandardSave(value) for name, value in _split(state).items()}
     items["data"] = ocp.args.JsonSave(
         {"process_count": len(data_positions), "processes": data_positions}
     )
     items["config"] = ocp.args.JsonSave(json.loads(config_json))
-    manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with save_errors(manager, step):
+        manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+@contextlib.contextmanager
+def save_errors(manager: ocp.CheckpointManager, step: int | None = None) -> Iterator[None]:
+    """Turns any error of an Orbax save (or wait for one) into a `CheckpointSaveError`."""
+    try:
+        yield
+    except Exception as error:
+        what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise CheckpointSaveError(
+            f"saving {what} under {manager.directory} failed ({reason[:300]}); the run "
+            "stops: check that the directory is writable and the disk has space."
+        ) from error
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """Raises `CheckpointSaveError` now if an asynchronous save has failed already."""
+    with save_errors(manager):
+        manager.check_for_errors()
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Waits for pending saves and closes the manager; a failed save raises."""
+    try:
+        with save_errors(manager):
+            manager.wait_until_finished()
+    except CheckpointSaveError:
+        abandon(manager)
+        raise
+    manager.close()
+
+
+def abandon(manager: ocp.CheckpointManager, timeout_s: float = 60.0) -> None:
+    """Closes the manager after an error, in at most `timeout_s`, never raising.
+
+    Without it an exception leaving the loop leaves Orbax's save threads behind, and the
+    process waits for them at exit.
+    """
+
+    def close():
+        try:
+            manager.close()
+        except Exception as e:  # the run is failing already; its own error is what counts
+            logging.warning("closing the checkpoint manager: %s", " ".join(str(e).split()))
+
+    thread = threading.Thread(target=close, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
 
 
 def restore(
-    manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None
+    manager: ocp.CheckpointManager,
+    abstract_state: TrainState,
+    step: int | None = None,
+    *,
+    check_config: Callable[[dict, int], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, int]], dict]:
     """Restores a step (default: the latest complete one) into `abstract_state`.
 
@@ -101,17 +170,78 @@ def restore(
       manager: from `create_manager`.
       abstract_state: `jax.ShapeDtypeStruct` leaves with the shardings to restore into.
       step: which step; None = latest.
+      check_config: called with (saved config, step) before the arrays are read; raises
+        for a run of another config.
 
     Returns:
       (state, data positions of every process, saved config as a dict).
+
+    Raises:
+      DamagedCheckpointError: the step cannot be read (names it and what is wrong).
     """
     step = manager.latest_step() if step is None else step
+    directory = manager.directory.parent
+    json_args = {"data": ocp.args.JsonRestore(), "config": ocp.args.JsonRestore()}
+    saved = read_step(
+        directory, step, lambda: manager.restore(step, args=ocp.args.Composite(**json_args))
+    )
+    if check_config is not None:
+        check_config(saved["config"], step)
     abstract = _split(abstract_state)
     args = {
         name: ocp.args.StandardRestore(abstract[name]) for name in _ARRAY_ITEMS if name in abstract
     }
-    args["data"] = ocp.args.JsonRestore()
-    args["config"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
+    restored = read_step(
+        directory, step, lambda: manager.restore(step, args=ocp.args.Composite(**args))
+    )
     state = _join({name: restored[name] for name in _ARRAY_ITEMS if name in abstract})
-    return state, restored["data"]["processes"], restored["config"]
+    return state, saved["data"]["processes"], saved["config"]
+
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
+    """Moves the checkpoints newer than `step` (damaged ones) to DIR/damaged_checkpoints/.
+
+    The resumed run saves those steps again; Orbax refuses to save a step that exists.
+    All processes call it (process 0 moves, then every manager re-reads its steps).
+    """
+    newer = [s for s in manager.all_steps() if s > step]
+    if not newer:
+        return
+    root = manager.directory
+    if jax.process_index() == 0:
+        aside = root.parent / DAMAGED_DIR
+        aside.mkdir(parents=True, exist_ok=True)
+        for s in newer:
+            target = aside / str(s)
+            n = 1
+            while target.exists():
+                target, n = aside / f"{s}.{n}", n + 1
+            (root / str(s)).rename(target)
+            logging.warning("Moved damaged checkpoint %s to %s.", root / str(s), target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("diffusion_jax: damaged checkpoints set aside")
+    manager.reload()
+
+
+def restore_newest(
+    manager: ocp.CheckpointManager,
+    abstract_state: TrainState,
+    *,
+    check_config: Callable[[dict, int], None] | None = None,
+) -> tuple[tuple[TrainState, list[dict[str, int]], dict], int] | None:
+    """`restore` of the newest readable step, skipping damaged ones with a warning.
+
+    Returns:
+      ((state, data positions, saved config), step), or None without any checkpoint.
+
+    Raises:
+      FileNotFoundError: every checkpoint is damaged.
+    """
+
+    def read(step):
+        return restore(manager, abstract_state, step, check_config=check_config)
+
+    return restore_newest_readable(manager, manager.directory.parent, read)

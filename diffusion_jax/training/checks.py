@@ -48,6 +48,9 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
         )
     model, data, training = config.model, config.data, config.training
     _check_label_dropout(config, trainer)
+    check_optim_config(config.optim)
+    if "sampling" in config:  # in-training samples use it
+        check_guidance_config(config.sampling)
     from diffusion_jax.diffusion import create_diffusion
     from diffusion_jax.diffusion.resample import create_schedule_sampler
     from diffusion_jax.models import validate_model_config
@@ -123,6 +126,54 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
             f"training.init_from={training.init_from!r} does not exist: give a "
             "convert_checkpoint output directory or a training workdir."
         )
+
+
+def _number(section: str, name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{section}.{name} must be a number, got {value!r}.") from None
+
+
+def check_optim_config(optim: Any) -> None:
+    """Validates `config.optim`: one-line ValueError naming the field and its range."""
+    ranges = {  # name: (test, allowed range as said in the message)
+        "lr": (lambda v: v >= 0, ">= 0"),
+        "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "eps": (lambda v: v > 0, "> 0"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "warmup_steps": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+        "grad_clip_norm": (lambda v: v > 0, "> 0 (or None for no clipping)"),
+    }
+    for name, (ok, allowed) in ranges.items():
+        value = optim.get(name, None)
+        if value is None:
+            continue
+        number = _number("optim", name, value)
+        if not (number == number and ok(number)):  # NaN fails every range
+            raise ValueError(f"optim.{name} must be {allowed}, got {value}.")
+
+
+def check_guidance_config(sampling: Any) -> None:
+    """Validates the guidance scales of `config.sampling` (one-line ValueError).
+
+    `classifier_scale` >= 0 (0 = no classifier guidance) and `cfg_scale` >= 0 (1 = plain
+    conditional sampling, 0 = unconditional); a negative scale pushes samples away from
+    their class.
+    """
+    for name, meaning in (
+        ("classifier_scale", "0 = no classifier guidance"),
+        ("cfg_scale", "1.0 = plain conditional sampling"),
+    ):
+        value = sampling.get(name, None)
+        if value is None:
+            continue
+        number = _number("sampling", name, value)
+        if not (number == number and number >= 0 and number != float("inf")):
+            raise ValueError(
+                f"sampling.{name} must be a finite number >= 0 ({meaning}), got {value}."
+            )
 
 
 def _check_label_dropout(config: Any, trainer: str) -> None:

@@ -9,6 +9,7 @@ resumes from the latest complete one when started again with the same workdir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,11 +27,12 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import parallel
+from diffusion_jax import locks, parallel
 from diffusion_jax.checkpoints.workdir import create_manager
 from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.diffusion.resample import create_schedule_sampler
+from diffusion_jax.files import read_json, write_text_atomic
 from diffusion_jax.models import create_classifier, create_model, null_label
 from diffusion_jax.training import checkpointing, checks, steps
 from diffusion_jax.training.optimizer import create_optimizer, learning_rate_schedule
@@ -79,22 +81,48 @@ def config_json(config: Any) -> str:
 
 
 def _prepare_workdir(config: Any, workdir: epath.Path) -> None:
-    """Refuses a workdir holding another config's run; writes config.json for a new one."""
+    """Refuses a workdir holding another config's run (writes nothing: see `_write_config`)."""
     path = workdir / CONFIG_FILE
     current = json.loads(config_json(config))
     if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"{path} is not a readable config ({e}); use a new --workdir."
-            ) from None
+        saved = read_json(path, hint="Use a new --workdir.")
         checks.check_resume_config(saved, current, str(workdir))
+
+
+def _write_config(config: Any, workdir: epath.Path) -> None:
+    """Writes DIR/config.json once every input check has passed (process 0)."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / (CONFIG_FILE + ".tmp")
-        tmp.write_text(config_json(config))
-        tmp.replace(path)
+        write_text_atomic(workdir / CONFIG_FILE, config_json(config))
+
+
+@contextlib.contextmanager
+def _exclusive(workdir: epath.Path, job: str):
+    """The workdir's lock (`locks.workdir_lock`), taken by process 0 for all processes."""
+    error, stack = None, contextlib.ExitStack()
+    if jax.process_index() == 0:
+        try:
+            stack.enter_context(locks.workdir_lock(workdir, job=job))
+        except locks.WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:  # every process learns of a refusal, none is left waiting
+        refused = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
+        if np.any(refused) and error is None:
+            error = locks.WorkdirLockedError(f"{workdir} is in use by another job (see process 0).")
+    if error is not None:
+        raise error
+    with stack:
+        yield
+
+
+@contextlib.contextmanager
+def _closed_on_error(manager):
+    """Closes the checkpoint manager when the loop fails, so the process exits at once."""
+    try:
+        yield
+    except BaseException:
+        checkpointing.abandon(manager)
+        raise
 
 
 @dataclasses.dataclass
@@ -235,8 +263,13 @@ def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = N
 
 
 def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState:
-    _quiet_orbax()
     workdir = epath.Path(workdir)
+    with _exclusive(workdir, "training" if trainer == "diffusion" else "classifier training"):
+        return _train(config, workdir, trainer)
+
+
+def _train(config: Any, workdir: epath.Path, trainer: str) -> TrainState:
+    _quiet_orbax()
     mesh = parallel.create_mesh()
     num_devices = parallel.num_data_shards(mesh)
     checks.check_training_config(config, trainer, num_devices)
@@ -244,7 +277,11 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
     _prepare_workdir(config, workdir)
 
     pipeline = create_input_pipeline(
-        config.data, global_batch_size=training.batch_size, seed=config.seed, mesh=mesh
+        config.data,
+        global_batch_size=training.batch_size,
+        seed=config.seed,
+        mesh=mesh,
+        num_classes=config.model.num_classes,
     )
     if len(pipeline.source) == 0:
         raise ValueError(
@@ -255,12 +292,17 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
     task, abstract_state = setup.task, setup.abstract_state
 
     manager = create_manager(workdir, keep=training.keep_checkpoints)
-    latest = manager.latest_step()
-    if latest is not None:
-        state, positions, saved_config = checkpointing.restore(manager, abstract_state, latest)
-        checks.check_resume_config(
-            saved_config, json.loads(config_json(config)), f"{workdir} (step {latest})"
-        )
+    current = json.loads(config_json(config))
+    restored = checkpointing.restore_newest(
+        manager,
+        abstract_state,
+        check_config=lambda saved, s: checks.check_resume_config(
+            saved, current, f"{workdir} (step {s})"
+        ),
+    )
+    if restored is not None:
+        (state, positions, _), latest = restored
+        checkpointing.set_aside_newer(manager, latest)  # damaged steps the run will redo
         if len(positions) != jax.process_count():
             raise ValueError(
                 f"{workdir} was saved by {len(positions)} processes; resume it with "
@@ -276,6 +318,7 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
             )
             logging.info("Fine-tuning from %s.", training.init_from)
         state = setup.init(params)
+    _write_config(config, workdir)  # every input check has passed
 
     train_step = setup.train_step
     writer = create_writer(workdir)
@@ -291,7 +334,7 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
         positions = checkpointing.gather_data_positions(pipeline.get_state())
         checkpointing.save(manager, s, positions, cfg_json)
 
-    with pipeline, _Preemption() as preemption:
+    with pipeline, _Preemption() as preemption, _closed_on_error(manager):
         while step < training.num_steps:
             batch = next(pipeline)
             state, metrics = train_step(state, batch)
@@ -308,6 +351,7 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
                 summary["images_per_sec"] = rate * training.batch_size
                 summary["skipped_images"] = float(pipeline.num_skipped)
                 writer.write_scalars(step, summary)
+                checkpointing.check_saves(manager)  # a failed async save stops the run now
                 consecutive = int(jax.device_get(state.nonfinite[1]))
                 if consecutive >= training.max_nonfinite_steps:
                     manager.wait_until_finished()
@@ -332,8 +376,7 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
             if stop:
                 logging.warning("Stopped at step %d on SIGTERM; rerun to resume.", step)
                 break
-    manager.wait_until_finished()
-    manager.close()
+    checkpointing.finish_saves(manager)
     writer.flush()
     return state
 

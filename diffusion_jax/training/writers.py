@@ -27,11 +27,18 @@ class JsonlWriter:
 
     def __init__(self, workdir: epath.Path):
         self.path = epath.Path(workdir) / METRICS_FILE
+        self._first = True
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        text = json.dumps(record) + "\n"
+        if self._first:  # a line a killed run left unfinished keeps its own line
+            self._first = False
+            old = self.path.read_text() if self.path.exists() else ""
+            if old and not old.endswith("\n"):
+                text = "\n" + text
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(text)
 
     def write_images(self, step: int, images: dict[str, Any]) -> None:
         del step, images
@@ -47,11 +54,25 @@ class JsonlWriter:
 
 
 def read_metrics(workdir: epath.PathLike) -> list[dict]:
-    """The records `JsonlWriter` appended to DIR/metrics.jsonl ([] when there are none)."""
+    """The records `JsonlWriter` appended to DIR/metrics.jsonl ([] when there are none).
+
+    A line cut short (the run was killed while appending it) is skipped with a warning
+    naming the file and the line; the lines after it are read.
+    """
     path = epath.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            logging.warning(
+                "%s line %d is not JSON (%s; cut short?): skipped.", path, number, e.msg
+            )
+    return records
 
 
 class LoggingWriter:

@@ -1,0 +1,100 @@
+"""Writing files that replace others, and reading JSON state, so that neither loses data.
+
+Ground floor: knows nothing of the rest of the library, so every layer can use it.
+
+- `atomic_write(path, mode)`: a context manager yielding a file object; the data goes to
+  a temporary file beside `path` and is renamed over `path` only when the block ends
+  without an exception. A process killed during the write leaves the old file (or none)
+  in place, never a half-written one. The single home of this pattern.
+- `write_text_atomic(path, text)` / `write_json_atomic(path, value)`: the same, in one call.
+- `read_json(path)`: the parsed file, or a `ValueError` naming the file (and what is wrong)
+  instead of a bare `JSONDecodeError` that names nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import IO, Any
+
+from etils import epath
+
+
+def _temporary(path: epath.Path) -> epath.Path:
+    # Same directory (a rename within one filesystem is atomic); the pid keeps two
+    # writers of one file from sharing a temporary.
+    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | epath.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Opens a temporary file that replaces `path` when the block completes.
+
+    Args:
+      path: the file to write (local or `gs://`); its directory must exist.
+      mode: 'w' (text) or 'wb' (bytes).
+
+    Yields:
+      The open temporary file. On an exception inside the block it is deleted and
+      `path` is left as it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', got {mode!r}.")
+    path = epath.Path(path)
+    tmp = _temporary(path)
+    try:
+        with tmp.open(mode) as f:
+            yield f
+            with contextlib.suppress(AttributeError, OSError):  # cloud files: no fsync
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the rename publishes it
+        # replace(): rename() refuses an existing target on some filesystems.
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | epath.PathLike, text: str) -> None:
+    """Writes `text` to `path` atomically (see `atomic_write`)."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | epath.PathLike, value: Any, **dumps_kwargs: Any) -> None:
+    """Writes `value` as JSON to `path` atomically (see `atomic_write`)."""
+    write_text_atomic(path, json.dumps(value, **dumps_kwargs))
+
+
+def read_json(path: str | epath.PathLike, *, hint: str = "") -> Any:
+    """The JSON value in `path`.
+
+    Args:
+      path: the file.
+      hint: appended to the error message: what to do about a damaged file.
+
+    Raises:
+      FileNotFoundError: `path` does not exist (names it).
+      ValueError: `path` is not valid JSON (names it, with the position of the fault).
+    """
+    path = epath.Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found.") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a JSON text file ({e}).{_hint(hint)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is corrupt or truncated: not valid JSON ({e.msg} at line {e.lineno} "
+            f"column {e.colno}).{_hint(hint)}"
+        ) from None
+
+
+def _hint(hint: str) -> str:
+    return f" {hint}" if hint else ""
