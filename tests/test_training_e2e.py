@@ -1,6 +1,7 @@
 """End to end through `python -m launch.train`: killed and resumed == uninterrupted (bit
 for bit), preemption (SIGTERM) checkpoints and stops, a half-written checkpoint is
-ignored, 2 processes x 4 devices == 1 process x 8 devices, bad input fails in one line.
+ignored, a damaged latest checkpoint falls back to the one before it, 2 processes x 4
+devices == 1 process x 8 devices, bad input fails in one line.
 """
 
 import json
@@ -136,11 +137,18 @@ def test_killed_and_preempted_run_resumes_bit_for_bit(uninterrupted, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM" in err
     preempted_at = complete_steps(workdir)[-1]
-    # 3. Resume to the end.
+    # 3. The latest checkpoint is damaged (its parameter files cut short): resume to the
+    # end from the one before it, with a warning naming the damaged one.
+    previous = complete_steps(workdir)[-2]
+    for data_file in (workdir / CHECKPOINTS_DIR / str(preempted_at) / "params").glob("**/d/*"):
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     proc = start_train(workdir)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    assert f"Resumed {workdir} at step {preempted_at}" in err
+    damaged = workdir / CHECKPOINTS_DIR / str(preempted_at)
+    assert f"checkpoint {damaged} is damaged: " in err
+    assert f"Resumed {workdir} at step {previous}" in err
+    assert (workdir / "damaged_checkpoints" / str(preempted_at) / "params").is_dir()
     step, state = read_state(workdir)
     assert step == NUM_STEPS
     assert_bitwise_equal(state, ref_state)

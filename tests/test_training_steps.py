@@ -284,3 +284,146 @@ def test_a_run_saved_before_a_field_existed_resumes_while_the_field_is_off():
     assert checks.config_differences(saved, now) == [
         "training.new_field (run: '<absent>', now: 0.1)"
     ]
+
+
+def test_a_nonfinite_step_then_a_finite_one_equals_the_finite_one_alone(setup8):
+    """The skipped step leaves params, EMA copies, optimiser state (Adam's moments and
+    count) and the sampler's history as they were: after it, a finite step gives what
+    that finite step gives from the untouched initial state (at the same step index, as
+    the step's keys are fold_in(base_key, step))."""
+    config, mesh, setup = setup8
+
+    def put(batch):
+        return jax.device_put(batch, parallel.data_sharding(mesh))
+
+    bad, good = batch_for(config, 0), batch_for(config, 1)
+    bad["image"][0, 0, 0, 0] = np.nan
+    state, metrics = setup.train_step(setup.init(), put(bad))
+    assert not np.isfinite(float(metrics["loss"]))
+    state, _ = setup.train_step(state, put(good))
+    after_skip = jax.device_get(state)
+
+    alone = setup.init().replace(step=jax.device_put(np.int32(1), setup.shardings.step))
+    alone, _ = setup.train_step(alone, put(good))
+    alone = jax.device_get(alone)
+    assert int(after_skip.step) == int(alone.step) == 2
+    for name in ("params", "ema", "opt_state", "sampler"):
+        assert_trees_close(getattr(after_skip, name), getattr(alone, name), rtol=0, atol=0)
+    # The skipped step is counted, the finite one resets the run of skips.
+    assert after_skip.nonfinite.tolist() == [1, 0] and alone.nonfinite.tolist() == [0, 0]
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(alone.params), jax.tree.leaves(jax.device_get(setup.init()).params)
+        )
+    )
+    assert moved > 1e-3  # the finite step really moved the parameters
+
+
+def test_ema_warmup_through_the_train_step_is_the_closed_form():
+    # e_{k+1} = d_k e_k + (1 - d_k) p_{k+1}, d_k = min(r, (1 + k) / (10 + k)), e_0 = p_0:
+    # d_0 = 1/10 and d_1 = 2/11 (below both rates), d_2 = 3/12.
+    config = tiny_config(ema_warmup=True)
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    setup = loop.create_setup(config, mesh, "diffusion")
+    state = setup.init()
+    ps = [jax.device_get(state.params)]
+    for i in range(3):
+        batch = jax.device_put(batch_for(config, i), parallel.data_sharding(mesh))
+        state, _ = setup.train_step(state, batch)
+        ps.append(jax.device_get(state.params))
+    for rate in (0.9, 0.99):
+        want = ps[0]
+        for k, d in enumerate((1 / 10, 2 / 11, 3 / 12)):
+            want = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, want, ps[k + 1])
+        got = jax.device_get(state.ema)[ema_key(rate)]
+        assert_trees_close(got, want, rtol=1e-5, atol=1e-7)
+        # Without the warm-up the copy would be r e + (1 - r) p: far from this.
+        plain = ps[0]
+        for k in range(3):
+            plain = jax.tree.map(lambda e, p, r=rate: r * e + (1 - r) * p, plain, ps[k + 1])
+        gap = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(want))
+        )
+        assert gap > 1e-4
+
+
+def test_label_dropout_draw_is_independent_of_the_t_and_noise_draws():
+    """Through the real diffusion step with a stand-in model that reports what it gets:
+    which labels were dropped does not correlate with t or with the noise (drawing the
+    mask from the t or the noise key would: partitionable threefry gives element i the
+    same bits whatever the shape, so the mask would be a threshold of the noise)."""
+    import functools
+
+    import ml_collections
+    import optax
+
+    from diffusion_jax.diffusion import create_diffusion
+    from diffusion_jax.diffusion.resample import create_schedule_sampler
+    from diffusion_jax.training import steps
+    from diffusion_jax.training.state import create_train_state
+
+    seen = []
+
+    def apply_fn(variables, x_t, t, *, train, rngs, y):
+        del train, rngs
+        jax.debug.callback(lambda *a: seen.append([np.asarray(v) for v in a]), x_t, t, y)
+        return x_t * variables["params"]["w"]
+
+    diffusion = create_diffusion(
+        ml_collections.ConfigDict(
+            {
+                "steps": 100,
+                "learn_sigma": False,
+                "noise_schedule": "linear",
+                "rescale_timesteps": False,
+            }
+        )
+    )
+    optimizer = optax.sgd(0.1)
+    settings = steps.StepSettings(
+        apply_fn=apply_fn,
+        optimizer=optimizer,
+        lr_schedule=lambda s: 0.1,
+        ema_rates=(),
+        num_microbatches=1,
+        num_timesteps=100,
+        label_dropout=0.5,
+        null_label=10,
+    )
+    sampler = create_schedule_sampler("uniform", 100)
+    step = jax.jit(
+        functools.partial(
+            steps.diffusion_train_step, settings=settings, diffusion=diffusion, sampler=sampler
+        )
+    )
+    state = create_train_state({"w": jnp_ones()}, optimizer, (), sampler.init_state(), seed=3)
+    b = 1024
+    batch = {"image": np.zeros((b, 2, 2, 1), np.float32), "label": np.zeros((b,), np.int32)}
+    for _ in range(8):
+        state, _ = step(state, batch)
+    masks, ts, first_noise, per_example_noise = [], [], [], []
+    # The paper's linear schedule for T = 100: betas from 1e-3 to 0.2.
+    alphas = np.sqrt(1.0 - np.cumprod(1.0 - np.linspace(1e-3, 0.2, 100)))
+    for x_t, t, y in seen:
+        t = np.asarray(t).astype(np.int64)  # no rescaling: the model gets t itself
+        noise = x_t / alphas[t][:, None, None, None]  # x_0 = 0: x_t = sqrt(1 - abar) noise
+        masks.append(y == 10)
+        ts.append(t)
+        first_noise.append(noise.reshape(-1)[:b])  # the elements sharing the mask's counters
+        per_example_noise.append(noise[:, 0, 0, 0])
+    mask = np.concatenate(masks).astype(np.float64)
+    assert len(seen) == 8 and abs(mask.mean() - 0.5) < 0.03
+    n = len(mask)
+    for name, values in (
+        ("t", np.concatenate(ts)),
+        ("noise[:B]", np.concatenate(first_noise)),
+        ("noise[:, 0]", np.concatenate(per_example_noise)),
+    ):
+        corr = np.corrcoef(mask, values.astype(np.float64))[0, 1]
+        assert abs(corr) < 5 / np.sqrt(n), (name, corr)  # 5 standard errors
+
+
+def jnp_ones():
+    return jax.numpy.ones(())

@@ -432,3 +432,19 @@ def test_compute_features_names_the_source_of_no_images():
 class _FakeInception:
     def __init__(self):
         self.params, self.module = {}, None
+
+
+def test_a_classifier_size_hint_names_only_configs_that_exist():
+    from configs import classifier64
+    from diffusion_jax.sampling.inputs import check_classifier
+
+    classifier = classifier64.get_config("tiny").model
+    model = tiny_config().model  # 8x8 images: there is no configs/classifier8.py
+    with pytest.raises(ValueError) as info:
+        check_classifier(classifier, model, "--classifier_checkpoint")
+    assert "configs/classifier8.py" not in str(info.value)
+    assert "train one with model.image_size=8" in str(info.value)
+    model.image_size = 128
+    with pytest.raises(ValueError, match=r"use configs/classifier128\.py's"):
+        check_classifier(classifier, model, "--classifier_checkpoint")
+    assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "configs/classifier128.py"))

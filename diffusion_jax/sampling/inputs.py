@@ -142,7 +142,13 @@ def check_classifier(classifier_model: Any, model_config: Any, flag: str) -> int
     if settings["image_size"] != size:
         raise ValueError(
             f"{flag} is a classifier of {settings['image_size']}x{settings['image_size']} "
-            f"images; the model samples {size}x{size} (use configs/classifier{size}.py's)."
+            f"images; the model samples {size}x{size} ("
+            + (
+                f"use configs/classifier{size}.py's"
+                if size in (64, 128, 256, 512)  # the paper's classifier configs
+                else f"train one with model.image_size={size}"
+            )
+            + ")."
         )
     num_classes = settings["num_classes"]
     model_classes = model_config.get("num_classes")
