@@ -21,7 +21,10 @@ from diffusion_jax.training.state import TrainState, ema_key
 
 _QUARTILES = 4
 # fold_in purposes beside the step's split (t, noise, dropout), which stays as it was.
-_LABEL_DROPOUT_PURPOSE = 1
+# Not 0..2: with partitionable threefry (JAX's default) split(key, n)[i] IS
+# fold_in(key, i), so purpose 1 drew the label-dropout mask from the noise key (the mask
+# was a threshold of the noise); a purpose far above any split count cannot collide.
+_LABEL_DROPOUT_PURPOSE = 1_000
 
 
 @dataclasses.dataclass(frozen=True)
