@@ -156,7 +156,7 @@ def test_bad_input_on_one_process_raises_on_every_process(two_processes):
         "RuntimeError: compute_features failed on process(es) [1]; see their logs."
     )
     for e in errors:
-        assert e["none"] == "ValueError: compute_features got no images."
+        assert e["none"] == "ValueError: compute_features got no images from its input."
 
 
 if __name__ == "__main__":

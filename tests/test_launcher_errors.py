@@ -167,6 +167,11 @@ CASES = {
         ["--images=mnist_5k", "--output={tmp}/new.npz", "--num_images=0"],
         ["--num_images=0"],
     ),
+    "reference_one_image": (  # refused before the Inception weights load
+        "make_reference",
+        ["--images={tmp}/one_png", "--output={tmp}/new.npz", "--image_size=8"],
+        ["--images={tmp}/one_png holds 1 readable image(s); a reference batch needs at least 2"],
+    ),
     "reference_misspelt_tfds_name": (
         "make_reference",
         ["--images=lsun/bedrom", "--output={tmp}/new.npz"],
@@ -192,6 +197,10 @@ def _make_inputs(tmp: Path) -> None:
     evil = {"input_blocks.0.0.weight": _RunsCommand(f"touch {tmp}/sentinel")}
     (tmp / "evil.pt").write_bytes(pickle.dumps(evil, protocol=2))
     np.savez(tmp / "ref.npz", rng.integers(0, 256, (4, 8, 8, 3), np.uint8))
+    (tmp / "one_png").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp / "one_png" / "a.png")
     (tmp / "manual").mkdir()
     (tmp / "manual" / "ILSVRC2012_img_train.tar").write_bytes(b"")
     torch = pytest.importorskip("torch")

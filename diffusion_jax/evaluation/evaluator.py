@@ -137,13 +137,14 @@ def _activations(
         logging.info("Using cached activations %s", cache_path)
         stats = {k: cached[k] for k in STAT_KEYS} if all(k in cached for k in STAT_KEYS) else None
         return _Activations({k: cached[k] for k in FEATURE_KEYS}, stats, None, key)
+    if npz.num_images == 0:  # named here: compute_features knows no file names
+        raise ValueError(f"{npz.path} holds no images (arr_0 is empty).")
     feats = compute_features(
         npz.iter_batches(batch_size),
         inception_model,
         mesh=mesh,
         batch_size=batch_size,
         num_images=npz.num_images,
-        source=str(npz.path),
     )
     return _Activations(feats, None, cache_path if cache else None, key)
 
@@ -485,13 +486,7 @@ def write_reference_batch(
             yield batch
 
     output_path = epath.Path(output_path)
-    feats = compute_features(
-        collect(),
-        inception_model,
-        mesh=mesh,
-        batch_size=batch_size,
-        source=f"the images for {output_path}",
-    )
+    feats = compute_features(collect(), inception_model, mesh=mesh, batch_size=batch_size)
     mu, sigma = compute_statistics(feats["pool"])
     mu_s, sigma_s = compute_statistics(feats["spatial"])
     del feats  # ~1 GB at 50k images; not needed while writing
