@@ -114,11 +114,12 @@ def save_errors(manager: ocp.CheckpointManager, step: int | None = None) -> Iter
     try:
         yield
     except Exception as error:
-        what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+        # Orbax reports a background write's failure at the next save or wait.
+        when = "" if step is None else f" (saving step {step}, or the save before it)"
         reason = " ".join(str(error).split()) or type(error).__name__
         raise CheckpointSaveError(
-            f"saving {what} under {manager.directory} failed ({reason[:300]}); the run "
-            "stops: check that the directory is writable and the disk has space."
+            f"writing a checkpoint under {manager.directory} failed{when}: {reason[:300]}; "
+            "the run stops: check that the directory is writable and the disk has space."
         ) from error
 
 

@@ -441,6 +441,9 @@ def train(config: Any, workdir: str | epath.PathLike) -> TrainState:
     Raises:
       ValueError: for a bad config or a workdir holding another run (before any compile).
       NonFiniteError: when training keeps producing non-finite losses.
+      locks.WorkdirLockedError: another job holds the workdir (names it).
+      checkpointing.CheckpointSaveError: a checkpoint could not be written.
+      FileNotFoundError: the workdir has checkpoints but none is readable.
     """
     return _run(config, workdir, "diffusion")
 
