@@ -9,12 +9,13 @@ sweeps, the FID table, the quickstart and `launch.make_reference` share it:
 A second job on the same workdir is refused at once with a `WorkdirLockedError` (an
 `OSError`, so launchers print it as one line) naming the holder: host, pid, job and start
 time. The lock file `DIR/.lock` is removed on every exit of the block, exceptions
-included; a workdir the block created and left empty is removed too, so a refused
-command leaves nothing behind. A process killed with SIGKILL cannot remove it: a lock
-whose pid is no longer alive on this host is taken over with a warning. In multi-process
-runs only process 0 takes the lock (`primary`); the others share its ownership.
-Taking the lock again inside the holding process (a job that calls another job on the
-same directory) is allowed and leaves the release to the outer block.
+included; a workdir the block created and left empty (or holding only empty folders)
+is removed too, so a refused command leaves nothing behind. A process killed with
+SIGKILL cannot remove it: a lock whose pid is no longer alive on this host is taken over
+with a warning. In multi-process runs only process 0 takes the lock (`primary`); the
+others share its ownership. Taking the lock again inside the holding process (a job that
+calls another job on the same directory) is allowed and leaves the release to the outer
+block.
 """
 
 from __future__ import annotations
@@ -171,7 +172,15 @@ def workdir_lock(
     finally:
         if taken:
             release(workdir, name=name)
-            if not existed:
+            if not existed:  # a refused first run leaves no empty workdir behind
                 with contextlib.suppress(OSError):
-                    if not any(workdir.iterdir()):
-                        workdir.rmdir()
+                    _remove_empty_dirs(workdir)
+
+
+def _remove_empty_dirs(directory: epath.Path) -> None:
+    """Removes `directory` if it holds nothing but empty directories (links kept)."""
+    for child in directory.iterdir():
+        if child.is_dir() and not os.path.islink(os.fspath(child)):
+            _remove_empty_dirs(child)
+    if not any(directory.iterdir()):
+        directory.rmdir()

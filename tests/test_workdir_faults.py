@@ -448,3 +448,16 @@ def test_a_classifier_size_hint_names_only_configs_that_exist():
     with pytest.raises(ValueError, match=r"use configs/classifier128\.py's"):
         check_classifier(classifier, model, "--classifier_checkpoint")
     assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "configs/classifier128.py"))
+
+
+def test_a_refused_first_run_leaves_no_empty_folders(tmp_path):
+    workdir = tmp_path / "new"
+    with pytest.raises(ValueError), locks.workdir_lock(workdir, job="training"):
+        (workdir / CHECKPOINTS_DIR).mkdir()  # what the checkpoint manager creates
+        raise ValueError("refused")
+    assert not workdir.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ValueError), locks.workdir_lock(existing, job="training"):
+        raise ValueError("refused")
+    assert existing.is_dir()  # the user's directory is kept
