@@ -461,3 +461,19 @@ def test_a_refused_first_run_leaves_no_empty_folders(tmp_path):
     with pytest.raises(ValueError), locks.workdir_lock(existing, job="training"):
         raise ValueError("refused")
     assert existing.is_dir()  # the user's directory is kept
+
+
+def test_a_damaged_converted_checkpoint_is_one_line_naming_it(tmp_path):
+    import ml_collections
+
+    from diffusion_jax.checkpoints import save_params
+
+    config = ml_collections.ConfigDict({"model": {"image_size": 8}})
+    save_params(tmp_path / "conv", {"w": np.ones((64, 64), np.float32)}, config)
+    for data_file in (tmp_path / "conv" / "params").glob("**/d/*"):
+        data_file.write_bytes(b"")
+    with pytest.raises(OSError) as info:
+        restore_params(tmp_path / "conv")
+    message = str(info.value)
+    assert f"{tmp_path / 'conv' / 'params'} cannot be read: " in message
+    assert "\n" not in message and "tensorstore_spec" not in message

@@ -112,5 +112,11 @@ def restore_params(
             "ema_rate apply to training workdirs only."
         )
     config = restore_config(directory)
-    params = ocp.StandardCheckpointer().restore(params_dir.resolve(), target)
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir.resolve(), target)
+    except Exception as e:  # Orbax/tensorstore: many types, multi-line specs
+        raise workdir_lib.DamagedCheckpointError(
+            f"{params_dir} cannot be read: {workdir_lib.short_reason(e)}; re-create it with "
+            "launch.convert_checkpoint."
+        ) from e
     return params, config

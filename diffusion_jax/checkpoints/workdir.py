@@ -27,7 +27,7 @@ class DamagedCheckpointError(OSError):
     """A listed checkpoint step that cannot be read (truncated arrays, missing metadata)."""
 
 
-def _reason(error: BaseException) -> str:
+def short_reason(error: BaseException) -> str:
     """A short one-line account of a read failure (tensorstore's specs cut off)."""
     message = " ".join(str(error).split()) or type(error).__name__
     message = re.split(r" \[tensorstore_spec", message)[0].rstrip(".")
@@ -45,7 +45,7 @@ def read_step(directory: str | epath.PathLike, step: int, read: Callable[[], _T]
         return read()
     except Exception as e:  # Orbax/tensorstore raise many types for damaged files
         where = epath.Path(directory) / CHECKPOINTS_DIR / str(step)
-        raise DamagedCheckpointError(f"checkpoint {where} is damaged: {_reason(e)}") from e
+        raise DamagedCheckpointError(f"checkpoint {where} is damaged: {short_reason(e)}") from e
 
 
 def restore_newest_readable(
