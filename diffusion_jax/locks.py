@@ -6,6 +6,9 @@ sweeps, the FID table, the quickstart and `launch.make_reference` share it:
     with locks.workdir_lock(workdir, job="training", primary=jax.process_index() == 0):
         ...  # the only job writing `workdir`
 
+or, in a multi-process program where every process must learn of a refusal,
+`with locks.exclusive_workdir(workdir, job="sampling"):` (all processes call it).
+
 A second job on the same workdir is refused at once with a `WorkdirLockedError` (an
 `OSError`, so launchers print it as one line) naming the holder: host, pid, job and start
 time. The lock file `DIR/.lock` is removed on every exit of the block, exceptions
@@ -184,3 +187,32 @@ def _remove_empty_dirs(directory: epath.Path) -> None:
             _remove_empty_dirs(child)
     if not any(directory.iterdir()):
         directory.rmdir()
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: str | epath.PathLike, *, job: str) -> Iterator[epath.Path]:
+    """`workdir_lock` for a job run by every process of a (multi-process) JAX program.
+
+    Process 0 takes the lock; a refusal is shared (one small all-gather) so every process
+    raises `WorkdirLockedError` and none is left waiting in a collective. Every process
+    must call it. Training uses it; sampling jobs, sweeps, the FID table and the
+    quickstart can too.
+    """
+    import jax  # lazy: the lock itself needs no JAX
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    error, stack = None, contextlib.ExitStack()
+    if jax.process_index() == 0:
+        try:
+            stack.enter_context(workdir_lock(workdir, job=job))
+        except WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        refused = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
+        if np.any(refused) and error is None:
+            error = WorkdirLockedError(f"{workdir} is in use by another job (see process 0).")
+    if error is not None:
+        raise error
+    with stack:
+        yield epath.Path(workdir)

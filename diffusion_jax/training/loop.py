@@ -97,25 +97,6 @@ def _write_config(config: Any, workdir: epath.Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(workdir: epath.Path, job: str):
-    """The workdir's lock (`locks.workdir_lock`), taken by process 0 for all processes."""
-    error, stack = None, contextlib.ExitStack()
-    if jax.process_index() == 0:
-        try:
-            stack.enter_context(locks.workdir_lock(workdir, job=job))
-        except locks.WorkdirLockedError as e:
-            error = e
-    if jax.process_count() > 1:  # every process learns of a refusal, none is left waiting
-        refused = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
-        if np.any(refused) and error is None:
-            error = locks.WorkdirLockedError(f"{workdir} is in use by another job (see process 0).")
-    if error is not None:
-        raise error
-    with stack:
-        yield
-
-
-@contextlib.contextmanager
 def _closed_on_error(manager):
     """Closes the checkpoint manager when the loop fails, so the process exits at once."""
     try:
@@ -264,7 +245,8 @@ def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = N
 
 def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState:
     workdir = epath.Path(workdir)
-    with _exclusive(workdir, "training" if trainer == "diffusion" else "classifier training"):
+    job = "training" if trainer == "diffusion" else "classifier training"
+    with locks.exclusive_workdir(workdir, job=job):
         return _train(config, workdir, trainer)
 
 
