@@ -477,3 +477,16 @@ def test_a_damaged_converted_checkpoint_is_one_line_naming_it(tmp_path):
     message = str(info.value)
     assert f"{tmp_path / 'conv' / 'params'} cannot be read: " in message
     assert "\n" not in message and "tensorstore_spec" not in message
+
+
+def test_a_background_save_failure_is_raised_at_the_next_check(saved_workdir, tmp_path):
+    manager = create_manager(copy_of(saved_workdir, tmp_path), keep=5)
+    checkpointing.check_saves(manager)  # nothing failed: no error
+
+    def failed():
+        raise OSError(28, "No space left on device")
+
+    manager.check_for_errors = failed  # what Orbax raises for a failed background write
+    with pytest.raises(checkpointing.CheckpointSaveError, match=r"No space left on device\]?; the"):
+        checkpointing.check_saves(manager)
+    checkpointing.abandon(manager)

@@ -124,9 +124,26 @@ def save_errors(manager: ocp.CheckpointManager, step: int | None = None) -> Iter
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
-    """Raises `CheckpointSaveError` now if an asynchronous save has failed already."""
-    with save_errors(manager):
+    """Raises `CheckpointSaveError` now if an asynchronous save has failed already.
+
+    Multi-process a collective (all must call it): a failure on one process stops all of
+    them, so none waits out Orbax's barrier timeout in the next save.
+    """
+    error = None
+    try:
         manager.check_for_errors()
+    except Exception as e:
+        error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
+        if np.any(failed) and error is None:
+            raise CheckpointSaveError(
+                f"writing a checkpoint under {manager.directory} failed on another process "
+                "(see its log); the run stops."
+            )
+    if error is not None:
+        with save_errors(manager):
+            raise error
 
 
 def finish_saves(manager: ocp.CheckpointManager) -> None:
