@@ -268,7 +268,7 @@ def run_sweep(
       ValueError / FileNotFoundError / OSError: one sentence per bad input.
     """
     say = progress if progress is not None and jax.process_index() == 0 else (lambda _: None)
-    mesh = parallel.create_mesh() if mesh is None else mesh
+    mesh = parallel.create_mesh_from_config(config) if mesh is None else mesh
     points = make_grid(config, settings)
     workdir = epath.Path(settings.workdir)
     if not epath.Path(settings.reference).exists():
