@@ -161,6 +161,7 @@ def _json(value: Any) -> Any:
 def _identity(config: Any, settings: SweepSettings, classifier: str | None) -> dict:
     """What every point's samples depend on besides the point itself."""
     whole = config.to_dict()
+    whole.pop("mesh", None)  # the device layout changes no sample
     for field in ("method", "timestep_respacing", settings.scale_field):
         whole["sampling"].pop(field, None)
     whole["sampling"].pop("classifier_checkpoint", None)  # resolved below
