@@ -102,9 +102,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # start this run (fresh optimiser state); '' = random initialisation.
     training.init_from = ""
     training.init_from_ema_rate = ml_collections.FieldReference(None, field_type=float)
-    # FSDP: shard parameters, EMA and optimiser state over the 'data' axis (arrays with
-    # at least fsdp_min_size elements); off = replicated (plain data parallelism).
+    # Deprecated: the old spelling of mesh.fsdp=-1 (and mesh.data=1); kept one release.
     training.fsdp = False
+    # FSDP (mesh.fsdp > 1) shards arrays of at least this many elements; smaller stay
+    # replicated.
     training.fsdp_min_size = 2**16
     # Non-finite loss/gradient: the update is skipped and counted; this many in a row
     # stops the run.
@@ -123,6 +124,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.noised = True  # classifier: train on q_sample(x, t) (the paper's --noised)
     # clu periodic_actions.Profile: trace this many steps once (0 = no profile).
     training.profile_steps = 0
+
+    # --- Device mesh: ('data', 'fsdp'), device counts, -1 = the rest. ------------------
+    # Batches split over both axes; parameters, EMA copies and optimiser state sharded
+    # over 'fsdp' (1 = replicated: plain data parallelism). May change when resuming.
+    mesh = config.mesh = ml_collections.ConfigDict()
+    mesh.data = -1
+    mesh.fsdp = 1
 
     # --- Sampling (one FID-table row per config by default). ---------------------------
     sampling = config.sampling = ml_collections.ConfigDict()

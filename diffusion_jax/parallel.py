@@ -1,9 +1,12 @@
 """Device mesh, shardings and multi-host array assembly.
 
-Data parallelism is `jax.jit` over a `Mesh` with one `'data'` axis: batches are sharded
-along their leading dimension, parameters are replicated. Everything else in the library
-asks this module for shardings instead of building its own, so the layout is decided in
-one place.
+The mesh has two axes, `('data', 'fsdp')`, sized by `config.mesh.data` and
+`config.mesh.fsdp`. Batches are split along their leading dimension over both axes
+(every device holds different rows); parameters, EMA copies and optimiser state are
+sharded over `'fsdp'` by `fsdp_spec` (replicated over `'data'`), or replicated when
+`mesh.fsdp = 1` (plain data parallelism, the default). Everything else in the library
+asks this module for meshes and shardings instead of building its own, so the layout is
+decided in one place.
 """
 
 from __future__ import annotations
@@ -13,21 +16,117 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Returns a 1-D mesh named `'data'` over `devices` (default: all global devices)."""
+def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
+    """Resolves `mesh.data` x `mesh.fsdp` (device counts, -1 = the rest) on `num_devices`.
+
+    Returns:
+      `(data, fsdp)`, positive, with `data * fsdp == num_devices`.
+
+    Raises:
+      ValueError: one line naming the `mesh.*` field and the fix.
+    """
+    n = int(num_devices)
+    data, fsdp = int(data), int(fsdp)
+    for name, value in (("data", data), ("fsdp", fsdp)):
+        if value == 0 or value < -1:
+            raise ValueError(
+                f"mesh.{name}={value} must be a positive device count or -1 (the rest of the "
+                f"{n} devices); set --config.mesh.{name}=-1 or a divisor of {n}."
+            )
+    if data == -1 and fsdp == -1:
+        raise ValueError(
+            "mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest of the "
+            "devices; set the other to a device count (--config.mesh.data=1: every device on "
+            "fsdp)."
+        )
+    for name, value in (("data", data), ("fsdp", fsdp)):
+        if value != -1 and n % value:
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            raise ValueError(
+                f"mesh.{name}={value} does not divide the {n} devices; set "
+                f"--config.mesh.{name} to one of {divisors} (or -1, the rest)."
+            )
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data * fsdp != n:
+        raise ValueError(
+            f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, but there are {n}; "
+            "make the product the device count, or set one of them to -1 (the rest)."
+        )
+    return data, fsdp
+
+
+def create_mesh(
+    devices: Sequence[jax.Device] | None = None, *, data: int = -1, fsdp: int = 1
+) -> Mesh:
+    """Returns the `('data', 'fsdp')` mesh over `devices` (default: all global devices).
+
+    Devices fill the mesh in order, `'fsdp'` fastest: with several processes (devices
+    listed process by process) an `fsdp` group lies within one process when `fsdp`
+    divides the local device count, so parameter all-gathers stay on the fast links.
+
+    Args:
+      devices: the devices, default `jax.devices()`.
+      data: devices on the `'data'` axis (-1 = the rest).
+      fsdp: devices on the `'fsdp'` axis (-1 = the rest); 1 = replicated parameters.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    shape = mesh_shape(len(devices), data, fsdp)
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def mesh_axes(config: Any) -> dict[str, int]:
+    """`{'data': ..., 'fsdp': ...}` from a run config's `mesh` section (-1 kept).
+
+    Reads the deprecated `training.fsdp=True` as `mesh.fsdp=-1` (and `mesh.data=1` when
+    the data axis was left at -1), logging the new spelling. A config without a `mesh`
+    section (one saved before it existed) gets the defaults, data=-1, fsdp=1.
+
+    Raises:
+      ValueError: if `training.fsdp=True` contradicts an explicit `mesh.fsdp`.
+    """
+    section = config.get("mesh", None) or {}
+    data, fsdp = int(section.get("data", -1)), int(section.get("fsdp", 1))
+    training = config.get("training", None) or {}
+    if training.get("fsdp", False):
+        if fsdp not in (1, -1):
+            raise ValueError(
+                f"training.fsdp=True (deprecated: the old spelling of mesh.fsdp=-1) "
+                f"contradicts mesh.fsdp={fsdp}; drop --config.training.fsdp."
+            )
+        fsdp = -1
+        data = 1 if data == -1 else data
+        logging.warning(
+            "training.fsdp=True is deprecated and will be removed: use "
+            "--config.mesh.fsdp=-1 --config.mesh.data=%d instead.",
+            data,
+        )
+    return {"data": data, "fsdp": fsdp}
+
+
+def create_mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """`create_mesh` sized by `config.mesh` (and the deprecated `training.fsdp`)."""
+    return create_mesh(devices, **mesh_axes(config))
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in MESH_AXES if a in mesh.shape)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a batch: leading dimension split over the `'data'` axis."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Sharding of a batch: leading dimension split over both mesh axes."""
+    return NamedSharding(mesh, P(_batch_axes(mesh)))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
@@ -36,8 +135,13 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def num_data_shards(mesh: Mesh) -> int:
-    """Number of devices the batch dimension is split over."""
-    return mesh.shape[DATA_AXIS]
+    """Number of devices the batch dimension is split over (`data` x `fsdp`)."""
+    return int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)], dtype=np.int64))
+
+
+def num_fsdp_shards(mesh: Mesh) -> int:
+    """Number of devices parameters are sharded over (1 = replicated)."""
+    return int(mesh.shape.get(FSDP_AXIS, 1))
 
 
 def check_global_batch(global_batch_size: int, mesh: Mesh) -> int:
@@ -56,7 +160,7 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> int:
 
 
 def host_to_global(tree: Any, mesh: Mesh) -> Any:
-    """Assembles per-process numpy batches into global arrays sharded over `'data'`.
+    """Assembles per-process numpy batches into global arrays sharded as batches.
 
     Each process passes its own slice (leading dimension = global batch / processes);
     the result is one global `jax.Array` per leaf, as a jitted step expects.
@@ -66,7 +170,7 @@ def host_to_global(tree: Any, mesh: Mesh) -> Any:
 
 
 def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array every process holds whole -> a global array sharded over `'data'`."""
+    """A host array every process holds whole -> a global array sharded as a batch."""
     return jax.make_array_from_callback(x.shape, data_sharding(mesh), lambda index: x[index])
 
 
@@ -117,16 +221,16 @@ def fsdp_spec(shape: Sequence[int], num_shards: int, min_size: int) -> P:
 
     Arrays smaller than `min_size` elements (biases, norms, scalars) stay replicated: the
     all-gather of a tiny array costs more than holding it. Among the dimensions divisible
-    by `num_shards`, the largest is sharded over `'data'` (ties: the last, the output
+    by `num_shards`, the largest is sharded over `'fsdp'` (ties: the last, the output
     channels of a conv kernel); an array with none stays replicated.
 
     Args:
       shape: the array's shape.
-      num_shards: devices on the `'data'` axis.
+      num_shards: devices on the `'fsdp'` axis.
       min_size: smallest element count that is sharded.
 
     Returns:
-      A PartitionSpec.
+      A PartitionSpec (replicated over `'data'`).
     """
     if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
@@ -136,31 +240,28 @@ def fsdp_spec(shape: Sequence[int], num_shards: int, min_size: int) -> P:
             best = dim
     if best is None:
         return P()
-    return P(*([None] * best + [DATA_AXIS]))
+    return P(*([None] * best + [FSDP_AXIS]))
 
 
-def state_shardings(abstract_tree: Any, mesh: Mesh, *, fsdp: bool, min_size: int = 2**16) -> Any:
+def state_shardings(abstract_tree: Any, mesh: Mesh, *, min_size: int = 2**16) -> Any:
     """Shardings for a pytree of parameters / optimiser state / EMA copies.
 
-    The one place the layout of model state is decided: replicated (data parallelism)
-    unless `fsdp`, then each array by `fsdp_spec`. Scalars and integer bookkeeping
-    arrays (step counts, timestep-sampler history) follow the same rule, so small ones
-    stay replicated.
+    The one place the layout of model state is decided: each array by `fsdp_spec` over
+    the mesh's `'fsdp'` axis (so everything is replicated when it has one device, plain
+    data parallelism). Scalars and integer bookkeeping arrays (step counts,
+    timestep-sampler history) follow the same rule, so small ones stay replicated.
 
     Args:
       abstract_tree: pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape`).
-      mesh: the training mesh.
-      fsdp: shard over `'data'` instead of replicating.
-      min_size: arrays with fewer elements stay replicated under FSDP.
+      mesh: the training mesh (`create_mesh`).
+      min_size: arrays with fewer elements stay replicated.
 
     Returns:
       A matching pytree of `NamedSharding`s.
     """
-    shards = num_data_shards(mesh)
+    shards = num_fsdp_shards(mesh)
 
     def rule(leaf):
-        if not fsdp:
-            return NamedSharding(mesh, P())
         return NamedSharding(mesh, fsdp_spec(np.shape(leaf), shards, min_size))
 
     return jax.tree.map(rule, abstract_tree)

@@ -220,10 +220,10 @@ def test_sharded_features_equal_single_device(inception):
     single = compute_features(
         images, inception, mesh=parallel.create_mesh(jax.devices()[:1]), batch_size=2
     )
-    # Streamed batches of uneven sizes give the same rows in the same order.
-    streamed = compute_features(
-        iter([images[:3], images[3:]]), inception, mesh=parallel.create_mesh(), batch_size=8
-    )
+    # Streamed batches of uneven sizes give the same rows in the same order, also on a
+    # 2-D mesh (the batch split over data=2 x fsdp=4).
+    mesh = parallel.create_mesh(data=2, fsdp=4)
+    streamed = compute_features(iter([images[:3], images[3:]]), inception, mesh=mesh, batch_size=8)
     for key in ("pool", "spatial", "logits"):
         assert sharded[key].shape[0] == 11
         np.testing.assert_allclose(sharded[key], single[key], rtol=1e-5, atol=1e-5)

@@ -68,6 +68,12 @@ CASES = {
         ["--config=configs/imagenet64.py:tinny", *CONVERT],
         ["unknown config variant 'tinny'", "'tiny'"],
     ),
+    # The mesh, before any work (nothing is written to the workdir).
+    "train_mesh_not_dividing": (
+        "train",
+        [TINY, "--workdir={tmp}/run", "--config.mesh.fsdp=3"],
+        ["mesh.fsdp=3 does not divide the 8 devices", "--config.mesh.fsdp to one of [1, 2, 4, 8]"],
+    ),
     # The .pt file.
     "pt_random_bytes": (
         "convert_checkpoint",

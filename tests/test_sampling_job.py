@@ -309,6 +309,7 @@ def test_dpm_solver_with_both_guidances_is_the_same_on_8_and_1_devices(
         ck, num_samples=8, method="dpm_solver++", timestep_respacing=4, cfg_scale=3.0
     )
     config.training.label_dropout = 0.1
+    config.mesh.fsdp = 4  # the job's mesh: data=2 x fsdp=4, the batch split over both
     eight = sm.read_npz(sampling.run_sampling_job(config, cfg_checkpoint, str(tmp_path / "8.npz")))
     mesh = parallel.create_mesh(jax.devices()[:1])
     one = sampling.run_sampling_job(config, cfg_checkpoint, str(tmp_path / "1.npz"), mesh=mesh)

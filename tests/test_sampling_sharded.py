@@ -47,11 +47,14 @@ def test_images_do_not_depend_on_device_count_or_batch(setup):
     b, idx_b = one.sample(np.arange(8), labels[:8])
     c, idx_c = eight.sample(np.arange(16), labels)  # a bigger batch holding the same samples
     d, _ = eight.sample(np.arange(4, 12), labels[4:12])  # the same samples elsewhere in a batch
+    # A 2-D mesh (data=2 x fsdp=4): the batch is split over both axes.
+    e, idx_e = setup(parallel.create_mesh(data=2, fsdp=4)).sample(np.arange(8), labels[:8])
+    np.testing.assert_array_equal(idx_e, np.arange(8))
     np.testing.assert_array_equal(idx_a, np.arange(8))
     np.testing.assert_array_equal(idx_b, np.arange(8))
     np.testing.assert_array_equal(idx_c, np.arange(16))
     assert a.shape == (8, 16, 16, 3) and a.dtype == np.uint8
-    for other in (b, c[:8]):
+    for other in (b, c[:8], e):
         diff = np.abs(a.astype(int) - other.astype(int))
         # uint8 truncation: float32 noise can move a value across an integer at most by 1.
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())

@@ -146,8 +146,11 @@ def test_rerun_recomputes_only_the_missing_point(swept, monkeypatch):
         return [r[:-1] for r in (line.split(" | ") for line in text.splitlines()) if len(r) > 5]
 
     assert table(result.markdown) == table(first)
-    # A sub-grid is part of the same sweep: every point done, nothing computed.
-    result = sweep.run_sweep(sm.load(sm.BASE), settings(tmp, checkpoints, scales=(2.0,)))
+    # A sub-grid is part of the same sweep: every point done, nothing computed (on
+    # another mesh too: the layout is no part of a sweep's identity).
+    config = sm.load(sm.BASE)
+    config.mesh.fsdp = 4
+    result = sweep.run_sweep(config, settings(tmp, checkpoints, scales=(2.0,)))
     assert result.computed == () and result.reference_computed is None
     assert [(r["point"]["steps"], r["point"]["scale"]) for r in result.rows] == [(2, 2.0), (4, 2.0)]
 

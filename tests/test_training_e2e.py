@@ -1,7 +1,7 @@
 """End to end through `python -m launch.train`: killed and resumed == uninterrupted (bit
 for bit), preemption (SIGTERM) checkpoints and stops, a half-written checkpoint is
 ignored, a damaged latest checkpoint falls back to the one before it, 2 processes x 4
-devices == 1 process x 8 devices, bad input fails in one line.
+devices (data=2 x fsdp=4) == 1 process x 8 devices (data=8), bad input fails in one line.
 """
 
 import json
@@ -38,6 +38,9 @@ OVERRIDES = {
     # tightly (the kill/resume check is bit for bit either way).
     "optim.eps": 1.0,
     "optim.lr": 1e-2,
+    # Under mesh.fsdp > 1 the 43 arrays of >= 4096 elements are sharded (the default
+    # 2**16 would shard only two of this tiny model's).
+    "training.fsdp_min_size": 4096,
 }
 
 
@@ -168,9 +171,16 @@ def test_killed_and_preempted_run_resumes_bit_for_bit(uninterrupted, tmp_path):
 def test_two_processes_equal_one(uninterrupted, tmp_path):
     ref_dir, (_, ref_state) = uninterrupted
     workdir = tmp_path / "mp"
-    multiprocess.run_processes(
-        "-m launch.train", cli_args(workdir), num_processes=2, devices_per_process=4, timeout=600
+    # Parameters, EMA and Adam state sharded over each process's 4 devices (mesh.fsdp=4),
+    # the batch over all 8: the same training as replicated parameters on 8 devices.
+    completed = multiprocess.run_processes(
+        "-m launch.train",
+        [*cli_args(workdir), "--config.mesh.fsdp=4"],
+        num_processes=2,
+        devices_per_process=4,
+        timeout=600,
     )
+    assert all("Mesh: data=2 x fsdp=4." in r.stderr for r in completed)
     step, state = read_state(workdir)
     assert step == NUM_STEPS
     # Same global batches, keys and program; only the cross-process reductions may

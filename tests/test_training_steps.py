@@ -1,4 +1,5 @@
-"""Train steps: sharded == single device, FSDP == replicated, microbatched == one batch.
+"""Train steps: sharded == single device, FSDP == replicated, microbatched == one batch, a
+checkpoint moves between meshes.
 
 The diffusion steps train with label dropout (classifier-free guidance), so each of
 these equalities holds for the dropped labels too.
@@ -21,8 +22,9 @@ from diffusion_jax.training import checks, ema_key, loop
 LABEL_DROPOUT = 0.25
 
 
-def tiny_config(**training):
+def tiny_config(mesh_fsdp=1, **training):
     config = quickstart.get_config()
+    config.mesh.fsdp = mesh_fsdp
     model = config.model
     model.image_size = 8
     model.num_channels = 32
@@ -53,13 +55,13 @@ def batch_for(config, seed=0):
     }
 
 
-def run_steps(config, devices, num_steps=2, trainer="diffusion"):
-    mesh = parallel.create_mesh(devices)
+def run_steps(config, devices, num_steps=2, trainer="diffusion", state=None, setup=None):
+    mesh = parallel.create_mesh_from_config(config, devices)
     checks.check_training_config(config, trainer, len(devices))
-    setup = loop.create_setup(config, mesh, trainer)
-    state = setup.init()
+    setup = setup or loop.create_setup(config, mesh, trainer)
+    state = setup.init() if state is None else state
     metrics = None
-    for i in range(num_steps):
+    for i in range(int(jax.device_get(state.step)), num_steps):
         batch = jax.device_put(batch_for(config, i), parallel.data_sharding(mesh))
         state, metrics = setup.train_step(state, batch)
     return jax.device_get(state), jax.device_get(metrics), setup
@@ -122,6 +124,8 @@ def test_sharded_step_equals_single_device(single_device_run, setup8):
         for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(init.params))
     )
     assert moved > 1e-3
+    diff = max_difference(state8.params, state1.params)
+    print(f"mesh.fsdp=1 (data=8): max |params - single device| = {diff:.2e}")
     assert_trees_close(state8.params, state1.params)
     assert_trees_close(state8.ema, state1.ema)
     assert_trees_close(state8.opt_state, state1.opt_state, rtol=1e-4, atol=1e-7)
@@ -136,18 +140,76 @@ def test_sharded_step_equals_single_device(single_device_run, setup8):
         np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=1e-5, err_msg=k)
 
 
-def test_fsdp_step_equals_replicated(single_device_run):
+def max_difference(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def fsdp_setups():
+    """mesh.fsdp -> its Setup (compiled once, shared by the tests below)."""
+    setups = {}
+
+    def get(fsdp):
+        if fsdp not in setups:
+            config = tiny_config(mesh_fsdp=fsdp, fsdp_min_size=256)
+            mesh = parallel.create_mesh_from_config(config)
+            setups[fsdp] = (config, loop.create_setup(config, mesh, "diffusion"))
+        return setups[fsdp]
+
+    return get
+
+
+@pytest.mark.parametrize("fsdp", [4, 8])
+def test_fsdp_step_equals_replicated(single_device_run, fsdp_setups, fsdp):
+    """mesh.fsdp = 4 (data=2) and 8 (data=1) train as one device does (fsdp=1: the test
+    above); measured max |difference| of the parameters after 2 steps: ~5e-10."""
     state1, metrics1, _ = single_device_run
-    config = tiny_config(fsdp=True, fsdp_min_size=256)
-    state, metrics, setup = run_steps(config, jax.devices())
+    config, setup = fsdp_setups(fsdp)
+    state, metrics, _ = run_steps(config, jax.devices(), setup=setup)
+    mesh = jax.tree.leaves(setup.shardings.params)[0].mesh
+    assert dict(mesh.shape) == {"data": 8 // fsdp, "fsdp": fsdp}
     specs = [s.spec for s in jax.tree.leaves(setup.shardings.params)]
-    sharded = [s for s in specs if parallel.DATA_AXIS in tuple(s)]
+    sharded = [s for s in specs if parallel.FSDP_AXIS in tuple(s)]
     assert len(sharded) >= len(specs) // 4, "FSDP should shard the large kernels"
+    assert not any(parallel.DATA_AXIS in tuple(s) for s in specs)
     opt_specs = [s.spec for s in jax.tree.leaves(setup.shardings.opt_state)]
-    assert any(parallel.DATA_AXIS in tuple(s) for s in opt_specs)
+    assert any(parallel.FSDP_AXIS in tuple(s) for s in opt_specs)
+    ema_specs = [s.spec for s in jax.tree.leaves(setup.shardings.ema)]
+    assert any(parallel.FSDP_AXIS in tuple(s) for s in ema_specs)
+    diff = max_difference(state.params, state1.params)
+    print(f"mesh.fsdp={fsdp}: max |params - single device| = {diff:.2e}")
     assert_trees_close(state.params, state1.params)
     assert_trees_close(state.ema, state1.ema)
     np.testing.assert_allclose(metrics["loss"], metrics1["loss"], rtol=1e-5)
+
+
+def test_checkpoint_restores_under_another_mesh(single_device_run, fsdp_setups, tmp_path):
+    """One step on mesh.fsdp=8, saved; restored on data=2 x fsdp=4 (the arrays take the
+    new layout) and continued: equal to the uninterrupted single-device run."""
+    from diffusion_jax.checkpoints.workdir import create_manager
+    from diffusion_jax.training import checkpointing
+
+    state1, _, _ = single_device_run
+    config8, setup8 = fsdp_setups(8)
+    config4, setup4 = fsdp_setups(4)
+    mesh8 = jax.tree.leaves(setup8.shardings.params)[0].mesh
+    state = setup8.init()
+    state, _ = setup8.train_step(
+        state, jax.device_put(batch_for(config8, 0), parallel.data_sharding(mesh8))
+    )
+    manager = create_manager(tmp_path, keep=1)
+    checkpointing.save(manager, state, [{"position": 0}], loop.config_json(config8))
+    manager.wait_until_finished()
+    restored, _, saved_config = checkpointing.restore(manager, setup4.abstract_state)
+    manager.close()
+    assert int(restored.step) == 1
+    checks.check_resume_config(saved_config, json.loads(loop.config_json(config4)), "run")
+    got = [x.sharding for x in jax.tree.leaves(restored.params)]
+    assert got == jax.tree.leaves(setup4.shardings.params)
+    state, _, _ = run_steps(config4, jax.devices(), state=restored, setup=setup4)
+    assert int(state.step) == 2
+    assert_trees_close(state.params, state1.params)
+    assert_trees_close(state.ema, state1.ema)
 
 
 def test_microbatched_step_equals_one_batch(single_device_run):
@@ -427,3 +489,54 @@ def test_label_dropout_draw_is_independent_of_the_t_and_noise_draws():
 
 def jnp_ones():
     return jax.numpy.ones(())
+
+
+def test_an_old_fsdp_run_resumes_under_any_mesh():
+    """A config.json of a run saved with training.fsdp=True and no mesh section resumes
+    under a config with a mesh (the mesh and the FSDP fields may change on resume)."""
+    old = json.loads(tiny_config(fsdp=True).to_json_best_effort())
+    del old["mesh"]
+    for fsdp, legacy in ((1, False), (4, False), (-1, False), (1, True)):
+        now = tiny_config(mesh_fsdp=fsdp, fsdp=legacy, fsdp_min_size=256)
+        assert checks.config_differences(old, json.loads(now.to_json_best_effort())) == []
+    changed = tiny_config(mesh_fsdp=4)
+    changed.optim.lr = 0.5
+    assert checks.config_differences(old, json.loads(changed.to_json_best_effort())) == [
+        "optim.lr (run: 0.01, now: 0.5)"
+    ]
+
+
+def test_mesh_config_is_resolved_and_bad_values_fail_in_one_line(caplog):
+
+    def shape(**kw):
+        config = tiny_config()
+        for key, value in kw.items():
+            section, field = key.split("_")
+            config[section][field] = value
+        return dict(parallel.create_mesh_from_config(config).shape)
+
+    assert shape() == {"data": 8, "fsdp": 1}
+    assert shape(mesh_data=1, mesh_fsdp=-1) == {"data": 1, "fsdp": 8}
+    assert shape(mesh_fsdp=4) == {"data": 2, "fsdp": 4}
+    assert shape(mesh_data=4, mesh_fsdp=-1) == {"data": 4, "fsdp": 2}
+    assert shape(mesh_data=2, mesh_fsdp=4) == {"data": 2, "fsdp": 4}
+    assert "deprecated" not in caplog.text
+    assert shape(training_fsdp=True) == {"data": 1, "fsdp": 8}  # the deprecated spelling
+    assert "training.fsdp=True is deprecated" in caplog.text
+    assert shape(training_fsdp=True, mesh_data=2) == {"data": 2, "fsdp": 4}
+    assert parallel.mesh_axes({"training": {"fsdp": True}}) == {"data": 1, "fsdp": -1}
+    assert parallel.mesh_axes({"training": {"fsdp": False}}) == {"data": -1, "fsdp": 1}
+    bad = {
+        "mesh.data=0 must be a positive device count or -1": dict(mesh_data=0),
+        "mesh.fsdp=-2 must be a positive device count or -1": dict(mesh_fsdp=-2),
+        "mesh.data=-1 and mesh.fsdp=-1: at most one": dict(mesh_fsdp=-1, mesh_data=-1),
+        r"mesh.fsdp=3 does not divide the 8 devices; set --config.mesh.fsdp to one of "
+        r"\[1, 2, 4, 8\]": dict(mesh_fsdp=3),
+        "mesh.data=2 x mesh.fsdp=2 = 4 devices, but there are 8": dict(mesh_data=2, mesh_fsdp=2),
+        r"training.fsdp=True \(deprecated: the old spelling of mesh.fsdp=-1\) contradicts "
+        "mesh.fsdp=4": dict(training_fsdp=True, mesh_fsdp=4),
+    }
+    for match, kw in bad.items():
+        with pytest.raises(ValueError, match=match) as info:
+            shape(**kw)
+        assert "\n" not in str(info.value)

@@ -242,7 +242,8 @@ class InputPipeline:
             for a tfds LSUN source, else 'standard'); see `resolve_preprocessing`.
           process_index: this host's index (multi-host); tests simulate hosts with it.
           process_count: number of hosts.
-          mesh: if given, batches become global arrays sharded over its 'data' axis.
+          mesh: if given, batches become global arrays split over its devices
+            (`parallel.data_sharding`).
           prefetch: host batches prepared ahead in the background thread.
           device_prefetch: batches transferred to devices ahead of use (with a mesh).
           num_threads: image decoding threads.

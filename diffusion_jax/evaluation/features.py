@@ -2,10 +2,10 @@
 
 `compute_features` is the library entry point for training-time FID and the table
 reproducer: one batched pass over in-memory (or streamed) uint8 images, the batch dimension
-sharded over the mesh's `'data'` axis, returning the three feature sets the paper's
-evaluator uses. With several processes each passes its own images and all get every
-image's features (`multihost.PadShardUnpad`). `compute_statistics` turns features into
-FID statistics.
+split over the mesh's devices, returning the three feature sets the paper's evaluator
+uses. With several processes each passes its own images and all get every image's
+features (`multihost.PadShardUnpad`). `compute_statistics` turns features into FID
+statistics.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def compute_features(
 
     Each step every process feeds up to its share of `batch_size` of its own images
     (padded to that share, so one compilation serves all steps, the last short one
-    included); the global batch is split over the mesh's `'data'` axis and the padding
+    included); the global batch is split over the mesh's devices and the padding
     dropped.
 
     Multi-process (a mesh spanning every process, the default there) this is a
@@ -231,7 +231,7 @@ def compute_features(
       images: this process's `[N, H, W, 3]` uint8 array, or an iterable of such batches
         (any sizes).
       inception_model: from `load_inception`.
-      mesh: device mesh with a `'data'` axis; default all devices of all processes.
+      mesh: a `parallel.create_mesh` mesh; default all devices of all processes.
       batch_size: global batch size; rounded up to a multiple of the device count.
       num_images: this process's image count, for the progress ETA, when `images` is an
         iterable.

@@ -97,8 +97,8 @@ class PadShardUnpad:
     Attributes:
       fn: `fn(x) -> pytree of [batch_size, ...] arrays`, row i computed from input row i
         (jitted, or calling jitted functions).
-      mesh: mesh with a `'data'` axis.
-      batch_size: global batch size, a multiple of the mesh's `'data'` size.
+      mesh: a `parallel.create_mesh` mesh (the batch is split over all its axes).
+      batch_size: global batch size, a multiple of the mesh's device count.
     """
 
     fn: Callable[[jax.Array], Any]
@@ -110,7 +110,7 @@ class PadShardUnpad:
         if self.batch_size <= 0 or self.batch_size % shards:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a positive multiple of the "
-                f"{shards} devices on the mesh's 'data' axis."
+                f"{shards} devices the mesh splits a batch over."
             )
 
     @functools.cached_property

@@ -181,7 +181,7 @@ def _sampling_config(config, classifier_scale, cfg_scale, num_devices) -> Any:
 def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.Path]:
     from diffusion_jax.sampling import run_sampling_job
 
-    mesh = parallel.create_mesh()
+    mesh = parallel.create_mesh_from_config(config)
     outputs = {}
     runs = sample_runs(config)
     for i, (name, scale, cfg_scale) in enumerate(runs):

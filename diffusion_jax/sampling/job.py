@@ -362,7 +362,7 @@ def run_sampling_job(
       ValueError / FileNotFoundError / OSError: one sentence per bad input, raised
         before any device work.
     """
-    mesh = parallel.create_mesh() if mesh is None else mesh
+    mesh = parallel.create_mesh_from_config(config) if mesh is None else mesh
     plan = _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
     num_batches = -(-plan.num_samples // plan.batch_size)
     start = _prepare_parts(plan, num_batches)
@@ -394,7 +394,7 @@ def check_sampling_job(
     Raises:
       ValueError / FileNotFoundError / OSError: as `run_sampling_job` would.
     """
-    mesh = parallel.create_mesh() if mesh is None else mesh
+    mesh = parallel.create_mesh_from_config(config) if mesh is None else mesh
     _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
     create_diffusion(config.diffusion, timestep_respacing=sampling_respacing(config))
 

@@ -161,6 +161,7 @@ def _json(value: Any) -> Any:
 def _identity(config: Any, settings: SweepSettings, classifier: str | None) -> dict:
     """What every point's samples depend on besides the point itself."""
     whole = config.to_dict()
+    whole.pop("mesh", None)  # the device layout changes no sample
     for field in ("method", "timestep_respacing", settings.scale_field):
         whole["sampling"].pop(field, None)
     whole["sampling"].pop("classifier_checkpoint", None)  # resolved below
@@ -268,7 +269,7 @@ def run_sweep(
       ValueError / FileNotFoundError / OSError: one sentence per bad input.
     """
     say = progress if progress is not None and jax.process_index() == 0 else (lambda _: None)
-    mesh = parallel.create_mesh() if mesh is None else mesh
+    mesh = parallel.create_mesh_from_config(config) if mesh is None else mesh
     points = make_grid(config, settings)
     workdir = epath.Path(settings.workdir)
     if not epath.Path(settings.reference).exists():

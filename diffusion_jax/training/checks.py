@@ -8,7 +8,7 @@ from typing import Any
 from etils import epath
 
 # Fields that may change between a run and its resumption: how long, how often to log
-# / save / sample / evaluate, where the data lives, sampling settings. Everything else
+# / save / sample / evaluate, where the data lives, sampling settings, the mesh. Everything else
 # must equal the checkpointed run's config.
 RESUMABLE_FIELDS = (
     "training.num_steps",
@@ -27,6 +27,11 @@ RESUMABLE_FIELDS = (
     "data.data_dir",
     "data.prefetch",
     "sampling",
+    # The device layout: a run continues on another mesh (or device count), and the
+    # runs saved with the deprecated training.fsdp and no mesh section resume too.
+    "mesh",
+    "training.fsdp",
+    "training.fsdp_min_size",
 )
 
 TRAINERS = {"diffusion": ("unet", "superres"), "classifier": ("classifier",)}

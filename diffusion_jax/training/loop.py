@@ -1,7 +1,7 @@
 """The training loops: `train(config, workdir)` and `train_classifier(config, workdir)`.
 
 One jitted step over the mesh of every device of every process, the state donated and
-laid out by `parallel.state_shardings` (replicated, or FSDP with `training.fsdp`).
+laid out by `parallel.state_shardings` (sharded over the mesh's `fsdp` axis, `config.mesh`).
 The loop feeds global batches, logs through clu writers, reports progress, saves Orbax
 checkpoints (every `training.checkpoint_every` steps, at the end and on SIGTERM) and
 resumes from the latest complete one when started again with the same workdir.
@@ -218,9 +218,7 @@ def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = N
         functools.partial(_init_params, task.module, task.init_inputs, config.seed)
     )
     abstract_state = jax.eval_shape(init_state, abstract_params)
-    shardings = parallel.state_shardings(
-        abstract_state, mesh, fsdp=training.fsdp, min_size=training.fsdp_min_size
-    )
+    shardings = parallel.state_shardings(abstract_state, mesh, min_size=training.fsdp_min_size)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
@@ -252,9 +250,10 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState
 
 def _train(config: Any, workdir: epath.Path, trainer: str) -> TrainState:
     _quiet_orbax()
-    mesh = parallel.create_mesh()
+    mesh = parallel.create_mesh_from_config(config)  # checks config.mesh
     num_devices = parallel.num_data_shards(mesh)
     checks.check_training_config(config, trainer, num_devices)
+    logging.info("Mesh: data=%d x fsdp=%d.", mesh.shape["data"], mesh.shape["fsdp"])
     training = config.training
     _prepare_workdir(config, workdir)
 
