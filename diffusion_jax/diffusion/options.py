@@ -19,24 +19,10 @@ from typing import Any
 import jax
 
 
-def _section_respacing(respacing):
-    return respacing
-
-
 def _ddim_respacing(respacing):
     # The paper's DDIM rows (`--timestep_respacing ddim25`) keep every (T/N)-th step,
     # which differs from the section spacing a bare N means for ancestral sampling.
     return f"ddim{int(respacing)}" if str(respacing).strip().isdigit() else respacing
-
-
-def _whole_schedule(respacing):
-    del respacing  # DPM-Solver++ picks its steps over the training schedule itself
-    return ""
-
-
-def _no_steps(respacing):
-    del respacing
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +33,16 @@ class SamplerKind:
       name: the loop kind (`SamplerOptions.kind`).
       uses_eta: takes DDIM's eta (others must have eta=0).
       noisy: draws step noise whatever eta is (ancestral).
-      uses_steps: takes `SamplerOptions.steps`.
       respacing: `sampling.timestep_respacing` -> the sampling diffusion's respacing.
-      steps: `sampling.timestep_respacing` -> `SamplerOptions.steps`.
+      steps: `sampling.timestep_respacing` -> `SamplerOptions.steps`; None = the kind
+        takes no steps (it runs every timestep of its respaced diffusion).
     """
 
     name: str
     uses_eta: bool = False
     noisy: bool = False
-    uses_steps: bool = False
-    respacing: Callable[[Any], Any] = _section_respacing
-    steps: Callable[[Any], int | None] = _no_steps
+    respacing: Callable[[Any], Any] = lambda respacing: respacing
+    steps: Callable[[Any], int | None] | None = None
 
 
 SAMPLERS = {
@@ -66,12 +51,8 @@ SAMPLERS = {
         SamplerKind("ancestral", noisy=True),
         SamplerKind("ddim", uses_eta=True, respacing=_ddim_respacing),
         SamplerKind("ddim_reverse"),
-        SamplerKind(
-            "dpm_solver++",
-            uses_steps=True,
-            respacing=_whole_schedule,
-            steps=lambda r: dpm_solver_steps(r),
-        ),
+        # DPM-Solver++ picks its steps over the whole training schedule itself.
+        SamplerKind("dpm_solver++", respacing=lambda _: "", steps=lambda r: dpm_solver_steps(r)),
     )
 }
 KINDS = tuple(SAMPLERS)
@@ -116,7 +97,7 @@ class SamplerOptions:
         for name in ("clip_denoised", "keep_intermediates", "progress"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         if self.steps is not None:
-            if not SAMPLERS[self.kind].uses_steps:
+            if SAMPLERS[self.kind].steps is None:
                 raise ValueError(
                     f"steps applies to dpm_solver++ only; {self.kind} runs every timestep of "
                     "its (respaced) diffusion: set timestep_respacing instead"
@@ -164,7 +145,7 @@ class SamplerOptions:
             kind=kind.name,
             eta=float(get("eta", 0.0)) if kind.uses_eta else 0.0,
             clip_denoised=bool(get("clip_denoised", True)),
-            steps=kind.steps(get("timestep_respacing", "")),
+            steps=kind.steps and kind.steps(get("timestep_respacing", "")),
         )
         values.update(overrides)
         return cls(**values)
