@@ -110,7 +110,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Non-finite loss/gradient: the update is skipped and counted; this many in a row
     # stops the run.
     training.max_nonfinite_steps = 20
-    # EMA sample grid (DDIM, fixed labels and x_T) as an image summary + PNG; 0 = off.
+    # EMA sample grid (config.sampling's sampler, fixed labels and x_T) as an image
+    # summary + PNG; 0 = off. sample_steps: the grid's timestep_respacing (0 = sampling's).
     training.sample_every = 0
     training.sample_grid_size = 16
     training.sample_steps = 10

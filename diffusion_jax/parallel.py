@@ -175,10 +175,15 @@ def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def global_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Host values every process holds whole (parameters) -> arrays replicated on `mesh`."""
+    """Host values every process holds whole (parameters) -> arrays replicated on `mesh`.
+
+    Global arrays no process holds whole (FSDP-sharded training state) are resharded.
+    """
     sharding = replicated_sharding(mesh)
 
     def place(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jax.device_put(leaf, sharding)
         x = np.asarray(leaf)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

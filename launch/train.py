@@ -11,6 +11,9 @@ processes (GPU clusters): add --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I on each (not needed on TPU pods or SLURM).
 """
 
+import signal
+import threading
+
 from absl import flags, logging
 
 from launch import common, distributed
@@ -27,8 +30,16 @@ def run(argv: list[str], trainer: str) -> None:
     distributed.initialize()  # before any jax computation
     from diffusion_jax import training
 
+    stop = threading.Event()  # preemption: checkpoint and stop at the next step
+
+    def on_sigterm(signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: saving a checkpoint and stopping.")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        getattr(training, trainer)(_CONFIG.value, _WORKDIR.value)
+        getattr(training, trainer)(_CONFIG.value, _WORKDIR.value, stop=stop)
     except training.NonFiniteError as e:
         common.fail(str(e))
 

@@ -263,14 +263,15 @@ def test_training_workdir_samples_with_its_ema_copy(ck, tmp_path):
 
 def test_ddim_rows_use_the_papers_ddim_spacing():
     from diffusion_jax.diffusion import create_diffusion
+    from diffusion_jax.diffusion.options import sampling_respacing
 
     config = sm.load(sm.BASE)
     config.sampling.update(method="ddim", timestep_respacing=25)
-    assert job_lib.sampling_respacing(config) == "ddim25"
+    assert sampling_respacing(config.sampling) == "ddim25"
     ddim = create_diffusion(config.diffusion, timestep_respacing="ddim25")
     np.testing.assert_array_equal(ddim.timestep_map, np.arange(0, 1000, 40))  # stride 40
     config.sampling.method = "ancestral"
-    assert job_lib.sampling_respacing(config) == 25  # section spacing, as the paper's 250
+    assert sampling_respacing(config.sampling) == 25  # section spacing, as the paper's 250
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Training features: fine-tuning starts, bad input (one line, before any compile, nothing
-lost), linked config facts, upsampler training, in-training FID == the evaluator's.
+lost), linked config facts, upsampler training, in-training samples == the sampling
+job's and in-training FID == the evaluator's.
 """
 
 import json
@@ -217,68 +218,50 @@ def test_upsampler_trains_on_low_res_from_the_pipeline(tmp_path):
 # ----- in-training FID ----------------------------------------------------------------
 
 
-def test_in_training_fid_equals_the_evaluator_on_the_same_samples(base_run, tmp_path):
+@pytest.fixture(scope="module")
+def fid_setup(tmp_path_factory):
     import torch
     from test_inception import build_random_fid_inception
 
-    from diffusion_jax.diffusion import create_diffusion
-    from diffusion_jax.evaluation import (
-        compute_features,
-        compute_statistics,
-        frechet_distance,
-        load_inception,
-    )
-    from diffusion_jax.models import create_model
-
-    _, base_state = base_run
-    weights = tmp_path / "random_inception.pth"
+    directory = tmp_path_factory.mktemp("fid")
+    weights = directory / "random_inception.pth"
     torch.save(build_random_fid_inception().state_dict(), weights)
-    rng = np.random.default_rng(0)
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=rng.integers(0, 256, (16, 16, 16, 3), np.uint8))
-    config = tiny(eval_every=1, eval_num_samples=16, eval_reference=str(ref), ema_rates=(0.5,))
-    config.training.inception_weights = str(weights)
-    config.sampling.batch_size = 8
-    config.sampling.method = "ddim"
-    config.sampling.timestep_respacing = 3
-    model = create_model(config.model)
-    mesh = parallel.create_mesh()
-    hook = in_training_eval.diffusion_hooks(config, model, mesh, tmp_path)
-    params = base_state.ema[ema_key(0.5)]
-    fid = hook(1, base_state)["fid"]
-    # Independently: the same samples (keys by global index), drawn unsharded.
-    keys = in_training_eval.grids.sample_keys(jax.random.key(config.seed), 2, np.arange(16))
-    labels = in_training_eval._random_labels(jax.random.key(config.seed), np.arange(16), 1000)
-    diffusion = create_diffusion(config.diffusion, timestep_respacing=3)
-    model_fn = jax.tree_util.Partial(model.apply, {"params": params})
-    x = diffusion.ddim_sample_loop(
-        model_fn, (16, 16, 16, 3), jax.random.wrap_key_data(keys), model_kwargs={"y": labels}
-    )
-    images = in_training_eval.grids.to_uint8(np.asarray(x))
-    inception = load_inception(weights)
-    mu, sigma = compute_statistics(compute_features(images, inception, batch_size=16)["pool"])
-    ref_images = np.load(ref)["arr_0"]
-    mu_r, sigma_r = compute_statistics(
-        compute_features(ref_images, inception, batch_size=16)["pool"]
-    )
-    want = frechet_distance(mu, sigma, mu_r, sigma_r)
-    assert fid == pytest.approx(want, rel=1e-4)
-    assert fid > 0
+    ref = directory / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), np.uint8))
+    return weights, ref
 
 
-# ----- what training writes, sampled ---------------------------------------------------
+@pytest.mark.parametrize("method, steps", [("ancestral", 4), ("ddim", 25), ("dpm_solver++", 20)])
+def test_in_training_samples_and_fid_equal_the_sampling_job_and_the_evaluator(
+    base_run, fid_setup, tmp_path, monkeypatch, method, steps
+):
+    import _evaluation_inputs as ev
 
-
-def test_a_training_workdir_samples_through_the_sampling_job(base_run, tmp_path):
+    from diffusion_jax import evaluation
+    from diffusion_jax.evaluation import compute_features, compute_statistics, load_inception
     from diffusion_jax.sampling import run_sampling_job
 
-    base_dir, _ = base_run
-    config = base_config()
-    config.sampling.update(num_samples=8, batch_size=8, method="ddim", timestep_respacing=2)
-    ema = np.load(run_sampling_job(config, str(base_dir), str(tmp_path / "ema.npz")))
-    config.sampling.use_ema = False
-    raw = np.load(run_sampling_job(config, str(base_dir), str(tmp_path / "raw.npz")))
-    assert ema["arr_0"].shape == (8, 16, 16, 3) and ema["arr_0"].dtype == np.uint8
-    assert ema["arr_1"].shape == (8,)
-    # The EMA copy (rate 0.5) and the raw parameters differ after 2 steps at lr 1e-2.
-    assert np.abs(ema["arr_0"].astype(int) - raw["arr_0"].astype(int)).mean() > 1
+    base_dir, base_state = base_run
+    weights, ref = fid_setup
+    config = tiny(eval_every=1, eval_num_samples=12, eval_reference=str(ref), ema_rates=(0.5,))
+    config.training.inception_weights = str(weights)
+    config.sampling.update(num_samples=12, batch_size=8, method=method, timestep_respacing=steps)
+    evaluator = in_training_eval._FidEvaluator(config, parallel.create_mesh())
+    images = evaluator.samples(in_training_eval.sampling_params(base_state, (0.5,)))
+    # launch.sample's library path on the training workdir (its EMA copy, rate 0.5).
+    job = np.load(run_sampling_job(config, str(base_dir), str(tmp_path / "job.npz")))["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (12, 16, 16, 3)
+    np.testing.assert_array_equal(images, job)
+    assert len(np.unique(images.reshape(12, -1), axis=0)) == 12  # per-sample keys
+    if method != "ddim":
+        return  # the Frechet distance does not depend on the sampler
+    # Both sides with ev.cheap_distance (the 2048-d sqrtm: test_evaluation_metrics).
+    monkeypatch.setattr(evaluation, "frechet_distance", ev.cheap_distance)
+    inception = load_inception(weights)
+
+    def stats(x):
+        return compute_statistics(compute_features(x, inception, batch_size=16)["pool"])
+
+    want = ev.cheap_distance(*stats(job), *stats(np.load(ref)["arr_0"]))
+    assert evaluator.frechet(images) == pytest.approx(want, rel=1e-4)
+    assert want > 0

@@ -168,7 +168,7 @@ def loop_program(
         )
         x_next = c_x * x + c_d * ((1.0 + w) * x0 - w * previous)
         if options.progress:
-            progress.tick(options.kind, step)
+            progress.tick(options.kind, len(timesteps), step)
         stacked = (x_next, x0) if options.keep_intermediates else None
         return (x_next, x0), stacked
 

@@ -203,7 +203,7 @@ def _bpd_program(
         )
         eps = diffusion.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
         if show_progress:
-            progress_lib.tick(_BPD_BAR, step)
+            progress_lib.tick(_BPD_BAR, num_steps, step)
         return None, (
             out["output"],
             losses.mean_flat(jnp.square(out["pred_xstart"] - x_start)),
@@ -267,23 +267,14 @@ def calc_bpd_loop(
             f"got {tuple(noise.shape)}"
         )
     fn_key, fn_arrays = callables.split_callables((model_fn,))
-    if progress:
-        progress_lib.open_bar(_BPD_BAR, num_steps)
-    try:
-        result = jax.block_until_ready(
-            _bpd_program(
-                diffusion,
-                fn_key,
-                bool(clip_denoised),
-                bool(progress),
-                fn_arrays,
-                x_start,
-                rng,
-                noise,
-                model_kwargs,
-            )
-        )
-    finally:
-        if progress:
-            progress_lib.close_bar(_BPD_BAR)
-    return result
+    return _bpd_program(
+        diffusion,
+        fn_key,
+        bool(clip_denoised),
+        bool(progress),
+        fn_arrays,
+        x_start,
+        rng,
+        noise,
+        model_kwargs,
+    )

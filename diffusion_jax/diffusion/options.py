@@ -13,19 +13,51 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
-# What each loop kind is: (draws step noise, description for progress bars).
-KINDS = ("ancestral", "ddim", "ddim_reverse", "dpm_solver++")
-# `config.sampling.method` names -> loop kinds.
-METHODS = {
-    "ancestral": "ancestral",
-    "ddpm": "ancestral",
-    "ddim": "ddim",
-    "dpm_solver++": "dpm_solver++",
+
+def _ddim_respacing(respacing):
+    # The paper's DDIM rows (`--timestep_respacing ddim25`) keep every (T/N)-th step,
+    # which differs from the section spacing a bare N means for ancestral sampling.
+    return f"ddim{int(respacing)}" if str(respacing).strip().isdigit() else respacing
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerKind:
+    """One sampler: what its loop needs and how `config.sampling` configures it.
+
+    Attributes:
+      name: the loop kind (`SamplerOptions.kind`).
+      uses_eta: takes DDIM's eta (others must have eta=0).
+      noisy: draws step noise whatever eta is (ancestral).
+      respacing: `sampling.timestep_respacing` -> the sampling diffusion's respacing.
+      steps: `sampling.timestep_respacing` -> `SamplerOptions.steps`; None = the kind
+        takes no steps (it runs every timestep of its respaced diffusion).
+    """
+
+    name: str
+    uses_eta: bool = False
+    noisy: bool = False
+    respacing: Callable[[Any], Any] = lambda respacing: respacing
+    steps: Callable[[Any], int | None] | None = None
+
+
+SAMPLERS = {
+    k.name: k
+    for k in (
+        SamplerKind("ancestral", noisy=True),
+        SamplerKind("ddim", uses_eta=True, respacing=_ddim_respacing),
+        SamplerKind("ddim_reverse"),
+        # DPM-Solver++ picks its steps over the whole training schedule itself.
+        SamplerKind("dpm_solver++", respacing=lambda _: "", steps=lambda r: dpm_solver_steps(r)),
+    )
 }
+KINDS = tuple(SAMPLERS)
+# `config.sampling.method` names -> loop kinds.
+METHODS = {"ddpm": "ancestral", **{kind: kind for kind in KINDS if kind != "ddim_reverse"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +92,12 @@ class SamplerOptions:
         if isinstance(self.eta, numbers.Real):  # concrete (not traced inside a program)
             if float(self.eta) < 0.0:
                 raise ValueError(f"eta must be >= 0, got {self.eta}")
-            if self.kind != "ddim" and float(self.eta) != 0.0:
+            if not SAMPLERS[self.kind].uses_eta and float(self.eta) != 0.0:
                 raise ValueError(f"eta applies to DDIM only; {self.kind} needs eta=0.0")
         for name in ("clip_denoised", "keep_intermediates", "progress"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         if self.steps is not None:
-            if self.kind != "dpm_solver++":
+            if SAMPLERS[self.kind].steps is None:
                 raise ValueError(
                     f"steps applies to dpm_solver++ only; {self.kind} runs every timestep of "
                     "its (respaced) diffusion: set timestep_respacing instead"
@@ -77,10 +109,9 @@ class SamplerOptions:
     @property
     def stochastic(self) -> bool:
         """Whether the loop draws step noise (needs keys beyond x_T)."""
-        if self.kind == "ancestral":
-            return True
-        if self.kind in ("ddim_reverse", "dpm_solver++"):
-            return False
+        kind = SAMPLERS[self.kind]
+        if kind.noisy or not kind.uses_eta:
+            return kind.noisy
         try:
             return float(self.eta) != 0.0
         except (TypeError, jax.errors.ConcretizationTypeError):
@@ -109,14 +140,13 @@ class SamplerOptions:
             raise ValueError(
                 f"sampling.method: unknown value {method!r}; expected one of {tuple(METHODS)}"
             )
-        kind = METHODS[method]
+        kind = SAMPLERS[METHODS[method]]
         values = dict(
-            kind=kind,
-            eta=float(get("eta", 0.0)) if kind == "ddim" else 0.0,
+            kind=kind.name,
+            eta=float(get("eta", 0.0)) if kind.uses_eta else 0.0,
             clip_denoised=bool(get("clip_denoised", True)),
+            steps=kind.steps and kind.steps(get("timestep_respacing", "")),
         )
-        if kind == "dpm_solver++":
-            values["steps"] = dpm_solver_steps(get("timestep_respacing", ""))
         values.update(overrides)
         return cls(**values)
 
@@ -147,4 +177,20 @@ jax.tree_util.register_dataclass(
     meta_fields=["kind", "clip_denoised", "keep_intermediates", "progress", "steps"],
 )
 
-__all__ = ["KINDS", "METHODS", "SamplerOptions", "dpm_solver_steps"]
+
+def sampling_respacing(sampling_config: Any) -> Any:
+    """The sampling diffusion's `timestep_respacing` for `config.sampling` (its kind's rule)."""
+    method = str(sampling_config.get("method", "ancestral")).lower()
+    kind = SAMPLERS[METHODS.get(method, "ancestral")]
+    return kind.respacing(sampling_config.get("timestep_respacing", ""))
+
+
+__all__ = [
+    "KINDS",
+    "METHODS",
+    "SAMPLERS",
+    "SamplerKind",
+    "SamplerOptions",
+    "dpm_solver_steps",
+    "sampling_respacing",
+]

@@ -1,38 +1,35 @@
 """Host-side progress for compiled loops: a tqdm bar fed by `jax.debug.callback`.
 
-The compiled program only calls `tick(name, step)`; which bar (if any) it feeds is
-host state opened by `open_bar` and closed by `close_bar` around a call, so the
-program is the same with or without a bar on screen, and is shared by every caller.
+A loop body calls `tick(name, total, step)`; tracing creates one `_Bar` that the
+compiled program owns, opened by its first step and closed by its last, so no host
+state outlives a program and no caller opens or closes anything.
 """
-
-import functools
 
 import jax
 
-_BARS: dict = {}  # name -> open tqdm bar (host-side display state only)
+
+class _Bar:
+    """The bar of one compiled loop (display state only)."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total, self._bar = name, int(total), None
+
+    def update(self, step) -> None:
+        if self._bar is None or int(step) == 0:  # a new run (or one that failed midway)
+            from tqdm.auto import tqdm  # lazy: only needed when progress is on
+
+            self.close()
+            self._bar = tqdm(total=self.total, desc=self.name, unit="step")
+        self._bar.update(1)
+        if self._bar.n >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
-def open_bar(name: str, total: int) -> None:
-    """Opens the bar `name` for `total` steps (replacing one left open)."""
-    from tqdm.auto import tqdm  # lazy: only needed when progress is on
-
-    close_bar(name)
-    _BARS[name] = tqdm(total=total, desc=name, unit="step")
-
-
-def close_bar(name: str) -> None:
-    """Closes the bar `name`, if open."""
-    bar = _BARS.pop(name, None)
-    if bar is not None:
-        bar.close()
-
-
-def _update(name: str, _step) -> None:
-    bar = _BARS.get(name)
-    if bar is not None:
-        bar.update(1)
-
-
-def tick(name: str, step) -> None:
-    """Call inside a traced loop body: one more step of bar `name` done."""
-    jax.debug.callback(functools.partial(_update, name), step)
+def tick(name: str, total: int, step) -> None:
+    """Call inside a traced loop body of `total` steps: one more step of bar `name` done."""
+    jax.debug.callback(_Bar(name, total).update, step)

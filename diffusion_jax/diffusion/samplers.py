@@ -264,7 +264,7 @@ def _loop_program(
         step_rngs = None if sample_rngs is None else keys.fold_in_each(sample_rngs, t_value)
         out = _step(diffusion, options, model_fn, x, t, step_rngs, guidance, common)
         if options.progress:
-            progress.tick(options.kind, step)
+            progress.tick(options.kind, num_steps, step)
         stacked = (out["sample"], out["pred_xstart"]) if options.keep_intermediates else None
         return out["sample"], stacked
 
@@ -327,20 +327,10 @@ def run_loop(
         options = dataclasses.replace(
             options, eta=jnp.asarray(options.eta, compute_dtype(x_init.dtype))
         )
-    program, num_steps = _loop_program, diffusion.num_timesteps
+    program = _loop_program
     if options.kind == dpm_solver.KIND:
         program = dpm_solver.loop_program
-        steps = dpm_solver.solver_timesteps(diffusion.tables["alphas_cumprod"], options.steps)
-        num_steps = len(steps)  # (and checks steps on the host)
-    if options.progress:
-        progress.open_bar(options.kind, num_steps)
-    try:
-        result = program(
-            diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
-        )
-        if options.progress:
-            result = jax.block_until_ready(result)
-    finally:
-        if options.progress:
-            progress.close_bar(options.kind)
-    return result
+        dpm_solver.solver_timesteps(diffusion.tables["alphas_cumprod"], options.steps)  # checks
+    return program(
+        diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
+    )

@@ -273,6 +273,8 @@ def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
             images.append(np.asarray(b["image"]))
             labels.append(np.asarray(b["label"]))
     x = np.concatenate(images)
+    # Data, not samples: rounding inverts the pipeline's x / 127.5 - 1 exactly (the samples'
+    # truncation, sampling.to_uint8, would lower 63 of the 256 values by one).
     return np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8), np.concatenate(labels)
 
 

@@ -29,14 +29,13 @@ from etils import epath
 from jax.sharding import Mesh
 
 from diffusion_jax import models, parallel
-from diffusion_jax.diffusion import SamplerOptions, create_diffusion
+from diffusion_jax.diffusion import SamplerOptions
 from diffusion_jax.sampling import inputs
-from diffusion_jax.sampling.sharded import SamplingProgram, ShardedSampler
+from diffusion_jax.sampling.sharded import ShardedSampler, job_key, sampling_program
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"  # written by process 0 once OUTPUT holds every batch
 GRID_SAMPLES = 64
-_JOB_PURPOSE = 0  # sample i's key: fold_in(fold_in(key(seed), 0), i)
 
 
 @dataclasses.dataclass
@@ -47,7 +46,6 @@ class _Plan:
     output: epath.Path
     num_samples: int
     batch_size: int
-    options: SamplerOptions
     ema_rate: float | None
     labels: np.ndarray | None
     low_res: np.ndarray | None
@@ -62,7 +60,7 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
     sampling, model = config.sampling, config.model
     inputs.check_num_samples(sampling.num_samples, sampling.batch_size, mesh.devices.size)
     out = inputs.check_output(output)
-    options = SamplerOptions.from_config(sampling)
+    SamplerOptions.from_config(sampling)  # raises for a bad method / eta / steps
     saved = inputs.read_saved_config(checkpoint, "--checkpoint")
     inputs.check_model_matches(saved.get("model", {}), model, "--checkpoint")
     cfg_scale = float(sampling.get("cfg_scale", 1.0))
@@ -149,26 +147,9 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
     }
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
     return _Plan(
-        config, out, n, int(sampling.batch_size), options, ema_rate, labels, low_res,
+        config, out, n, int(sampling.batch_size), ema_rate, labels, low_res,
         classifier_dir, classifier_model, scale, cfg_scale, fingerprint,
     )  # fmt: skip
-
-
-def sampling_respacing(config: Any) -> Any:
-    """The sampling diffusion's respacing: DDIM with N steps uses the paper's 'ddimN'.
-
-    The paper's DDIM rows (`--timestep_respacing ddim25`) keep every (T/N)-th step,
-    which differs from the section spacing a bare N means for ancestral sampling.
-    DPM-Solver++ runs on the whole training schedule and picks its N steps itself
-    (`SamplerOptions.steps`, from the same field).
-    """
-    respacing = config.sampling.timestep_respacing
-    method = str(config.sampling.get("method", "ancestral")).lower()
-    if method == "dpm_solver++":
-        return ""
-    if method == "ddim" and str(respacing).strip().isdigit():
-        return f"ddim{int(respacing)}"
-    return respacing
 
 
 def _restore(directory: str, model_config: Any, ema_rate: float | None) -> Any:
@@ -372,7 +353,7 @@ def run_sampling_job(
     size = int(config.model.image_size)
     image_shape = (size, size, int(config.model.get("in_channels", 3)))
     if start < num_batches:
-        _sample_batches(plan, checkpoint, mesh, start, num_batches, image_shape)
+        _sample_batches(plan, checkpoint, mesh, start, num_batches)
     _assemble(plan, num_batches, image_shape)
     return plan.output
 
@@ -396,33 +377,21 @@ def check_sampling_job(
     """
     mesh = parallel.create_mesh_from_config(config) if mesh is None else mesh
     _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
-    create_diffusion(config.diffusion, timestep_respacing=sampling_respacing(config))
+    sampling_program(config, mesh)  # raises for a respacing that cannot be built
 
 
-def _sample_batches(plan, checkpoint, mesh, start, num_batches, image_shape) -> None:
+def _sample_batches(plan, checkpoint, mesh, start, num_batches) -> None:
     config = plan.config
-    settings = models.validate_model_config(config.model)
-    diffusion = create_diffusion(config.diffusion, timestep_respacing=sampling_respacing(config))
     classifier = classifier_params = None
     if plan.classifier_dir:
         classifier = models.create_classifier(plan.classifier_model)
         classifier_params = _restore(plan.classifier_dir, plan.classifier_model, None)
-    program = SamplingProgram(
-        diffusion=diffusion,
-        options=plan.options,
-        model=models.create_model(config.model),
-        image_shape=image_shape,
-        mesh=mesh,
-        class_conditional=settings["num_classes"] is not None,
-        classifier=classifier,
-        null_label=models.null_label(config.model) if plan.cfg_scale != 1.0 else None,
-    )
+    program = sampling_program(config, mesh, classifier=classifier)
     params = _restore(checkpoint, config.model, plan.ema_rate)
-    job_key = jax.random.fold_in(jax.random.key(int(config.seed)), _JOB_PURPOSE)
     sampler = ShardedSampler(
         program,
         params,
-        job_key,
+        job_key(config.seed),
         classifier_params=classifier_params,
         classifier_scale=plan.classifier_scale,
         cfg_scale=plan.cfg_scale,
@@ -445,4 +414,4 @@ def _sample_batches(plan, checkpoint, mesh, start, num_batches, image_shape) -> 
         progress.close()
 
 
-__all__ = ["check_sampling_job", "run_sampling_job", "sampling_respacing"]
+__all__ = ["check_sampling_job", "run_sampling_job"]

@@ -20,17 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import parallel
+from diffusion_jax import models, parallel
 from diffusion_jax.diffusion import (
     Diffusion,
     SamplerOptions,
     classifier_cond_fn,
     classifier_free_model_fn,
+    create_diffusion,
 )
+from diffusion_jax.diffusion.options import sampling_respacing
+
+JOB_PURPOSE = 0  # sample i of a sampling job: fold_in(fold_in(key(seed), 0), i)
 
 
 def to_uint8(x: jnp.ndarray) -> jnp.ndarray:
-    """[-1, 1] floats -> uint8 as the paper code's sample script: clamp((x+1)*127.5), truncated."""
+    """[-1, 1] floats -> uint8 as the paper code's sample script: clamp((x+1)*127.5), truncated.
+
+    The one conversion of samples to pixels (jobs, grids, in-training FID).
+    """
     return jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0).astype(jnp.uint8)
 
 
@@ -88,8 +95,10 @@ def _program(
     model_kwargs = {}
     if program.class_conditional:
         model_kwargs["y"] = labels
-    if low_res is not None:  # uint8 base samples -> [-1, 1], as the paper code
-        model_kwargs["low_res"] = low_res.astype(jnp.float32) / 127.5 - 1.0
+    if low_res is not None and low_res.dtype == jnp.uint8:  # -> [-1, 1], as the paper code
+        low_res = low_res.astype(jnp.float32) / 127.5 - 1.0
+    if low_res is not None:
+        model_kwargs["low_res"] = low_res
     cond_fn = None
     if program.classifier is not None:
         cond_fn = classifier_cond_fn(program.classifier.apply, {"params": classifier_params}, scale)
@@ -106,6 +115,41 @@ def _program(
     )["sample"]
     images = jax.lax.with_sharding_constraint(to_uint8(out), parallel.data_sharding(program.mesh))
     return images
+
+
+def sampling_program(config: Any, mesh: Mesh, *, classifier: Any = None) -> SamplingProgram:
+    """The program `config.sampling` describes: the one reading of that section.
+
+    The sampler's kind decides the diffusion's respacing (`options.sampling_respacing`),
+    `SamplerOptions.from_config` the loop; a `cfg_scale` other than 1.0 runs
+    classifier-free guidance with the model's null class.
+
+    Args:
+      config: a model config (`model`, `diffusion`, `sampling` sections).
+      mesh: the mesh with a `'data'` axis.
+      classifier: the guidance classifier's Flax module, or None.
+    """
+    sampling, model = config.sampling, config.model
+    settings = models.validate_model_config(model)
+    size = int(model.image_size)
+    cfg = float(sampling.get("cfg_scale", 1.0)) != 1.0
+    return SamplingProgram(
+        diffusion=create_diffusion(
+            config.diffusion, timestep_respacing=sampling_respacing(sampling)
+        ),
+        options=SamplerOptions.from_config(sampling),
+        model=models.create_model(model),
+        image_shape=(size, size, int(model.get("in_channels", 3))),
+        mesh=mesh,
+        class_conditional=settings["num_classes"] is not None,
+        classifier=classifier,
+        null_label=models.null_label(model) if cfg else None,
+    )
+
+
+def job_key(seed: int, purpose: int = JOB_PURPOSE) -> jax.Array:
+    """The key sample i of a job draws from with `fold_in(job_key, i)`."""
+    return jax.random.fold_in(jax.random.key(int(seed)), purpose)
 
 
 class ShardedSampler:
@@ -164,7 +208,7 @@ class ShardedSampler:
         Args:
           indices: int [B] global sample indices (the same on every process).
           labels: int [B] class labels (model's y and/or the guidance target), or None.
-          low_res: uint8 [B, h, w, C] upsampler inputs, or None.
+          low_res: [B, h, w, C] upsampler inputs (uint8, or floats in [-1, 1]), or None.
 
         Returns:
           (images uint8 [b, H, W, C], their global indices [b]): this process's rows,
@@ -183,9 +227,9 @@ class ShardedSampler:
             self._job_key,
             rows,
             None if labels is None else put(np.asarray(labels, np.int32)),
-            None if low_res is None else put(np.asarray(low_res, np.uint8)),
+            None if low_res is None else put(np.asarray(low_res)),
         )
         return parallel.local_rows(images), parallel.local_rows(rows)
 
 
-__all__ = ["SamplingProgram", "ShardedSampler", "to_uint8"]
+__all__ = ["SamplingProgram", "ShardedSampler", "job_key", "sampling_program", "to_uint8"]

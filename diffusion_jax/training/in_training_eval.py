@@ -2,9 +2,9 @@
 
 Each `*_hooks` returns `hook(step, state) -> dict | None`, called after every step; it
 acts on its own schedule (`training.sample_every`, `training.eval_every`) and returns
-scalars to log. Sampling is sharded over every device of every process: per-sample keys
-are `fold_in(fold_in(base_key, purpose), global_index)`, so grids and FID samples do
-not depend on the device or process count.
+scalars to log. Grids and FID samples are drawn by the sampling job's sharded sampler
+(`sampling.sharded`, configured by `config.sampling`), so they do not depend on the
+device or process count, and the FID samples are those `launch.sample` draws.
 """
 
 from __future__ import annotations
@@ -13,37 +13,24 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
 from diffusion_jax import parallel
-from diffusion_jax.diffusion import create_diffusion
+from diffusion_jax.sampling import inputs as sampling_inputs
+from diffusion_jax.sampling.sharded import ShardedSampler, job_key, sampling_program
 from diffusion_jax.training import grids, steps
 from diffusion_jax.training.state import TrainState, ema_key
 
-_GRID_PURPOSE, _FID_PURPOSE, _FID_LABEL_PURPOSE, _EVAL_PURPOSE = 1, 2, 3, 4
+_GRID_PURPOSE, _EVAL_PURPOSE = 1, 4
 SAMPLES_DIR = "samples"
 
 
 def sampling_params(state: TrainState, ema_rates) -> Any:
     """The parameters samples are drawn with: the first EMA copy, else the raw ones."""
     return state.ema[ema_key(ema_rates[0])] if ema_rates else state.params
-
-
-def _draw(diffusion, apply_fn, method, eta, clip, params, keys, kwargs, image_shape):
-    # Module level + functools.partial: a hashable static sample_fn for grids._sample.
-    model_fn = jax.tree_util.Partial(apply_fn, {"params": params})
-    shape = (keys.shape[0], *image_shape)
-    if method == "ddim":
-        return diffusion.ddim_sample_loop(
-            model_fn, shape, keys, model_kwargs=kwargs or None, clip_denoised=clip, eta=eta
-        )
-    return diffusion.p_sample_loop(
-        model_fn, shape, keys, model_kwargs=kwargs or None, clip_denoised=clip
-    )
 
 
 def _low_res_images(config: Any, n: int) -> np.ndarray:
@@ -59,42 +46,57 @@ def _low_res_images(config: Any, n: int) -> np.ndarray:
         return np.asarray(next(pipeline)["low_res"])
 
 
+def _draw(program, config, key, params, indices, labels=None, low_res=None) -> np.ndarray:
+    """Every process's copy of the uint8 images `indices` name, through the job's sampler."""
+    cfg_scale = float(config.sampling.get("cfg_scale", 1.0))
+    sampler = ShardedSampler(program, params, key, cfg_scale=cfg_scale)
+    return _gather_rows(sampler.sample(indices, labels, low_res)[0])
+
+
 def diffusion_hooks(config: Any, model: Any, mesh: Mesh, workdir: epath.Path):
-    """Sample grids every `training.sample_every` steps and FID every `eval_every`."""
+    """Sample grids every `training.sample_every` steps and FID every `eval_every`.
+
+    Both draw with the configured sampler (`config.sampling`, the sampling job's
+    program); grids use `training.sample_steps` as the step count when set.
+    """
+    del model  # the program builds it from config.model
     training = config.training
-    base_key = jax.random.key(config.seed)
-    size, channels = config.model.image_size, config.model.in_channels
-    image_shape = (size, size, channels)
     num_classes = config.model.num_classes
     ema_rates = tuple(float(r) for r in training.ema_rates)
-    grid_fn = fid = None
+    grid = fid = None
+    if float(config.sampling.get("classifier_scale", 0.0) or 0.0):
+        logging.warning("in-training samples are not classifier-guided (no classifier here)")
 
     if training.sample_every:
         n = training.sample_grid_size
-        grid_diffusion = create_diffusion(
-            config.diffusion, timestep_respacing=f"ddim{training.sample_steps}"
+        grid_config = config
+        if training.get("sample_steps"):
+            grid_config = config.copy_and_resolve_references()
+            grid_config.sampling.timestep_respacing = int(training.sample_steps)
+        indices = np.arange(n)
+        labels = None if num_classes is None else (indices % num_classes).astype(np.int32)
+        low_res = _low_res_images(config, n) if config.model.kind == "superres" else None
+        grid = functools.partial(
+            _draw,
+            sampling_program(grid_config, mesh),
+            config,
+            job_key(config.seed, _GRID_PURPOSE),
+            indices=indices,
+            labels=labels,
+            low_res=low_res,
         )
-        grid_fn = functools.partial(_draw, grid_diffusion, model.apply, "ddim", 0.0, True)
-        grid_keys = grids.sample_keys(base_key, _GRID_PURPOSE, np.arange(n))
-        grid_kwargs = {}
-        if num_classes is not None:
-            grid_kwargs["y"] = (np.arange(n) % num_classes).astype(np.int32)
-        if config.model.kind == "superres":
-            grid_kwargs["low_res"] = _low_res_images(config, n)
 
     if training.eval_every and training.eval_reference:
-        fid = _FidEvaluator(config, model, mesh, base_key, image_shape)
+        fid = _FidEvaluator(config, mesh)
 
     def hook(step: int, state: TrainState) -> dict | None:
         out = {}
-        if grid_fn is not None and step % training.sample_every == 0:
-            params = sampling_params(state, ema_rates)
-            local = grids.sample_sharded(grid_fn, params, grid_keys, grid_kwargs, image_shape, mesh)
-            images = _gather_rows(grids.to_uint8(local))
+        if grid is not None and step % training.sample_every == 0:
+            images = grid(params=sampling_params(state, ema_rates))
             if jax.process_index() == 0:
-                grid = grids.make_grid(images)
-                grids.write_png(workdir / SAMPLES_DIR / f"step_{step:08d}.png", grid)
-                out["_images"] = grid
+                tiled = grids.make_grid(images)
+                grids.write_png(workdir / SAMPLES_DIR / f"step_{step:08d}.png", tiled)
+                out["_images"] = tiled
         if fid is not None and step % training.eval_every == 0:
             out["fid"] = fid(step, sampling_params(state, ema_rates))
         return out or None
@@ -120,32 +122,26 @@ def _gather_rows(local: np.ndarray) -> np.ndarray:
     return gathered.reshape(-1, *local.shape[1:])
 
 
-def _random_labels(base_key, indices: np.ndarray, num_classes: int) -> np.ndarray:
-    """Label of global sample i: randint(fold_in(fold_in(base_key, purpose), i))."""
-    key = jax.random.fold_in(base_key, _FID_LABEL_PURPOSE)
-
-    def one(i):
-        return jax.random.randint(jax.random.fold_in(key, i), (), 0, num_classes)
-
-    return np.asarray(jax.vmap(one)(jnp.asarray(indices, jnp.uint32)), np.int32)
-
-
 class _FidEvaluator:
-    """FID of `training.eval_num_samples` EMA samples against `training.eval_reference`."""
+    """FID of `training.eval_num_samples` EMA samples against `training.eval_reference`.
 
-    def __init__(self, config, model, mesh, base_key, image_shape):
-        s = config.sampling
-        self.config, self.mesh, self.image_shape = config, mesh, image_shape
-        self.diffusion = create_diffusion(config.diffusion, timestep_respacing=s.timestep_respacing)
-        self.sample_fn = functools.partial(
-            _draw, self.diffusion, model.apply, s.method, float(s.eta), bool(s.clip_denoised)
-        )
-        self.base_key = base_key
+    The samples are the first `eval_num_samples` images `launch.sample` draws with this
+    config (same program, keys and `sampling.labels`), at every evaluation.
+    """
+
+    def __init__(self, config, mesh):
+        self.config, self.mesh = config, mesh
+        self.program = sampling_program(config, mesh)
         self.reference_stats = None
         self.inception = None
+        n = config.training.eval_num_samples
+        num_classes = config.model.num_classes
+        self.labels = None
+        if num_classes is not None:
+            spec = config.sampling.get("labels", "random")
+            self.labels = sampling_inputs.job_labels(spec, num_classes, n, int(config.seed))
         # Inception batches: no bigger than the evaluation (each batch is padded to it).
         shards = parallel.num_data_shards(mesh)
-        n = config.training.eval_num_samples
         self.feature_batch = min(256, -(-n // shards) * shards)
 
     def _reference(self):
@@ -165,36 +161,43 @@ class _FidEvaluator:
         )
         self.reference_stats = stats
 
+    def samples(self, params) -> np.ndarray:
+        """uint8 [eval_num_samples, H, W, C]: the sampling job's first images for params."""
+        n = self.config.training.eval_num_samples
+        shards = parallel.num_data_shards(self.mesh)
+        batch = min(n, max(self.config.sampling.batch_size, shards))
+        batch -= batch % shards
+        key = job_key(self.config.seed)
+        parts = []
+        for start in range(0, n, batch):
+            idx = np.arange(start, start + batch)  # the last batch padded, then trimmed
+            safe = np.minimum(idx, n - 1)
+            labels = None if self.labels is None else self.labels[safe]
+            parts.append(_draw(self.program, self.config, key, params, idx, labels))
+        return np.concatenate(parts)[:n]
+
     def __call__(self, step: int, params) -> float:
+        value = self.frechet(self.samples(params))
+        logging.info(
+            "step %d: FID %.4f over %d EMA samples",
+            step,
+            value,
+            self.config.training.eval_num_samples,
+        )
+        return value
+
+    def frechet(self, images: np.ndarray) -> float:
+        """FID of uint8 images against the reference (read on first use)."""
         from diffusion_jax.evaluation import compute_features, compute_statistics, frechet_distance
 
         if self.reference_stats is None:
             self._reference()
-        training, num_classes = self.config.training, self.config.model.num_classes
-        n = training.eval_num_samples
-        batch = min(n, max(self.config.sampling.batch_size, parallel.num_data_shards(self.mesh)))
-        batch -= batch % parallel.num_data_shards(self.mesh)
-        locals_ = []
-        for start in range(0, n, batch):
-            idx = np.arange(start, min(start + batch, n))
-            idx = np.concatenate([idx, np.repeat(idx[-1:], batch - len(idx))])  # pad
-            keys = grids.sample_keys(self.base_key, _FID_PURPOSE, idx)  # same x_T every eval
-            kwargs = {}
-            if num_classes is not None:
-                kwargs["y"] = _random_labels(self.base_key, idx, num_classes)
-            local = grids.sample_sharded(
-                self.sample_fn, params, keys, kwargs, self.image_shape, self.mesh
-            )
-            locals_.append(_gather_rows(grids.to_uint8(local))[: min(batch, n - start)])
-        images = np.concatenate(locals_)[:n]
         feats = compute_features(
             images, self.inception, mesh=self.mesh, batch_size=self.feature_batch
         )
         mu, sigma = compute_statistics(feats["pool"])
         ref = self.reference_stats
-        value = float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
-        logging.info("step %d: FID %.4f over %d EMA samples", step, value, n)
-        return value
+        return float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
 
 
 def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):

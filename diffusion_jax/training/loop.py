@@ -3,7 +3,7 @@
 One jitted step over the mesh of every device of every process, the state donated and
 laid out by `parallel.state_shardings` (sharded over the mesh's `fsdp` axis, `config.mesh`).
 The loop feeds global batches, logs through clu writers, reports progress, saves Orbax
-checkpoints (every `training.checkpoint_every` steps, at the end and on SIGTERM) and
+checkpoints (every `training.checkpoint_every` steps, at the end and when `stop` is set) and
 resumes from the latest complete one when started again with the same workdir.
 """
 
@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import logging as logging_std
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -46,33 +45,13 @@ class NonFiniteError(RuntimeError):
     """A run kept producing non-finite losses or gradients."""
 
 
-class _Preemption:
-    """Turns SIGTERM into a request to checkpoint and stop at the next step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM: saving a checkpoint and stopping.")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self) -> bool:
-        """True on every process when any process was asked to stop (a collective)."""
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
-        return bool(np.any(flags))
+def _stop_agreed(stop: threading.Event | None) -> bool:
+    """True on every process when any process's `stop` is set (a collective)."""
+    requested = stop is not None and stop.is_set()
+    if jax.process_count() == 1:
+        return requested
+    flags = multihost_utils.process_allgather(np.asarray([requested], np.int32))
+    return bool(np.any(flags))
 
 
 def config_json(config: Any) -> str:
@@ -160,10 +139,15 @@ class _QuietOrbax(logging_std.Filter):
         return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
-def _quiet_orbax() -> None:
-    logger = logging.get_absl_logger()
-    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
-        logger.addFilter(_QuietOrbax())
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Installs `_QuietOrbax` on absl's logger while the block runs."""
+    logger, quiet = logging.get_absl_logger(), _QuietOrbax()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @dataclasses.dataclass
@@ -241,15 +225,14 @@ def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = N
     return Setup(task, abstract_params, abstract_state, shardings, init, train_step)
 
 
-def _run(config: Any, workdir: str | epath.PathLike, trainer: str) -> TrainState:
+def _run(config: Any, workdir: str | epath.PathLike, trainer: str, stop) -> TrainState:
     workdir = epath.Path(workdir)
     job = "training" if trainer == "diffusion" else "classifier training"
-    with locks.exclusive_workdir(workdir, job=job):
-        return _train(config, workdir, trainer)
+    with locks.exclusive_workdir(workdir, job=job), _quiet_orbax():
+        return _train(config, workdir, trainer, stop)
 
 
-def _train(config: Any, workdir: epath.Path, trainer: str) -> TrainState:
-    _quiet_orbax()
+def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     mesh = parallel.create_mesh_from_config(config)  # checks config.mesh
     num_devices = parallel.num_data_shards(mesh)
     checks.check_training_config(config, trainer, num_devices)
@@ -315,7 +298,7 @@ def _train(config: Any, workdir: epath.Path, trainer: str) -> TrainState:
         positions = checkpointing.gather_data_positions(pipeline.get_state())
         checkpointing.save(manager, s, positions, cfg_json)
 
-    with pipeline, _Preemption() as preemption, _closed_on_error(manager):
+    with pipeline, _closed_on_error(manager):
         while step < training.num_steps:
             batch = next(pipeline)
             state, metrics = train_step(state, batch)
@@ -347,15 +330,15 @@ def _train(config: Any, workdir: epath.Path, trainer: str) -> TrainState:
                     writer.write_images(step, {"samples": extra.pop("_images")[None]})
                 if extra:
                     writer.write_scalars(step, extra)
-            stop = (
-                preemption.agreed()
+            stopping = (
+                _stop_agreed(stop)
                 if (jax.process_count() == 1 or step % training.log_every == 0)
                 else False
             )
-            if step % training.checkpoint_every == 0 or step == training.num_steps or stop:
+            if step % training.checkpoint_every == 0 or step == training.num_steps or stopping:
                 save_now(state)
-            if stop:
-                logging.warning("Stopped at step %d on SIGTERM; rerun to resume.", step)
+            if stopping:
+                logging.warning("Stopped at step %d on request; rerun to resume.", step)
                 break
     checkpointing.finish_saves(manager)
     writer.flush()
@@ -408,13 +391,17 @@ def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
     return _Task(model, init_inputs, step_fn, sampler.init_state(), on_log)
 
 
-def train(config: Any, workdir: str | epath.PathLike) -> TrainState:
+def train(
+    config: Any, workdir: str | epath.PathLike, *, stop: threading.Event | None = None
+) -> TrainState:
     """Trains (or resumes) the diffusion model or upsampler `config` describes.
 
     Args:
       config: a paper config (`configs/imagenet128.py`, `configs/upsample64_256.py`, ...).
       workdir: where config.json, checkpoints/, TensorBoard events and sample grids go;
         running again with the same workdir resumes from its latest complete checkpoint.
+      stop: when set (e.g. by the launcher's SIGTERM handler), the loop saves a
+        checkpoint and returns at the next step (every process agreeing).
 
     Returns:
       The final train state.
@@ -426,7 +413,7 @@ def train(config: Any, workdir: str | epath.PathLike) -> TrainState:
       checkpointing.CheckpointSaveError: a checkpoint could not be written.
       FileNotFoundError: the workdir has checkpoints but none is readable.
     """
-    return _run(config, workdir, "diffusion")
+    return _run(config, workdir, "diffusion", stop)
 
 
 # ----- noise-aware classifiers ---------------------------------------------------------
@@ -460,7 +447,9 @@ def _classifier_task(config, settings_kwargs, mesh, workdir) -> _Task:
     return _Task(model, init_inputs, step_fn, {}, on_log)
 
 
-def train_classifier(config: Any, workdir: str | epath.PathLike) -> TrainState:
+def train_classifier(
+    config: Any, workdir: str | epath.PathLike, *, stop: threading.Event | None = None
+) -> TrainState:
     """Trains (or resumes) the noise-aware classifier `config` describes.
 
     As the paper code's classifier_train.py: inputs noised with q_sample at uniformly
@@ -471,11 +460,12 @@ def train_classifier(config: Any, workdir: str | epath.PathLike) -> TrainState:
     Args:
       config: a classifier config (`configs/classifier128.py`, ...).
       workdir: as for `train`.
+      stop: as for `train`.
 
     Returns:
       The final train state.
     """
-    return _run(config, workdir, "classifier")
+    return _run(config, workdir, "classifier", stop)
 
 
 _TASKS = {"diffusion": _diffusion_task, "classifier": _classifier_task}
