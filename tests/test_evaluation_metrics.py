@@ -85,11 +85,11 @@ def test_fid_closed_form_commuting_rank_deficient():
     # spectra, rounding noise from the rotation. (2048-d costs seconds on a loaded 2-core
     # CPU; bench_frechet covers that scale.)
     rng = np.random.default_rng(4)
-    dim = 640
+    dim = 384
     q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
     a = rng.uniform(0, 2, dim) / np.sqrt(1.0 + np.arange(dim))
     b = rng.uniform(0, 2, dim) / np.sqrt(1.0 + np.arange(dim))
-    a[300:], b[250:450] = 0.0, 0.0  # ranks 300 and 440
+    a[180:], b[150:270] = 0.0, 0.0  # ranks 180 and 264
     s1, s2 = (q * a) @ q.T, (q * b) @ q.T
     mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
     fid = frechet_distance(mu1, s1, mu2, s2)

@@ -174,6 +174,8 @@ def test_bad_input_fails_before_any_work(inputs, tmp_path):
         (dict(classifier_checkpoint=None), "classifier_scale=1.0 needs a classifier"),
         (dict(scale_field="cfg"), "--scale_field='cfg'"),
         (dict(scale_field="cfg_scale", scales=(3.0,)), "cfg_scale=3.0 .* needs a class-cond"),
+        (dict(features=str(tmp_path / "nope")), "checkpoint .*nope does not exist"),
+        (dict(features=str(checkpoints["base_dir"])), "is not a classifier checkpoint"),
     ]
     for change, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
