@@ -156,7 +156,7 @@ def test_bad_feature_directories_and_resolution(setup, tmp_path):
     np.savez(tmp_path / "big.npz", np.zeros((16, 2 * SIZE, 2 * SIZE, 3), np.uint8))
     net = evaluation.load_classifier_features(root / "clf")
     with pytest.raises(ValueError, match="takes 8x8 images; got 16x16"):
-        evaluation.evaluate_npz(root / "ref.npz", tmp_path / "big.npz", net, split_size=SPLIT)
+        evaluation.evaluate_npz(tmp_path / "big.npz", tmp_path / "big.npz", net, split_size=SPLIT)
 
 
 def test_evaluate_launcher_features_flag(setup, expected, capsys):

@@ -259,8 +259,6 @@ def evaluate_npz(
     """
     say = progress if progress is not None else (lambda line: None)
     ref, sample = open_image_npz(ref_path), open_image_npz(sample_path)
-    for npz in (ref, sample):
-        inception_model.check_resolution(npz.resolution)
     if ref.resolution != sample.resolution and not allow_resolution_mismatch:
         raise ValueError(
             f"Reference {ref.path} has {ref.resolution} images but samples {sample.path} have "
@@ -275,6 +273,8 @@ def evaluate_npz(
             f"split (split_size={split_size}, 5000 in the paper). Provide more samples or "
             "lower split_size (--is_split_size)."
         )
+    for npz in (ref, sample):  # a classifier takes its own image size only
+        inception_model.check_resolution(npz.resolution)
     kw = dict(mesh=mesh, batch_size=batch_size, cache=cache)
     say("computing reference batch activations...")
     ref_acts = _activations(ref, inception_model, **kw)
