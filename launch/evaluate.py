@@ -1,6 +1,6 @@
 """Evaluates a sample batch against a reference batch, printing what the paper's evaluator prints.
 
-  python -m launch.evaluate REF.npz SAMPLE.npz [--inception_weights=PATH]
+  python -m launch.evaluate REF.npz SAMPLE.npz [--inception_weights=PATH | --features=DIR]
 
 REF.npz is a reference batch (e.g. the paper's VIRTUAL_imagenet256_labeled.npz, or one from
 `launch.make_reference`); SAMPLE.npz holds `arr_0` uint8 NHWC samples. Like the paper's
@@ -8,6 +8,9 @@ evaluator it prints its progress ("computing reference batch activations...", ..
 "Computing evaluations...") and then the lines Inception Score, FID, sFID, Precision,
 Recall. (There is no "warming up TensorFlow..." line: nothing is warmed up separately.)
 Activations are cached beside both files. Numeric flags are checked before any work.
+--features=DIR uses a classifier this project trained (a launch.train_classifier workdir or
+converted directory) instead of Inception: its penultimate features for FID and
+precision/recall, its softmax for the Inception Score; sFID is "not applicable".
 """
 
 import functools
@@ -22,6 +25,9 @@ _WEIGHTS = flags.DEFINE_string(
     "inception_weights",
     None,
     "pt_inception-2015-12-05-6726825d.pth or a converted .npz; default: cached/downloaded.",
+)
+_FEATURES = flags.DEFINE_string(
+    "features", None, "Classifier checkpoint directory as the feature network (not Inception)."
 )
 _BATCH = flags.DEFINE_integer(
     "batch_size", 256, "Global batch size of the Inception pass.", lower_bound=1
@@ -47,7 +53,12 @@ def main(argv: list[str]) -> None:
     for path in argv[1:]:  # before the Inception weights load (or download)
         if not epath.Path(path).exists():
             raise FileNotFoundError(f"{path} does not exist.")
-    inception_model = evaluation.load_inception(_WEIGHTS.value)
+    if _FEATURES.value and _WEIGHTS.value:
+        raise ValueError("Pass --features or --inception_weights, not both.")
+    if _FEATURES.value:
+        inception_model = evaluation.load_classifier_features(_FEATURES.value)
+    else:
+        inception_model = evaluation.load_inception(_WEIGHTS.value)
     result = evaluation.evaluate_npz(
         argv[1],
         argv[2],

@@ -39,6 +39,9 @@ _BATCH = flags.DEFINE_integer(
     "batch_size", None, "Global sampling batch size override.", lower_bound=1
 )
 _WEIGHTS = flags.DEFINE_string("inception_weights", None, "pt_inception .pth or converted .npz.")
+_FEATURES = flags.DEFINE_string(
+    "features", None, "Classifier checkpoint directory as the feature network (not Inception)."
+)
 flags.mark_flags_as_required(["table", "checkpoint_dir", "reference", "workdir"])
 
 
@@ -51,13 +54,16 @@ def main(argv: list[str]) -> None:
     from diffusion_jax.sampling import fid_table
 
     split, eval_batch = evaluation.evaluation_sizes(_NUM_SAMPLES.value, jax.device_count())
+    # A bad --features directory is one error before any work; Inception loads lazily.
+    features = _FEATURES.value and evaluation.load_classifier_features(_FEATURES.value)
+    cache_name = "reference.classifier.npz" if features else "reference.inception.npz"
 
     @functools.cache  # the reference's activations once for every row, cached in WORKDIR
     def evaluator(reference: str) -> evaluation.ReferenceEvaluator:
         return evaluation.ReferenceEvaluator(
             reference,
-            evaluation.load_inception(_WEIGHTS.value),
-            cache_path=epath.Path(_WORKDIR.value) / "reference.inception.npz",
+            features or evaluation.load_inception(_WEIGHTS.value),
+            cache_path=epath.Path(_WORKDIR.value) / cache_name,
             batch_size=eval_batch,
             split_size=split,
         )

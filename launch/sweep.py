@@ -39,6 +39,9 @@ _CLASSIFIER = flags.DEFINE_string(
     "classifier_checkpoint", None, "Guidance classifier (default: sampling.classifier_checkpoint)."
 )
 _WEIGHTS = flags.DEFINE_string("inception_weights", None, "pt_inception .pth or converted .npz.")
+_FEATURES = flags.DEFINE_string(
+    "features", None, "Classifier checkpoint directory as the feature network (not Inception)."
+)
 flags.mark_flags_as_required(["checkpoint", "reference", "workdir", "scales"])
 
 
@@ -60,6 +63,7 @@ def main(argv: list[str]) -> None:
         scale_field=_SCALE_FIELD.value,
         classifier_checkpoint=_CLASSIFIER.value,
         inception_weights=_WEIGHTS.value,
+        features=_FEATURES.value,
     )
     result = sweep.run_sweep(_CONFIG.value, settings, progress=lambda s: print(s, flush=True))
     if jax.process_index() == 0:

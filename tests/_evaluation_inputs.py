@@ -10,7 +10,6 @@ images only, so the evaluator computes (and caches) its statistics.
 from __future__ import annotations
 
 import pathlib
-import textwrap
 
 import numpy as np
 
@@ -33,27 +32,3 @@ def write_reference(path: pathlib.Path, num_images: int = 24, size: int = 16, se
     coarse = rng.uniform(0, 255, (num_images, size // 4, size // 4, 3))
     np.savez(path, coarse.repeat(4, 1).repeat(4, 2).astype(np.uint8))
     return path
-
-
-# The Frechet distance's 2048-d `sqrtm` takes ~40 s on a 2-core machine (it is tested in
-# test_evaluation_metrics.py). End-to-end tests that compare a tool's table with the
-# evaluator run separately replace it, in the tool's process and their own alike, by an
-# O(D^2) function of the same statistics.
-def cheap_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    del eps
-    return float(np.sum((mu1 - mu2) ** 2) + abs(np.trace(sigma1) - np.trace(sigma2)))
-
-
-# `python -c CHEAP_FID launch.<name> ARGS...` runs a launcher with cheap_distance.
-CHEAP_FID = textwrap.dedent(
-    """
-    import runpy, sys
-    import numpy as np
-    from diffusion_jax.evaluation import metrics
-    def cheap_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-        return float(np.sum((mu1 - mu2) ** 2) + abs(np.trace(sigma1) - np.trace(sigma2)))
-    metrics.frechet_distance = cheap_distance
-    sys.argv = sys.argv[1:]
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-    """
-)

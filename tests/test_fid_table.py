@@ -3,9 +3,8 @@
 The released file names hold tiny random guided-diffusion models (saved by the reference
 package); the table converts them, samples both rows, evaluates them with random
 Inception weights (pytorch-fid format) and prints them beside the paper's figures; the
-printed figures must equal the evaluator run separately on the same sample files (FID
-and sFID through a cheap stand-in for the 2048-d sqrtm on both sides, see
-_evaluation_inputs.cheap_distance).
+printed figures must equal the evaluator run separately on the same sample files (real
+FID and sFID: the eigenvalue form of the Frechet distance).
 """
 
 import re
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 
 from diffusion_jax import evaluation
-from diffusion_jax.evaluation import metrics
 from diffusion_jax.sampling import fid_table
 
 torch = pytest.importorskip("torch")
@@ -57,7 +55,7 @@ def inputs(tmp_path_factory):
 
 def run_table(tmp):
     cmd = [
-        sys.executable, "-c", ev.CHEAP_FID, "launch.fid_table", "--table=imagenet128",
+        sys.executable, "-m", "launch.fid_table", "--table=imagenet128",
         "--rows=ADM,ADM-G",
         "--variant=tiny", f"--num_samples={N}", "--steps=4", "--batch_size=8",
         f"--checkpoint_dir={tmp / 'released'}", f"--reference={tmp / 'ref.npz'}",
@@ -69,9 +67,7 @@ def run_table(tmp):
 
 
 @pytest.mark.slow
-def test_two_row_table_matches_the_evaluator_run_separately(inputs, monkeypatch):
-    # FID/sFID with ev.cheap_distance on both sides (the real one: test_evaluation_metrics).
-    monkeypatch.setattr(metrics, "frechet_distance", ev.cheap_distance)
+def test_two_row_table_matches_the_evaluator_run_separately(inputs):
     tmp, inception = inputs
     stdout = run_table(tmp)
     assert "NOT comparable" in stdout

@@ -233,10 +233,8 @@ def fid_setup(tmp_path_factory):
 
 @pytest.mark.parametrize("method, steps", [("ancestral", 4), ("ddim", 25), ("dpm_solver++", 20)])
 def test_in_training_samples_and_fid_equal_the_sampling_job_and_the_evaluator(
-    base_run, fid_setup, tmp_path, monkeypatch, method, steps
+    base_run, fid_setup, tmp_path, method, steps
 ):
-    import _evaluation_inputs as ev
-
     from diffusion_jax import evaluation
     from diffusion_jax.evaluation import compute_features, compute_statistics, load_inception
     from diffusion_jax.sampling import run_sampling_job
@@ -255,13 +253,11 @@ def test_in_training_samples_and_fid_equal_the_sampling_job_and_the_evaluator(
     assert len(np.unique(images.reshape(12, -1), axis=0)) == 12  # per-sample keys
     if method != "ddim":
         return  # the Frechet distance does not depend on the sampler
-    # Both sides with ev.cheap_distance (the 2048-d sqrtm: test_evaluation_metrics).
-    monkeypatch.setattr(evaluation, "frechet_distance", ev.cheap_distance)
     inception = load_inception(weights)
 
     def stats(x):
         return compute_statistics(compute_features(x, inception, batch_size=16)["pool"])
 
-    want = ev.cheap_distance(*stats(job), *stats(np.load(ref)["arr_0"]))
+    want = evaluation.frechet_distance(*stats(job), *stats(np.load(ref)["arr_0"]))
     assert evaluator.frechet(images) == pytest.approx(want, rel=1e-4)
     assert want > 0

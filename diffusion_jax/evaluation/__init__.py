@@ -9,10 +9,13 @@ from diffusion_jax.evaluation.evaluator import (
     write_reference_batch,
 )
 from diffusion_jax.evaluation.features import (
+    ClassifierFeatures,
+    FeatureNetwork,
     Inception,
     check_images,
     compute_features,
     compute_statistics,
+    load_classifier_features,
     load_inception,
 )
 from diffusion_jax.evaluation.inception import InceptionV3FID, preprocess, resize_bilinear_tf1
@@ -36,7 +39,9 @@ from diffusion_jax.evaluation.npz_io import ImageNpz, NpzReadError, open_image_n
 __all__ = [
     "FID_WEIGHTS_FILENAME",
     "FID_WEIGHTS_URL",
+    "ClassifierFeatures",
     "EvaluationResult",
+    "FeatureNetwork",
     "ImageNpz",
     "Inception",
     "InceptionV3FID",
@@ -51,6 +56,7 @@ __all__ = [
     "fetch_default_weights",
     "frechet_distance",
     "inception_score",
+    "load_classifier_features",
     "load_inception",
     "manifold_radii",
     "open_image_npz",

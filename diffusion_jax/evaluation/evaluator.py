@@ -24,8 +24,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax.evaluation import metrics
 from diffusion_jax.evaluation.features import (
-    FEATURE_KEYS,
-    Inception,
+    FeatureNetwork,
     check_images,
     compute_features,
     compute_statistics,
@@ -39,13 +38,18 @@ from diffusion_jax.evaluation.npz_io import (
 )
 from diffusion_jax.files import atomic_write
 
-CACHE_SUFFIX = ".inception.npz"
+CACHE_SUFFIX = ".inception.npz"  # Inception's; each feature network has its `cache_suffix`
 _HASHED_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationResult:
-    """The five numbers the paper's evaluator prints."""
+    """The five numbers the paper's evaluator prints.
+
+    With a classifier feature network (`load_classifier_features`) `inception_score` is
+    the score of its softmax, `fid`/`precision`/`recall` use its penultimate features,
+    and `sfid` is NaN: a classifier has no spatial features (printed "not applicable").
+    """
 
     inception_score: float
     fid: float
@@ -58,7 +62,9 @@ class EvaluationResult:
         return [
             f"Inception Score: {self.inception_score}",
             f"FID: {self.fid}",
-            f"sFID: {self.sfid}",
+            f"sFID: {self.sfid}"
+            if self.sfid == self.sfid
+            else "sFID: not applicable (the feature network has no spatial features)",
             f"Precision: {self.precision}",
             f"Recall: {self.recall}",
         ]
@@ -69,7 +75,7 @@ def _platform(mesh: Mesh | None) -> str:
 
 
 def _cache_key(
-    npz: ImageNpz, inception_model: Inception, mesh: Mesh | None
+    npz: ImageNpz, inception_model: FeatureNetwork, mesh: Mesh | None
 ) -> dict[str, np.ndarray]:
     # The file: size, mtime (whole seconds on some filesystems) and a hash of its first and
     # last MiB: cheap for 10 GB batches, yet a rewrite within the same second is caught.
@@ -120,23 +126,25 @@ class _Activations:
 
 def _activations(
     npz: ImageNpz,
-    inception_model: Inception,
+    inception_model: FeatureNetwork,
     *,
     mesh: Mesh | None,
     batch_size: int,
     cache: bool,
     cache_path: epath.Path | None = None,
 ) -> _Activations:
-    """The file's features, from the cache (default `<file>.inception.npz`) when that
-    matches, else computed."""
+    """The file's features, from the cache (default `<file>` + the network's
+    `cache_suffix`, e.g. `.inception.npz`) when that matches, else computed."""
     if cache_path is None:
-        cache_path = npz.path.parent / (npz.path.name + CACHE_SUFFIX)
+        cache_path = npz.path.parent / (npz.path.name + inception_model.cache_suffix)
     key = _cache_key(npz, inception_model, mesh) if cache else {}
     cached = _read_cache(cache_path, key) if cache else None
-    if cached is not None and all(k in cached for k in FEATURE_KEYS):
+    keys = inception_model.feature_keys
+    if cached is not None and all(k in cached for k in keys):
         logging.info("Using cached activations %s", cache_path)
-        stats = {k: cached[k] for k in STAT_KEYS} if all(k in cached for k in STAT_KEYS) else None
-        return _Activations({k: cached[k] for k in FEATURE_KEYS}, stats, None, key)
+        stat_keys = _stat_keys(keys)
+        stats = {k: cached[k] for k in stat_keys} if all(k in cached for k in stat_keys) else None
+        return _Activations({k: cached[k] for k in keys}, stats, None, key)
     if npz.num_images == 0:  # named here: compute_features knows no file names
         raise ValueError(f"{npz.path} holds no images (arr_0 is empty).")
     feats = compute_features(
@@ -149,20 +157,30 @@ def _activations(
     return _Activations(feats, None, cache_path if cache else None, key)
 
 
-def _statistics(npz: ImageNpz, acts: _Activations) -> dict[str, np.ndarray]:
-    """Statistics stored in the file (a reference batch), else cached, else computed.
+def _stat_keys(feature_keys) -> tuple[str, ...]:
+    # pool -> mu, sigma (FID); spatial -> mu_s, sigma_s (sFID), for networks that have it.
+    return STAT_KEYS if "spatial" in feature_keys else STAT_KEYS[:2]
+
+
+def _statistics(
+    npz: ImageNpz, acts: _Activations, stored_statistics: bool = True
+) -> dict[str, np.ndarray]:
+    """Statistics stored in the file (a reference batch, when they are the feature
+    network's: `stored_statistics`), else cached, else computed.
 
     Writes the activation cache when the features were just computed (with the
     statistics, when they had to be computed too).
     """
-    stats = npz.read_statistics()
+    stats = npz.read_statistics() if stored_statistics else None
     computed = {}
     if stats is None:
         stats = acts.cached_stats
     if stats is None:
         mu, sigma = compute_statistics(acts.features["pool"])
-        mu_s, sigma_s = compute_statistics(acts.features["spatial"])
-        stats = computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+        stats = computed = {"mu": mu, "sigma": sigma}
+        if "spatial" in acts.features:
+            mu_s, sigma_s = compute_statistics(acts.features["spatial"])
+            stats.update(mu_s=mu_s, sigma_s=sigma_s)
         check_finite_statistics(stats, npz.path)
     if acts.cache_path is not None:
         _write_cache(acts.cache_path, {**acts.features, **computed, **acts.cache_key})
@@ -171,7 +189,7 @@ def _statistics(npz: ImageNpz, acts: _Activations) -> dict[str, np.ndarray]:
 
 def activations_and_statistics(
     npz: ImageNpz,
-    inception_model: Inception,
+    inception_model: FeatureNetwork,
     *,
     mesh: Mesh | None = None,
     batch_size: int = 256,
@@ -202,13 +220,13 @@ def activations_and_statistics(
     acts = _activations(
         npz, inception_model, mesh=mesh, batch_size=batch_size, cache=cache, cache_path=where
     )
-    return acts.features, _statistics(npz, acts)
+    return acts.features, _statistics(npz, acts, inception_model.stored_statistics)
 
 
 def evaluate_npz(
     ref_path: str | epath.PathLike,
     sample_path: str | epath.PathLike,
-    inception_model: Inception,
+    inception_model: FeatureNetwork,
     *,
     mesh: Mesh | None = None,
     batch_size: int = 256,
@@ -269,15 +287,17 @@ def evaluate_npz(
             f"split (split_size={split_size}, 5000 in the paper). Provide more samples or "
             "lower split_size (--is_split_size)."
         )
+    for npz in (ref, sample):  # a classifier takes its own image size only
+        inception_model.check_resolution(npz.resolution)
     kw = dict(mesh=mesh, batch_size=batch_size, cache=cache)
     say("computing reference batch activations...")
     ref_acts = _activations(ref, inception_model, **kw)
     say("computing/reading reference batch statistics...")
-    ref_stats = _statistics(ref, ref_acts)
+    ref_stats = _statistics(ref, ref_acts, inception_model.stored_statistics)
     say("computing sample batch activations...")
     sample_acts = _activations(sample, inception_model, **kw)
     say("computing/reading sample batch statistics...")
-    sample_stats = _statistics(sample, sample_acts)
+    sample_stats = _statistics(sample, sample_acts, inception_model.stored_statistics)
 
     say("Computing evaluations...")
     return _evaluations(
@@ -294,9 +314,11 @@ def _evaluations(
     fid = metrics.frechet_distance(
         sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]
     )
-    sfid = metrics.frechet_distance(
-        sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]
-    )
+    sfid = float("nan")  # no spatial features (a classifier feature network)
+    if "mu_s" in sample_stats and "mu_s" in ref_stats:
+        sfid = metrics.frechet_distance(
+            sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]
+        )
     precision, recall = metrics.precision_recall(
         ref_feats["pool"],
         sample_feats["pool"],
@@ -337,7 +359,7 @@ class ReferenceEvaluator:
     def __init__(
         self,
         reference: str | epath.PathLike,
-        inception_model: Inception,
+        inception_model: FeatureNetwork,
         *,
         cache_path: str | epath.PathLike | None = None,
         mesh: Mesh | None = None,
@@ -356,6 +378,7 @@ class ReferenceEvaluator:
           split_size, distance_dtype, pr_batch_size: as `evaluate_npz`'s.
         """
         self.reference = open_image_npz(reference)
+        inception_model.check_resolution(self.reference.resolution)
         self.inception_model = inception_model
         self.cache_path = None if cache_path is None else epath.Path(cache_path)
         self.mesh, self.batch_size, self.split_size = mesh, batch_size, split_size
@@ -373,7 +396,8 @@ class ReferenceEvaluator:
                 self.reference, self.inception_model, cache_path=self.cache_path, **kw
             )
             self.computed_reference = acts.cache_path is not None
-            self._reference = acts.features, _statistics(self.reference, acts)
+            stats = _statistics(self.reference, acts, self.inception_model.stored_statistics)
+            self._reference = acts.features, stats
         return self._reference
 
     def __call__(self, sample_path: str | epath.PathLike) -> EvaluationResult:
@@ -448,7 +472,7 @@ class _ImageBuffer:
 def write_reference_batch(
     image_batches: Iterable[np.ndarray],
     output_path: str | epath.PathLike,
-    inception_model: Inception,
+    inception_model: FeatureNetwork,
     *,
     mesh: Mesh | None = None,
     batch_size: int = 256,

@@ -1,4 +1,11 @@
-"""Inception features of image batches: the callable `load_inception` returns, sharded.
+"""Feature networks of the evaluator and their sharded pass over image batches.
+
+A feature network maps uint8 NHWC images to named float32 features: `"pool"` (the Frechet
+distance and precision/recall), `"logits"` (the Inception Score) and, for Inception only,
+`"spatial"` (sFID). Two implementations: `Inception` (`load_inception`, the paper's) and
+`ClassifierFeatures` (`load_classifier_features`: a classifier this project trained, its
+penultimate features and softmax). Both expose `params`, `apply(params, images)`,
+`feature_keys`, `cache_id`, `cache_suffix` and `stored_statistics`.
 
 `compute_features` is the library entry point for training-time FID and the table
 reproducer: one batched pass over in-memory (or streamed) uint8 images, the batch dimension
@@ -16,6 +23,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +31,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import parallel
+from diffusion_jax import models, parallel
 from diffusion_jax.evaluation import inception, inception_weights, multihost
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
@@ -90,15 +98,24 @@ class Inception:
     params: dict
     fingerprint: str
     module: inception.InceptionV3FID = dataclasses.field(default_factory=inception.InceptionV3FID)
+    feature_keys = FEATURE_KEYS
+    # Reference batches store Inception statistics (mu, sigma, mu_s, sigma_s): use them.
+    stored_statistics = True
+    cache_suffix = ".inception.npz"
+    name = "Inception"
+
+    def apply(self, params: dict, images: jax.Array) -> dict[str, jax.Array]:
+        """The features of uint8 `[B, H, W, 3]` images under `params` (jitted)."""
+        return _network(self.module, params, _preprocess(images))
+
+    def check_resolution(self, resolution: tuple[int, int]) -> None:
+        """Any resolution runs: images are resized to 299x299 inside."""
+        del resolution
 
     def __call__(self, images: np.ndarray | jax.Array) -> dict[str, jax.Array]:
         """Maps `[N, H, W, 3]` uint8 images to `{"pool": [N, 2048], "spatial": [N, 2023],
         "logits": [N, 1008]}` float32 arrays (unsharded; see `compute_features`)."""
-        if not isinstance(images, jax.Array):
-            images = check_images(np.asarray(images))
-        elif images.dtype != jnp.uint8:
-            raise ValueError(f"images must be uint8 in [0, 255]; got {images.dtype}.")
-        return _network(self.module, self.params, _preprocess(images))
+        return self.apply(self.params, _checked(images))
 
     @property
     def cache_id(self) -> str:
@@ -114,6 +131,130 @@ class Inception:
             if f.name not in ("parent", "name")
         )
         return f"{self.fingerprint}|{type(self.module).__name__}({settings})|v{FEATURES_VERSION}"
+
+
+def _checked(images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    if not isinstance(images, jax.Array):
+        return check_images(np.asarray(images))
+    if images.dtype != jnp.uint8:
+        raise ValueError(f"images must be uint8 in [0, 255]; got {images.dtype}.")
+    return images
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _classifier_network(module: nn.Module, params: dict, images: jax.Array) -> dict:
+    x = images.astype(jnp.float32) / 127.5 - 1.0  # the training data's [-1, 1]
+    t = jnp.zeros((x.shape[0],), jnp.int32)  # clean images: timestep 0
+    logits, pool = module.apply({"params": params}, x, t, return_features=True)
+    return {"pool": pool.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassifierFeatures:
+    """A trained classifier as the evaluator's feature network.
+
+    `"pool"`: its penultimate features (the input of its last linear layer, see
+    `EncoderUNet`), for the Frechet distance and precision/recall; `"logits"`: its class
+    logits, whose softmax gives the Inception-Score analogue. No `"spatial"` features, so
+    sFID is not applicable (reported as NaN). Images must have the classifier's
+    `image_size` (no resizing: resizing would measure the resampling, and the samples of
+    a model the classifier guides have its resolution anyway). Statistics stored in a
+    reference batch are Inception's, so they are never used: the reference's are
+    computed from its images and cached (`cache_suffix`).
+
+    Attributes:
+      params: the classifier's parameters.
+      fingerprint: hash of the parameters and the model config (keys cached activations).
+      module: the `EncoderUNet`.
+      source: where it was loaded from (for messages).
+    """
+
+    params: dict
+    fingerprint: str
+    module: nn.Module
+    source: str = ""
+    feature_keys = ("pool", "logits")
+    stored_statistics = False
+    cache_suffix = ".classifier.npz"
+    name = "classifier"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.module.image_size)
+
+    def check_resolution(self, resolution: tuple[int, int]) -> None:
+        """Raises ValueError unless images of `resolution` (H, W) fit the classifier."""
+        if tuple(resolution) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"The classifier feature network {self.source} takes {self.image_size}x"
+                f"{self.image_size} images; got {resolution[0]}x{resolution[1]}."
+            )
+
+    def apply(self, params: dict, images: jax.Array) -> dict[str, jax.Array]:
+        """The features of uint8 `[B, H, W, 3]` images under `params` (jitted)."""
+        self.check_resolution(images.shape[1:3])
+        return _classifier_network(self.module, params, images)
+
+    def __call__(self, images: np.ndarray | jax.Array) -> dict[str, jax.Array]:
+        """Maps `[N, S, S, 3]` uint8 images to `{"pool": [N, D], "logits": [N, classes]}`."""
+        return self.apply(self.params, _checked(images))
+
+    @property
+    def cache_id(self) -> str:
+        """The parameters' and config's fingerprint and the feature-code version."""
+        return f"classifier:{self.fingerprint}|v{FEATURES_VERSION}"
+
+
+def load_classifier_features(
+    directory: str | epath.PathLike, *, ema_rate: float | None = None
+) -> ClassifierFeatures:
+    """Loads a classifier checkpoint this project trained as a feature network.
+
+    Args:
+      directory: a `launch.train_classifier` workdir (its latest checkpoint) or a
+        converted / `save_params` directory of a classifier.
+      ema_rate: workdirs only: that EMA copy instead of the raw parameters.
+
+    Returns:
+      A `ClassifierFeatures`, usable wherever the evaluator takes `load_inception`'s result.
+
+    Raises:
+      FileNotFoundError: `directory` is missing or holds no checkpoint.
+      ValueError: the checkpoint is not a classifier's.
+    """
+    # checkpoints sits on this floor too; imported lazily, one way (it imports no evaluation).
+    from diffusion_jax import checkpoints
+
+    path = epath.Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Feature network checkpoint {path} does not exist.")
+    try:
+        params, config = checkpoints.restore_params(path, ema_rate=ema_rate)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} holds no checkpoint to use as features: {e}") from e
+    kind = config.get("model", {}).get("kind", None) if hasattr(config, "get") else None
+    try:
+        module = models.create_classifier(config.model)
+        if not isinstance(module, models.EncoderUNet):
+            raise TypeError(type(module).__name__)
+        # The parameter tree must be this classifier's (a UNet's would not bind).
+        size = module.image_size
+        jax.eval_shape(
+            functools.partial(module.apply, return_features=True),
+            {"params": params},
+            jax.ShapeDtypeStruct((1, size, size, module.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+        )
+    except Exception as e:
+        raise ValueError(
+            f"{path} is not a classifier checkpoint (model kind {kind!r}): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    h = hashlib.sha1(config.model.to_json(sort_keys=True).encode())
+    h.update(_fingerprint(params).encode())
+    return ClassifierFeatures(
+        params=params, fingerprint=h.hexdigest()[:16], module=module, source=str(path)
+    )
 
 
 def _fingerprint(params: dict) -> str:
@@ -156,6 +297,10 @@ def load_inception(
         fingerprint=_fingerprint(params),
         module=inception.InceptionV3FID(precision=precision),
     )
+
+
+# What the evaluator takes wherever it says `inception_model`.
+FeatureNetwork = Inception | ClassifierFeatures
 
 
 def _local_chunks(images: np.ndarray | Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -205,14 +350,14 @@ class _Progress:
 
 def compute_features(
     images: np.ndarray | Iterable[np.ndarray],
-    inception_model: Inception,
+    inception_model: FeatureNetwork,
     *,
     mesh: Mesh | None = None,
     batch_size: int = 256,
     num_images: int | None = None,
     source: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Inception features of a set of images in one batched pass, sharded over devices.
+    """Features (Inception's or a classifier's) of images in one batched pass, sharded.
 
     Each step every process feeds up to its share of `batch_size` of its own images
     (padded to that share, so one compilation serves all steps, the last short one
@@ -230,7 +375,7 @@ def compute_features(
     Args:
       images: this process's `[N, H, W, 3]` uint8 array, or an iterable of such batches
         (any sizes).
-      inception_model: from `load_inception`.
+      inception_model: from `load_inception` or `load_classifier_features`.
       mesh: a `parallel.create_mesh` mesh; default all devices of all processes.
       batch_size: global batch size; rounded up to a multiple of the device count.
       num_images: this process's image count, for the progress ETA, when `images` is an
@@ -238,8 +383,9 @@ def compute_features(
       source: where the images come from (a file name), for error messages.
 
     Returns:
-      `{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]}` float32 numpy, N
-      the images of all processes of the mesh, in process order.
+      `{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]}` float32 numpy for
+      Inception (`{"pool", "logits"}` for a classifier: its `feature_keys`), N the images
+      of all processes of the mesh, in process order.
 
     Raises:
       ValueError: on a batch that is not uint8 `[B, H, W, 3]`, processes with different
@@ -250,15 +396,16 @@ def compute_features(
     shards = parallel.num_data_shards(mesh)
     batch_size = -(-batch_size // shards) * shards
     params = jax.device_put(inception_model.params, parallel.replicated_sharding(mesh))
+    keys = inception_model.feature_keys
 
     def features(x: jax.Array) -> dict[str, jax.Array]:
-        return _network(inception_model.module, params, _preprocess(x))
+        return inception_model.apply(params, x)
 
     run = multihost.PadShardUnpad(features, mesh, batch_size)
     procs = multihost.mesh_processes(mesh)
     chunks = _local_chunks(images, run.local_batch_size)
     local_total = images.shape[0] if isinstance(images, np.ndarray) else num_images
-    outputs: list[dict[str, list[np.ndarray]]] = [{k: [] for k in FEATURE_KEYS} for _ in procs]
+    outputs: list[dict[str, list[np.ndarray]]] = [{k: [] for k in keys} for _ in procs]
     progress = None
     while True:
         chunk, error = _next_chunk(chunks)
@@ -288,12 +435,12 @@ def compute_features(
         if chunk is None:
             chunk = np.zeros((0, *sizes[0], 3), np.uint8)
         for out, feats in zip(outputs, run(chunk, counts)):
-            for k in FEATURE_KEYS:
+            for k in keys:
                 out[k].append(feats[k])
         progress.update(int(counts.sum()))
     if progress is None:
         raise ValueError(f"compute_features got no images from {source or 'its input'}.")
-    return {k: np.concatenate([v for out in outputs for v in out[k]], axis=0) for k in FEATURE_KEYS}
+    return {k: np.concatenate([v for out in outputs for v in out[k]], axis=0) for k in keys}
 
 
 def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

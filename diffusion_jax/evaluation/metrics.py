@@ -1,9 +1,10 @@
 """FID/sFID, Inception Score and k-NN Precision/Recall as the paper's evaluator defines them.
 
 Semantics follow guided-diffusion's `evaluations/evaluator.py`:
-  * Frechet distance in float64 with scipy's `sqrtm`; if the square root is not finite the
-    product is recomputed with `eps` added to both covariances' diagonals, and a complex
-    result is accepted only if its diagonal's imaginary part is below 1e-3.
+  * Frechet distance in float64. The reference takes scipy's `sqrtm` of sigma1 sigma2 (with
+    an eps retry for singular products); here tr((sigma1 sigma2)^(1/2)) comes exactly from
+    the eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2) (same value to ~1e-9 relative at
+    2048-d, ~40x faster; see `frechet_distance`).
   * Inception Score: `exp(mean_x KL(p(y|x) || p(y)))` per split of `split_size` images
     (the last split may be shorter), averaged over splits; softmax of the unbiased logits.
   * Precision/Recall (Kynkaanniemi et al. 2019): each set's manifold is the union of
@@ -32,19 +33,10 @@ materialises; the k-NN radius keeps a running top-(k+1) per row across column bl
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import linalg
-
-
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():
-        # scipy warns about near-singular products; callers check finiteness instead.
-        warnings.simplefilter("ignore")
-        return linalg.sqrtm(a)
 
 
 def frechet_distance(
@@ -52,17 +44,29 @@ def frechet_distance(
 ) -> float:
     """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
+    `tr((sigma1 sigma2)^(1/2))` comes from eigenvalues, not from scipy's `sqrtm`: with
+    `R = sigma1^(1/2)` (eigh of sigma1; negative eigenvalues, and positive ones below
+    `D * eps * max` (rounding noise), count as 0),
+    `sigma1 sigma2 = R (R sigma2 R) R^-1` is similar to the symmetric PSD `R sigma2 R`, so
+    the trace of its square root is the sum of the square roots of that matrix's (clipped)
+    eigenvalues. One `eigh` of sigma1 and one `eigvalsh` of a rank x rank matrix: over
+    10x faster than `sqrtm` at 2048-d (bench/RESULTS.md), real by construction, and exact
+    for rank-deficient covariances (fewer samples than dimensions), where the reference's
+    `sqrtm` needs its eps retry.
+
     Args:
       mu1, sigma1: mean `[D]` and covariance `[D, D]` of the first set (e.g. samples).
       mu2, sigma2: the same for the second set (e.g. the reference batch).
-      eps: diagonal offset used only when the plain matrix square root is not finite.
+      eps: kept for the reference's signature; the eigenvalue form needs no diagonal
+        offset for singular covariances, so it is not used.
 
     Returns:
       `|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))`.
 
     Raises:
-      ValueError: on mismatched shapes, or a square root with a large imaginary part.
+      ValueError: on mismatched shapes or non-finite statistics.
     """
+    del eps
     mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -71,26 +75,25 @@ def frechet_distance(
         raise ValueError(
             "Frechet distance needs statistics of the same dimension: got mu "
             f"{mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape} (were both "
-            "computed from the same Inception layer: pool 2048-d for FID, spatial 2023-d for "
-            "sFID?)."
+            "computed with the same feature network and layer: Inception pool 2048-d for FID, "
+            "spatial 2023-d for sFID?)."
         )
+    for name, x in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(x).all():
+            raise ValueError(f"Frechet distance: {name} has non-finite entries.")
     diff = mu1 - mu2
-    covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(
-            f"Frechet distance: singular product; adding {eps} to the covariance diagonals.",
-            stacklevel=2,
-        )
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(
-                f"Frechet distance: Imaginary component {np.max(np.abs(covmean.imag))} in the "
-                "matrix square root; the covariances are not valid (too few samples?)."
-            )
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    w, v = np.linalg.eigh(sigma1)
+    # S1^1/2 = V_r diag(sqrt w_r) V_r^T over the numerically nonzero eigenvalues (negative
+    # and rounding-noise ones count as 0). The nonzero eigenvalues of S1^1/2 S2 S1^1/2 are
+    # those of the r x r matrix diag(w_r^1/2) V_r^T S2 V_r diag(w_r^1/2) (AB and BA share
+    # them), so with a covariance of n < D samples the second eigen-solve is r = n - 1.
+    keep = w > w.max(initial=0.0) * w.shape[0] * np.finfo(np.float64).eps
+    factor = v[:, keep] * np.sqrt(w[keep])[None, :]  # [D, r]: S1^1/2 = factor V_r^T
+    product = factor.T @ sigma2 @ factor  # [r, r]
+    # Symmetrised: eigh reads one triangle, and rounding leaves the product a hair asymmetric.
+    eig = np.linalg.eigvalsh(0.5 * (product + product.T))
+    tr_covmean = np.sum(np.sqrt(np.clip(eig, 0.0, None)))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:

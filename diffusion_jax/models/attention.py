@@ -104,7 +104,11 @@ class AttentionPool2d(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, return_features: bool = False
+    ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+        """[B, out_features] outputs; with `return_features` also the pooled token [B, C]
+        before the output projection."""
         batch, height, width, channels = x.shape
         if height != self.spatial_size or width != self.spatial_size:
             raise ValueError(
@@ -122,5 +126,5 @@ class AttentionPool2d(nn.Module):
         h = h + pos.astype(h.dtype)[None]
         qkv = dense(3 * channels, name="qkv_proj", dtype=self.dtype)(h)
         h = qkv_attention(qkv, channels // self.num_head_channels, new_order=True)
-        h = dense(self.out_features, name="c_proj", dtype=self.dtype)(h)
-        return h[:, 0]
+        out = dense(self.out_features, name="c_proj", dtype=self.dtype)(h)[:, 0]
+        return (out, h[:, 0]) if return_features else out

@@ -28,7 +28,11 @@ class EncoderUNet(ParamsTreeApply):
     """Timestep-conditioned image classifier p(y | x_t).
 
     Called as `module.apply(variables, x, t, train=False)` with x [B, H, W, C] and
-    t [B]; returns float32 logits [B, out_channels]. Attributes as `UNet`'s, plus
+    t [B]; returns float32 logits [B, out_channels]. With `return_features=True` it returns
+    `(logits, features)`, features [B, D] float32 being the penultimate representation: the
+    input of the last linear layer (the attention pool's token before `c_proj`, the
+    pooled map before the adaptive head's 1x1 conv, the spatial heads' hidden layer after
+    its activation); the evaluator's feature network uses them. Attributes as `UNet`'s, plus
     `pool`: 'attention' (attention pooling, the paper's), 'adaptive' (global average
     + 1x1 conv), 'spatial' / 'spatial_v2' (MLP on the spatial means of every block).
     """
@@ -58,7 +62,8 @@ class EncoderUNet(ParamsTreeApply):
         t: jnp.ndarray,
         y: jnp.ndarray | None = None,
         train: bool = False,
-    ) -> jnp.ndarray:
+        return_features: bool = False,
+    ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
         del y  # Accepted so classifiers and UNets share a calling convention.
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
@@ -92,18 +97,20 @@ class EncoderUNet(ParamsTreeApply):
             h = dense(2048, name="out_0", dtype=jnp.float32)(h)
             if self.pool == "spatial":
                 h = nn.relu(h)
-                return dense(self.out_channels, name="out_2", dtype=jnp.float32)(h)
-            h = nn.silu(GroupNorm32(name="out_1")(h))
-            return dense(self.out_channels, name="out_3", dtype=jnp.float32)(h)
+                out = dense(self.out_channels, name="out_2", dtype=jnp.float32)(h)
+            else:
+                h = nn.silu(GroupNorm32(name="out_1")(h))
+                out = dense(self.out_channels, name="out_3", dtype=jnp.float32)(h)
+            return (out, h) if return_features else out
 
         # Non-spatial heads run in float32, as the paper code's.
         h = nn.silu(GroupNorm32(name="out_0")(h.astype(jnp.float32)))
         if self.pool == "adaptive":
             h = jnp.mean(h, axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
-            h = conv(self.out_channels, 1, name="out_3", dtype=jnp.float32, zero=True)(h)
-            return h[:, 0, 0]
+            out = conv(self.out_channels, 1, name="out_3", dtype=jnp.float32, zero=True)(h)
+            return (out[:, 0, 0], h[:, 0, 0]) if return_features else out[:, 0, 0]
         if self.num_head_channels == -1:
             raise ValueError("pool='attention' needs num_head_channels (64 in the paper).")
         return AttentionPool2d(
             res_px, self.num_head_channels, self.out_channels, dtype=jnp.float32, name="out_2"
-        )(h)
+        )(h, return_features=return_features)

@@ -84,6 +84,8 @@ class SweepSettings:
       classifier_checkpoint: the guidance classifier (default
         `sampling.classifier_checkpoint`); needed for non-zero classifier scales.
       inception_weights: pt_inception `.pth` or converted `.npz`; None = cached download.
+      features: a classifier checkpoint directory as the evaluator's feature network
+        instead of Inception (`evaluation.load_classifier_features`; sFID is then NaN).
     """
 
     checkpoint: str
@@ -95,6 +97,7 @@ class SweepSettings:
     scale_field: str = "classifier_scale"
     classifier_checkpoint: str | None = None
     inception_weights: str | None = None
+    features: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +285,10 @@ def run_sweep(
             f"{reference.resolution[1]} images; the model samples {size}x{size}: use the "
             "reference batch of the model's resolution."
         )
+    features = None
+    if settings.features:
+        features = evaluation.load_classifier_features(settings.features)
+        features.check_resolution(reference.resolution)
     classifier = settings.classifier_checkpoint or config.sampling.classifier_checkpoint or None
     samples_dir = workdir / "points"
     for point in points:  # every job's checks, before the first (long) one samples
@@ -298,8 +305,8 @@ def run_sweep(
     split, batch = evaluation.evaluation_sizes(num_samples, int(mesh.devices.size))
     evaluator = evaluation.ReferenceEvaluator(
         settings.reference,
-        evaluation.load_inception(settings.inception_weights),
-        cache_path=workdir / REFERENCE_CACHE,
+        features or evaluation.load_inception(settings.inception_weights),
+        cache_path=workdir / (REFERENCE_CACHE if features is None else "reference.classifier.npz"),
         mesh=mesh,
         batch_size=batch,
         split_size=split,
