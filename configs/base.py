@@ -42,6 +42,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Compute dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); params stay float32.
     model.dtype = "auto"
     model.remat = False  # rematerialise blocks to save memory
+    # GroupNorm groups (32 in the paper's code, whose widths are >= 128: >= 4 channels a
+    # group). At width 32 that is one channel a group, which removes every channel's
+    # spatial mean: the network can no longer carry an image's colour (configs/quickstart.py).
+    model.norm_groups = 32
     model.pool = "attention"  # classifier only: attention | adaptive | spatial | spatial_v2
 
     # --- Gaussian diffusion (the paper code's create_gaussian_diffusion arguments). --

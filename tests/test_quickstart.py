@@ -184,3 +184,23 @@ def test_phase_configs_share_the_facts_and_pass_the_checks():
     accel = job.effective_config(quickstart_config.get_config(), "gpu")
     assert accel.training.num_steps == accel.quickstart.accelerator.num_steps
     assert job.effective_config(quickstart_config.get_config(), "cpu").training.num_steps == 700
+
+
+def test_image_statistics_and_the_tradeoff_statement_are_the_closed_form():
+    grey = np.zeros((2, 4, 4, 3), np.uint8)
+    grey[:, :1] = 200  # a quarter of the pixels: the digit
+    assert job.image_statistics(grey) == {"median_background": 0.0, "channel_difference": 0.0}
+    tinted = grey.copy()
+    tinted[..., 0] += 30  # red +30 everywhere: |r-g| = |r-b| = 30, |g-b| = 0
+    stats = job.image_statistics(tinted)
+    assert stats["median_background"] == pytest.approx(10.0)  # (30 + 0 + 0) / 3
+    assert stats["channel_difference"] == pytest.approx(20.0)  # (30 + 30 + 0) / 3
+    rows = [
+        {"scale": 4.0, "precision": 0.9, "recall": 0.2, "inception_score": 9.0},
+        {"scale": 0.0, "precision": 0.5, "recall": 0.6, "inception_score": 5.0},
+    ]
+    from diffusion_jax.quickstart import report
+
+    assert report.tradeoff_statement(rows).endswith("the paper's trade-off appears")
+    rows[0]["recall"] = 0.7
+    assert report.tradeoff_statement(rows).endswith("does not appear")

@@ -157,11 +157,15 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
                 "e.g. (32, 16, 8)."
             )
     num_channels = int(_get(model_config, "num_channels"))
+    norm_groups = int(_get(model_config, "norm_groups", 32))
+    if norm_groups < 1:
+        raise ValueError(f"model.norm_groups must be >= 1 (32 in the paper), got {norm_groups}.")
     for mult in channel_mult:
-        if int(mult * num_channels) % 32:
+        if int(mult * num_channels) % norm_groups:
             raise ValueError(
                 f"model.num_channels={num_channels} x channel_mult {mult} = "
-                f"{int(mult * num_channels)} is not a multiple of 32 (GroupNorm32 groups)."
+                f"{int(mult * num_channels)} is not a multiple of model.norm_groups="
+                f"{norm_groups} (the GroupNorm groups)."
             )
     num_head_channels = int(_get(model_config, "num_head_channels", -1))
     num_heads = int(_get(model_config, "num_heads", 1))
@@ -217,6 +221,7 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
         pool=pool,
         dtype=dtype,
         remat=bool(_get(model_config, "remat", False)),
+        norm_groups=norm_groups,
     )
 
 
@@ -275,4 +280,5 @@ def create_classifier(model_config: Any) -> EncoderUNet:
         pool=s["pool"],
         dtype=s["dtype"],
         remat=s["remat"],
+        norm_groups=s["norm_groups"],
     )

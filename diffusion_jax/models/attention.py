@@ -60,6 +60,7 @@ class AttentionBlock(nn.Module):
     num_head_channels: int = -1
     use_new_attention_order: bool = False
     dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @property
     def heads(self) -> int:
@@ -78,7 +79,8 @@ class AttentionBlock(nn.Module):
         del emb  # Blocks share one signature; attention ignores the embedding.
         batch, height, width, channels = x.shape
         h = x.reshape(batch, height * width, channels)  # [B, T, C]
-        qkv = dense(3 * channels, name="qkv", dtype=self.dtype)(GroupNorm32(name="norm")(h))
+        normed = GroupNorm32(self.norm_groups, name="norm")(h)
+        qkv = dense(3 * channels, name="qkv", dtype=self.dtype)(normed)
         h = qkv_attention(qkv, self.heads, self.use_new_attention_order)
         h = dense(channels, name="proj_out", dtype=self.dtype, zero=True)(h)
         return x + h.reshape(x.shape)

@@ -54,6 +54,7 @@ class EncoderUNet(ParamsTreeApply):
     pool: str = "attention"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(
@@ -99,12 +100,12 @@ class EncoderUNet(ParamsTreeApply):
                 h = nn.relu(h)
                 out = dense(self.out_channels, name="out_2", dtype=jnp.float32)(h)
             else:
-                h = nn.silu(GroupNorm32(name="out_1")(h))
+                h = nn.silu(GroupNorm32(self.norm_groups, name="out_1")(h))
                 out = dense(self.out_channels, name="out_3", dtype=jnp.float32)(h)
             return (out, h) if return_features else out
 
         # Non-spatial heads run in float32, as the paper code's.
-        h = nn.silu(GroupNorm32(name="out_0")(h.astype(jnp.float32)))
+        h = nn.silu(GroupNorm32(self.norm_groups, name="out_0")(h.astype(jnp.float32)))
         if self.pool == "adaptive":
             h = jnp.mean(h, axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
             out = conv(self.out_channels, 1, name="out_3", dtype=jnp.float32, zero=True)(h)

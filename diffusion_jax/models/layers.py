@@ -63,7 +63,7 @@ def timestep_embedding(timesteps: jnp.ndarray, dim: int, max_period: int = 10_00
 
 
 class GroupNorm32(nn.Module):
-    """GroupNorm with 32 groups, always computed in float32 (eps 1e-5, as PyTorch).
+    """GroupNorm (32 groups by default, as the paper's code) computed in float32 (eps 1e-5).
 
     The input dtype is restored on the way out, so bf16 activations keep their dtype
     while mean and variance never lose precision.
@@ -78,7 +78,8 @@ class GroupNorm32(nn.Module):
         if channels % self.num_groups:
             raise ValueError(
                 f"GroupNorm32 needs channels divisible by {self.num_groups}, got {channels}: "
-                "choose num_channels (and channel_mult) so every width is a multiple of 32."
+                "choose num_channels (and channel_mult) so every width is a multiple of "
+                "model.norm_groups."
             )
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)

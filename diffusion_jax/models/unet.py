@@ -82,10 +82,11 @@ class ResBlock(nn.Module):
     down: bool = False
     deterministic: bool = True
     dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, emb: jnp.ndarray) -> jnp.ndarray:
-        h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+        h = nn.silu(GroupNorm32(self.norm_groups, name="in_layers_0")(x))
         if self.up or self.down:
             resample = upsample_nearest if self.up else downsample_avg
             h, x = resample(h), resample(x)
@@ -94,7 +95,7 @@ class ResBlock(nn.Module):
         emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = dense(emb_width, name="emb_layers_1", dtype=self.dtype)(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]  # [B, 1, 1, C or 2C]
-        norm = GroupNorm32(name="out_layers_0")
+        norm = GroupNorm32(self.norm_groups, name="out_layers_0")
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = norm(h) * (1 + scale) + shift
@@ -129,6 +130,7 @@ def block_factories(module: nn.Module, train: bool) -> tuple[Any, Any]:
         use_scale_shift_norm=module.use_scale_shift_norm,
         deterministic=not train,
         dtype=module.dtype,
+        norm_groups=module.norm_groups,
     )
     attn = functools.partial(
         attn_cls,
@@ -136,6 +138,7 @@ def block_factories(module: nn.Module, train: bool) -> tuple[Any, Any]:
         num_head_channels=module.num_head_channels,
         use_new_attention_order=module.use_new_attention_order,
         dtype=module.dtype,
+        norm_groups=module.norm_groups,
     )
     return res, attn
 
@@ -206,6 +209,7 @@ class UNet(ParamsTreeApply):
     use_new_attention_order: bool = False
     dtype: Dtype = jnp.float32
     remat: bool = False
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(
@@ -279,7 +283,7 @@ class UNet(ParamsTreeApply):
                 block += 1
 
         # The output head runs in float32, as the paper code's.
-        h = nn.silu(GroupNorm32(name="out_0")(h.astype(jnp.float32)))
+        h = nn.silu(GroupNorm32(self.norm_groups, name="out_0")(h.astype(jnp.float32)))
         return conv(self.out_channels, 3, name="out_2", dtype=jnp.float32, zero=True)(h)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import models, parallel
+from diffusion_jax import files, models, parallel
 from diffusion_jax.checkpoints import restore_params
 from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.diffusion import create_diffusion
@@ -107,7 +107,7 @@ def _check_workdir(config: Any, workdir: epath.Path) -> None:
                 "is missing); choose a new or empty --workdir."
             )
         return
-    saved = json.loads(record.read_text())
+    saved = files.read_json(record)
     for phase in PHASES:
         here = json.loads(config_json(phase_config(config, phase)))
         there = phase_config(ml_collections.ConfigDict(saved), phase)
@@ -141,13 +141,102 @@ def _train_phase(config: Any, workdir: epath.Path, phase: str, index: int) -> in
 
 def _read_state(workdir: epath.Path) -> dict:
     path = workdir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return files.read_json(path) if path.exists() else {}
 
 
 def _write_state(workdir: epath.Path, state: dict) -> None:
-    tmp = workdir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    tmp.replace(workdir / STATE_FILE)
+    files.write_json_atomic(workdir / STATE_FILE, state, indent=2, sort_keys=True)
+
+
+def image_statistics(images: np.ndarray) -> dict[str, float]:
+    """Colour statistics of uint8 `[N, H, W, 3]` images, in 0-255 units.
+
+    `median_background`: the median over every pixel of the grey level (channel mean):
+    the background, since most of a digit image is background (0 for mnist).
+    `channel_difference`: the mean over pixels and channel pairs of |c_i - c_j| (0 for
+    grey images).
+    """
+    x = np.asarray(images, np.float32)
+    diffs = [np.abs(x[..., i] - x[..., j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    return {
+        "median_background": float(np.median(x.mean(axis=-1))),
+        "channel_difference": float(np.mean(diffs)),
+    }
+
+
+def _write_npz(path: epath.Path, images: np.ndarray, labels: np.ndarray) -> None:
+    with files.atomic_write(path, "wb") as f:
+        np.savez(f, arr_0=images, arr_1=labels)
+
+
+def _paper_metrics(workdir: epath.Path, outputs: dict, test: tuple, train: tuple) -> dict:
+    """FD / precision / recall / IS of each sample set on the clean classifier's features.
+
+    Against the held-out test digits; the floor is the test digits themselves scored
+    against the training digits (what a perfect model's samples of this size would get,
+    up to the sample count).
+    """
+    from diffusion_jax import evaluation
+
+    net = evaluation.load_classifier_features(workdir / "clean_classifier")
+    refs = {"test": workdir / "reference_test.npz", "train": workdir / "reference_train.npz"}
+    _write_npz(refs["test"], *test)
+    _write_npz(refs["train"], *train)
+
+    def score(ref, sample) -> dict:
+        r = evaluation.evaluate_npz(ref, sample, net)
+        return {
+            "fd": float(r.fid),
+            "precision": float(r.precision),
+            "recall": float(r.recall),
+            "inception_score": float(r.inception_score),
+        }
+
+    out = {name: score(refs["test"], path) for name, path in outputs.items()}
+    out["floor"] = score(refs["train"], refs["test"])
+    return out
+
+
+def _guidance_study(config, workdir: epath.Path, steps: dict) -> dict:
+    """The paper's guidance study through `launch.sweep`'s library: the classifier scale
+    and the classifier-free scale, each scored on the clean classifier's features against
+    the test digits. Each grid is a resumable sweep in `study/` (one per diffusion and
+    classifier checkpoint, so retraining starts new ones)."""
+    from diffusion_jax.sampling import sweep
+
+    job = config.quickstart
+    cfg = _sampling_config(config, 0.0, 1.0, len(jax.devices()))
+    study = {}
+    grids = [
+        ("classifier_scale", tuple(job.study_classifier_scales), str(workdir / "classifier")),
+        ("cfg_scale", tuple(job.study_cfg_scales), None),
+    ]
+    for field, scales, classifier in grids:
+        if not scales or (field == "cfg_scale" and not float(config.training.label_dropout)):
+            continue
+        tag = f"d{steps['diffusion']}_c{steps['classifier']}_f{steps['clean_classifier']}"
+        settings = sweep.SweepSettings(
+            checkpoint=str(workdir / "diffusion"),
+            reference=str(workdir / "reference_test.npz"),
+            workdir=str(workdir / "study" / f"{field}_{tag}"),
+            scales=scales,
+            scale_field=field,
+            classifier_checkpoint=classifier,
+            features=str(workdir / "clean_classifier"),
+        )
+        logging.info("[6/6] guidance study: %s over %s", field, scales)
+        result = sweep.run_sweep(cfg, settings, progress=lambda line: logging.info("%s", line))
+        study[field] = {
+            "workdir": settings.workdir,
+            "rows": [
+                {"scale": r["point"]["scale"], **{k: r["metrics"][k] for k in _STUDY_KEYS}}
+                for r in result.rows
+            ],
+        }
+    return study
+
+
+_STUDY_KEYS = ("fid", "precision", "recall", "inception_score")
 
 
 def sample_runs(config: Any) -> list[tuple[str, float, float]]:
@@ -373,7 +462,7 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
         trainer = "diffusion" if phase == "diffusion" else "classifier"
         checks.check_training_config(phase_config(config, phase), trainer, num_devices)
     _check_workdir(config, workdir)
-    (workdir / JOB_FILE).write_text(config_json(config))
+    files.write_text_atomic(workdir / JOB_FILE, config_json(config))
     began = time.time()
     state = _read_state(workdir)
     times, steps = {}, {}
@@ -402,11 +491,18 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
         for name, (images, labels) in samples.items()
     }
     clean_test_acc = float(np.mean(classify(test[0]) == test[1]))
+    colour = {name: image_statistics(images) for name, (images, _) in samples.items()}
+    colour["data (test)"] = image_statistics(test[0])
+    metrics = _paper_metrics(workdir, outputs, test, _split_images(config, config.data.split))
+    study = _guidance_study(config, workdir, steps) if config.quickstart.guidance_study else {}
     figures = {
         "steps": steps,
         "bpd": bpd,
         "recognised": recognised,
         "clean_classifier_test_accuracy": clean_test_acc,
+        "colour": colour,
+        "metrics": metrics,
+        "study": study,
         "classifier_eval": _classifier_quartiles(workdir / "classifier"),
         "runs": [list(r) for r in sample_runs(config)],
         "seconds": {k: round(v, 1) for k, v in times.items()},
@@ -415,7 +511,7 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
     }
     report.write_report(config, workdir, figures, outputs, samples)
     figures["seconds"]["total"] = round(time.time() - began, 1)
-    (workdir / "figures.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
+    files.write_json_atomic(workdir / "figures.json", figures, indent=2, sort_keys=True)
     logging.info("quickstart done in %.0f s: see %s", time.time() - began, workdir / "summary.md")
     return figures
 

@@ -115,6 +115,76 @@ def write_report(
     (workdir / SUMMARY_FILE).write_text(summary_markdown(config, workdir, figures, outputs))
 
 
+def tradeoff_statement(rows: list[dict]) -> str:
+    """Whether the paper's trade-off shows in a scale series: precision and IS rise and
+    recall falls from the smallest scale to the largest."""
+    rows = sorted(rows, key=lambda r: r["scale"])
+    lo, hi = rows[0], rows[-1]
+    moves = {
+        "precision": hi["precision"] - lo["precision"],
+        "IS": hi["inception_score"] - lo["inception_score"],
+        "recall": hi["recall"] - lo["recall"],
+    }
+    seen = moves["precision"] > 0 and moves["IS"] > 0 and moves["recall"] < 0
+    detail = ", ".join(f"{k} {v:+.3f}" for k, v in moves.items())
+    verdict = "the paper's trade-off appears" if seen else "the paper's trade-off does not appear"
+    return f"from scale {lo['scale']:g} to {hi['scale']:g}: {detail}: {verdict}"
+
+
+def _colour_and_metric_lines(figures: dict) -> list[str]:
+    """The colour statistics and the paper's metrics (clean-classifier features)."""
+    lines = []
+    colour, metrics = figures.get("colour"), figures.get("metrics")
+    if colour:
+        lines += [
+            "",
+            "Colour statistics (0-255; the digits are grey on black): the median pixel "
+            "(the background) and the mean difference between channels.",
+            "",
+            "| images | median background | channel difference |",
+            "|---|---:|---:|",
+        ]
+        for name, c in colour.items():
+            lines.append(
+                f"| {_TITLES.get(name, name)} | {c['median_background']:.1f} | "
+                f"{c['channel_difference']:.2f} |"
+            )
+    if metrics:
+        lines += [
+            "",
+            "The paper's metrics in miniature, on the clean classifier's features (its "
+            "penultimate layer for the Frechet distance FD and precision/recall, its softmax "
+            "for the Inception-Score analogue IS), against the held-out test digits. The "
+            "floor: the test digits themselves scored against the training digits.",
+            "",
+            "| samples | FD | precision | recall | IS |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, m in metrics.items():
+            label = "floor (test vs train digits)" if name == "floor" else _TITLES.get(name, name)
+            lines.append(
+                f"| {label} | {m['fd']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                f"{m['inception_score']:.2f} |"
+            )
+    for field, study in (figures.get("study") or {}).items():
+        name = "Classifier guidance" if field == "classifier_scale" else "Classifier-free guidance"
+        lines += [
+            "",
+            f"{name} study (`{study['workdir']}`: sweep.md and the FD-vs-IS and "
+            "precision-recall plots), clean-classifier features against the test digits:",
+            "",
+            "| scale | FD | precision | recall | IS |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in sorted(study["rows"], key=lambda r: r["scale"]):
+            lines.append(
+                f"| {r['scale']:g} | {r['fid']:.3f} | {r['precision']:.3f} | "
+                f"{r['recall']:.3f} | {r['inception_score']:.2f} |"
+            )
+        lines += ["", f"Measured {tradeoff_statement(study['rows'])}."]
+    return lines
+
+
 def summary_markdown(config: Any, workdir: epath.Path, figures: dict, outputs: dict) -> str:
     """summary.md: what was trained, the figures, where each file is, what to run next."""
     bpd, steps, secs = figures["bpd"], figures["steps"], figures["seconds"]
@@ -160,6 +230,7 @@ def summary_markdown(config: Any, workdir: epath.Path, figures: dict, outputs: d
             f"| {_TITLES.get(name, name)} | {scale:g} | {cfg:g} | {acc:.1%} | "
             f"`{outputs[name].name}` |"
         )
+    lines += _colour_and_metric_lines(figures)
     lines += [
         "",
         f"Negative log-likelihood on {bpd['num_images']} held-out test images "
@@ -216,4 +287,11 @@ def summary_markdown(config: Any, workdir: epath.Path, figures: dict, outputs: d
     return "\n".join(lines)
 
 
-__all__ = ["class_rows", "summary_markdown", "write_curves", "write_grid", "write_report"]
+__all__ = [
+    "class_rows",
+    "summary_markdown",
+    "tradeoff_statement",
+    "write_curves",
+    "write_grid",
+    "write_report",
+]

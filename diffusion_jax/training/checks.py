@@ -218,6 +218,17 @@ def _normalise(value: Any) -> Any:
 
 # A field a newer version added is off in runs saved before it existed.
 _OFF = (None, False, 0, 0.0, "", [])
+# Fields added later whose default is not off: the value every earlier run had.
+_ADDED_WITH_VALUE = {"model.norm_groups": 32}
+
+
+def _was_implicit(key: str, value: Any) -> bool:
+    """True when `value` of a field the saved run lacks is what that run implicitly used."""
+    if any(value == off and type(value) is type(off) for off in _OFF):
+        return True
+    return any(
+        (key == f or key.endswith("." + f)) and value == v for f, v in _ADDED_WITH_VALUE.items()
+    )
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -232,7 +243,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
             continue
-        if key not in a and any(b[key] == off and type(b[key]) is type(off) for off in _OFF):
+        if key not in a and _was_implicit(key, b[key]):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(
