@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from diffusion_jax import evaluation
-    from diffusion_jax.sampling import fid_table
+    from diffusion_jax.jobs import fid_table
 
     split, eval_batch = evaluation.evaluation_sizes(_NUM_SAMPLES.value, jax.device_count())
     # A bad --features directory is one error before any work; Inception loads lazily.

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     jax.devices()  # start the backends quietly: a bad input's error stays the only line
-    from diffusion_jax.sampling import sweep
+    from diffusion_jax.jobs import sweep
 
     settings = sweep.SweepSettings(
         checkpoint=_CHECKPOINT.value,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import evaluation
-from diffusion_jax.sampling import fid_table
+from diffusion_jax.jobs import fid_table
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("guided_diffusion")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import evaluation
-from diffusion_jax.sampling import sweep
+from diffusion_jax.jobs import sweep
 
 pytest.importorskip("torch")
 pytest.importorskip("guided_diffusion")

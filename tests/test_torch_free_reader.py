@@ -1,4 +1,4 @@
-"""`diffusion_jax.torch_files`: .pt/.pth files read without torch, bit for bit, and safely.
+"""`checkpoints.torch_files`: .pt/.pth files read without torch, bit for bit, and safely.
 
 Every file here is written by torch itself (`torch.save`, zip and legacy formats) or is a
 torch file with one part rewritten (the pickle, a record); the reference for every value
@@ -21,8 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from diffusion_jax import torch_files  # noqa: E402
-from diffusion_jax.checkpoints import read_torch_state_dict  # noqa: E402
+from diffusion_jax.checkpoints import read_torch_state_dict, torch_files  # noqa: E402
 from diffusion_jax.evaluation import read_state_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +141,7 @@ def test_reads_without_torch_installed(saved):
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises
         "import hashlib, json\n"
-        "from diffusion_jax import torch_files\n"
+        "from diffusion_jax.checkpoints import torch_files\n"
         "from diffusion_jax.checkpoints import read_torch_state_dict\n"
         f"state = torch_files.load_state_dict({str(saved)!r})\n"
         f"assert read_torch_state_dict({str(saved)!r}).keys() == state.keys()\n"

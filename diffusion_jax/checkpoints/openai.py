@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import models, torch_files
+from diffusion_jax import models
+from diffusion_jax.checkpoints import torch_files
 from diffusion_jax.checkpoints.orbax_io import save_params
 
 # Flax module names whose Dense kernels were Conv1d(kernel_size=1) weights in PyTorch.
@@ -147,7 +148,7 @@ def _as_numpy(value: Any) -> np.ndarray:
 def read_torch_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     """Reads a guided-diffusion `.pt` file without torch, as numpy float32.
 
-    The file is read by `diffusion_jax.torch_files`, which admits only a plain state
+    The file is read by `diffusion_jax.checkpoints.torch_files`, which admits only a plain state
     dict of tensors (as strict as `torch.load(weights_only=True)`) and needs no torch.
 
     Args:

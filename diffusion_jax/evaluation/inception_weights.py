@@ -2,7 +2,7 @@
 
 The standard FID weights are TF's inception-2015-12-05 graph converted by pytorch-fid to
 `pt_inception-2015-12-05-6726825d.pth` (a plain tensor state dict in torch's legacy
-format). This module reads that file without torch (`diffusion_jax.torch_files`, which
+format). This module reads that file without torch (`diffusion_jax.checkpoints.torch_files`, which
 admits nothing but tensors, as `torch.load(weights_only=True)`) or the same state dict
 saved as `.npz`, recognises a file that is not these weights by its names before
 converting anything, and maps the weights onto `InceptionV3FID`'s
@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import torch_files
+from diffusion_jax.checkpoints import torch_files
 from diffusion_jax.evaluation import inception
 from diffusion_jax.files import atomic_write
 

@@ -202,7 +202,7 @@ def _guidance_study(config, workdir: epath.Path, steps: dict) -> dict:
     and the classifier-free scale, each scored on the clean classifier's features against
     the test digits. Each grid is a resumable sweep in `study/` (one per diffusion and
     classifier checkpoint, so retraining starts new ones)."""
-    from diffusion_jax.sampling import sweep
+    from diffusion_jax.jobs import sweep
 
     job = config.quickstart
     cfg = _sampling_config(config, 0.0, 1.0, len(jax.devices()))

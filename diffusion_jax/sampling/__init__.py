@@ -2,8 +2,8 @@
 
 `ShardedSampler` draws global batches named by sample indices (sample i from
 `fold_in(job_key, i)` alone); `run_sampling_job(config, ...)` is the resumable job
-behind `launch.sample`; `fid_table` reproduces the paper's tables from configs;
-`sweep` runs a guidance-scale x steps grid for one model (`launch.sweep`).
+behind `launch.sample`. The jobs that drive many sampling jobs (the sweep, the FID
+tables) are in `diffusion_jax.jobs`.
 """
 
 from diffusion_jax.sampling.job import run_sampling_job

@@ -369,7 +369,7 @@ def check_sampling_job(
 ) -> None:
     """Runs every check `run_sampling_job` makes before device work, and nothing else.
 
-    For drivers of many jobs (`sampling.sweep`), so that a bad setting of the last job is
+    For drivers of many jobs (`jobs.sweep`), so that a bad setting of the last job is
     reported before the first one samples. Arguments as `run_sampling_job`'s.
 
     Raises:

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from etils import epath
 
-from diffusion_jax.torch_pickle import (
+from diffusion_jax.checkpoints.torch_pickle import (
     Corrupt,
     PendingTensor,
     Refused,

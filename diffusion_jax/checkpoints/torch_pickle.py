@@ -14,7 +14,7 @@ storage types and dtypes, as strict as `torch.load(weights_only=True)`. Object-c
 opcodes (INST, OBJ, NEWOBJ, EXT*), BUILD on anything but an OrderedDict and every other
 global (`os.system`, a `torch.nn.Module` class, ...) raise `Refused` before anything is
 called, so a malicious file cannot run code. Malformed input raises `Corrupt`.
-`diffusion_jax.torch_files` reads the containers around the pickle and the storages.
+`diffusion_jax.checkpoints.torch_files` reads the containers around the pickle and the storages.
 """
 
 from __future__ import annotations
