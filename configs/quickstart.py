@@ -77,6 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.resblock_updown = True
     model.num_classes = 10
     model.learn_sigma = True  # with use_kl=False: the paper's hybrid loss
+    # 4 channels a GroupNorm group, as in the paper's narrowest (128-wide) models. With
+    # the paper code's fixed 32 groups this 32-wide model would normalise every channel
+    # on its own, removing each channel's spatial mean in every norm (the output head's
+    # included): it could not carry an image's colour, and its samples came out with
+    # random background tints (bench/RESULTS.md, quickstart study).
+    model.norm_groups = 8
 
     diffusion = config.diffusion
     diffusion.noise_schedule = "cosine"
