@@ -239,13 +239,15 @@ def test_in_training_samples_and_fid_equal_the_sampling_job_and_the_evaluator(
     from diffusion_jax.evaluation import compute_features, compute_statistics, load_inception
     from diffusion_jax.sampling import run_sampling_job
 
-    base_dir, base_state = base_run
+    base_dir, _ = base_run
     weights, ref = fid_setup
     config = tiny(eval_every=1, eval_num_samples=12, eval_reference=str(ref), ema_rates=(0.5,))
     config.training.inception_weights = str(weights)
     config.sampling.update(num_samples=12, batch_size=8, method=method, timestep_respacing=steps)
     evaluator = in_training_eval._FidEvaluator(config, parallel.create_mesh())
-    images = evaluator.samples(in_training_eval.sampling_params(base_state, (0.5,)))
+    # The workdir's latest EMA copy (another test of this module trains base_dir on).
+    params, _ = restore_params(base_dir, ema_rate=0.5)
+    images = evaluator.samples(params)
     # launch.sample's library path on the training workdir (its EMA copy, rate 0.5).
     job = np.load(run_sampling_job(config, str(base_dir), str(tmp_path / "job.npz")))["arr_0"]
     assert images.dtype == np.uint8 and images.shape == (12, 16, 16, 3)
