@@ -430,8 +430,13 @@ def test_compute_features_names_the_source_of_no_images():
 
 
 class _FakeInception:
+    feature_keys = ("pool", "logits")
+
     def __init__(self):
         self.params, self.module = {}, None
+
+    def apply(self, params, x):  # never reached: the iterator is empty
+        raise AssertionError("no batch to apply to")
 
 
 def test_a_classifier_size_hint_names_only_configs_that_exist():

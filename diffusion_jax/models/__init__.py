@@ -164,8 +164,8 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
         if int(mult * num_channels) % norm_groups:
             raise ValueError(
                 f"model.num_channels={num_channels} x channel_mult {mult} = "
-                f"{int(mult * num_channels)} is not a multiple of model.norm_groups="
-                f"{norm_groups} (the GroupNorm groups)."
+                f"{int(mult * num_channels)} is not a multiple of {norm_groups} "
+                "(model.norm_groups, the GroupNorm groups)."
             )
     num_head_channels = int(_get(model_config, "num_head_channels", -1))
     num_heads = int(_get(model_config, "num_heads", 1))
