@@ -199,8 +199,8 @@ def exclusive_workdir(workdir: str | epath.PathLike, *, job: str) -> Iterator[ep
     quickstart can too.
     """
     import jax  # lazy: the lock itself needs no JAX
-    import numpy as np
-    from jax.experimental import multihost_utils
+
+    from diffusion_jax import resumable
 
     error, stack = None, contextlib.ExitStack()
     if jax.process_index() == 0:
@@ -208,10 +208,8 @@ def exclusive_workdir(workdir: str | epath.PathLike, *, job: str) -> Iterator[ep
             stack.enter_context(workdir_lock(workdir, job=job))
         except WorkdirLockedError as e:
             error = e
-    if jax.process_count() > 1:
-        refused = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
-        if np.any(refused) and error is None:
-            error = WorkdirLockedError(f"{workdir} is in use by another job (see process 0).")
+    if resumable.any_process(error is not None) and error is None:
+        error = WorkdirLockedError(f"{workdir} is in use by another job (see process 0).")
     if error is not None:
         raise error
     with stack:

@@ -78,6 +78,7 @@ def main(argv: list[str]) -> None:
         variant=_VARIANT.value,
         rows=tuple(_ROWS.value) if _ROWS.value else None,
         batch_size=_BATCH.value,
+        feature_weights=_FEATURES.value or _WEIGHTS.value,
     )
     print(fid_table.run_table(_TABLE.value, settings), flush=True)
 

@@ -94,7 +94,11 @@ def test_other_batch_size_gives_the_same_images(ck, uninterrupted, tmp_path):
 
 def test_changed_settings_refuse_to_continue_the_old_job(ck, uninterrupted):
     _, out = uninterrupted
-    with pytest.raises(ValueError, match=r"other settings \(labels_sha256, sampling\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"sampling job of other inputs: labels_sha256 \(was: '[0-9a-f]+', now: "
+        r"'[0-9a-f]+'\); .*sampling\.num_samples \(was: 20, now: 21\)",
+    ):
         sampling.run_sampling_job(
             job_config(ck, eta=0.0, num_samples=21), str(ck["base_dir"]), str(out)
         )

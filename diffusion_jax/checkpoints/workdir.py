@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from diffusion_jax import resumable
+
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("params", "ema", "opt_state", "extra", "data", "config")
 JSON_ITEMS = ("data", "config")
@@ -206,3 +208,34 @@ def _restore_params(
     restored = read_step(directory, step, read)
     params = restored if ema_rate is None else restored[ema_key(ema_rate)]
     return params, config
+
+
+def checkpoint_identity(directory: str | epath.PathLike) -> dict:
+    """What a result drawn from the checkpoint `directory` was drawn from.
+
+    Args:
+      directory: a training workdir or a `convert_checkpoint` directory.
+
+    Returns:
+      `{"step": the newest complete step (None for a converted directory), "content": a
+      digest of the names, sizes and modification times of that step's (or the
+      directory's) files}`: it changes when training advances or re-saves the workdir, or
+      the directory is converted again. No array is read.
+
+    Raises:
+      FileNotFoundError: no such directory, or a workdir without a complete checkpoint.
+    """
+    directory = epath.Path(directory)
+    if not is_workdir(directory):
+        return {"step": None, "content": resumable.path_identity(directory)}
+    manager = create_manager(directory, keep=0, read_only=True)
+    try:
+        step = manager.latest_step()
+    finally:
+        manager.close()
+    if step is None:
+        raise FileNotFoundError(
+            f"{directory / CHECKPOINTS_DIR} holds no complete checkpoint yet."
+        )
+    where = directory / CHECKPOINTS_DIR / str(step)
+    return {"step": int(step), "content": resumable.path_identity(where)}

@@ -6,7 +6,16 @@ row whose samples feed the upsampler. `run_table` converts the released `.pt` fi
 finds in the checkpoint directory (once, cached in the workdir), runs each row's
 sampling job (resumable: `launch.sample`'s job), evaluates it with the paper's
 evaluator and writes the table, our figures beside the paper's, as markdown and CSV.
-A finished row is not redone; a half-finished row continues its sampling job.
+
+A row's identity (`results/<slug>.json`, through `diffusion_jax.resumable`) is every
+input its figures depend on: the row, the sample count, steps and config variant, the
+checkpoints' step and content identity (its base row's too), the reference batch's path
+and identity and the feature network's weights. A finished row of the same identity is
+not redone; a changed input redoes that row (its sampling job draws again), so the
+table's note always describes the figures under it. A half-finished row continues its
+sampling job. A conversion in `converted/` records the `.pt` it came from and is made
+again when that file (or --checkpoint_dir) changes. The workdir is locked while the
+table runs: a second table on it is refused naming the holder.
 """
 
 from __future__ import annotations
@@ -14,16 +23,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from collections.abc import Callable
 from typing import Any
 
+from absl import logging
 from etils import epath
 
+from diffusion_jax import files, locks, resumable
+from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.sampling import inputs
 from diffusion_jax.sampling.job import run_sampling_job
 
 PAPER_NUM_SAMPLES = 50_000
+SOURCE_FILE = "source.json"  # in converted/<name>/: the .pt it was converted from
 METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
 _HEADERS = {
     "fid": "FID",
@@ -141,6 +153,10 @@ class TableSettings:
       configs_dir: where configs/<name>.py live.
       rows: only the rows with these labels (default: all).
       evaluate: `evaluate(reference, samples) -> EvaluationResult`.
+      batch_size: global sampling batch size (no figure depends on it).
+      feature_weights: what `evaluate` scores with (Inception weights file or a
+        classifier checkpoint directory; None = the default Inception download): part
+        of every row's identity.
     """
 
     checkpoint_dir: str
@@ -153,6 +169,7 @@ class TableSettings:
     configs_dir: str = "configs"
     rows: tuple[str, ...] | None = None
     batch_size: int | None = None
+    feature_weights: str | None = None
 
 
 def _config(name: str, settings: TableSettings):
@@ -168,20 +185,27 @@ def _checkpoint(name: str, settings: TableSettings) -> str:
     if (given / inputs.CONFIG_FILE).exists():
         return str(given)
     converted = epath.Path(settings.workdir) / "converted" / name
-    if (converted / inputs.CONFIG_FILE).exists():
-        return str(converted)
     pt = epath.Path(settings.checkpoint_dir) / RELEASED[name]
     if not pt.exists():
         raise FileNotFoundError(
             f"--checkpoint_dir={settings.checkpoint_dir} holds neither {RELEASED[name]} (the "
             f"released checkpoint) nor a converted {name}/ directory."
         )
+    source = {"pt": str(pt), "identity": resumable.path_identity(pt), "variant": settings.variant}
+    if (converted / inputs.CONFIG_FILE).exists():
+        record = converted / SOURCE_FILE
+        saved = files.read_json(record) if record.exists() else None
+        if saved is not None and not resumable.differences(saved, source):
+            return str(converted)
+        logging.warning("%s was converted from another file: converting %s again.", converted, pt)
+        converted.rmtree()
     from diffusion_jax.checkpoints import openai  # second floor: conversion
 
     partial = converted.parent / f"{name}.partial"
     if partial.exists():
         partial.rmtree()
     openai.convert_to_orbax(pt, _config(name, settings), partial)
+    files.write_json_atomic(partial / SOURCE_FILE, source, indent=2)
     partial.rename(converted)
     return str(converted)
 
@@ -203,23 +227,68 @@ def _sample_row(row: Row, settings: TableSettings) -> str:
     config.sampling.update(sampling)
     base_samples = _sample_row(row.base, settings) if row.base is not None else None
     out = epath.Path(settings.workdir) / "samples" / f"{row.slug}.npz"
-    run_sampling_job(config, _checkpoint(row.config, settings), str(out), base_samples=base_samples)
+    run_sampling_job(
+        config,
+        _checkpoint(row.config, settings),
+        str(out),
+        base_samples=base_samples,
+        redo_changed=True,  # the table owns its samples: a changed input draws them again
+    )
     return str(out)
+
+
+def row_identity(row: Row, settings: TableSettings) -> dict:
+    """Every input the row's figures depend on (its base row's included)."""
+
+    def sampled(r: Row) -> dict:
+        names = filter(None, (r.config, r.classifier))
+        return {
+            "row": [r.label, r.config, [list(kv) for kv in r.sampling], r.classifier],
+            "checkpoints": {
+                n: workdir_lib.checkpoint_identity(_checkpoint(n, settings)) for n in names
+            },
+            "base": sampled(r.base) if r.base is not None else None,
+        }
+
+    return resumable.normalise(
+        {
+            **sampled(row),
+            "num_samples": settings.num_samples or PAPER_NUM_SAMPLES,
+            "steps": settings.steps,
+            "variant": settings.variant,
+            "reference": str(settings.reference),
+            "reference_identity": resumable.path_identity(settings.reference),
+            "feature_weights": settings.feature_weights,
+            "feature_weights_identity": resumable.path_identity(settings.feature_weights),
+        }
+    )
 
 
 def _row_result(row: Row, settings: TableSettings) -> dict:
     done = epath.Path(settings.workdir) / "results" / f"{row.slug}.json"
+    identity = row_identity(row, settings)
     if done.exists():
-        return json.loads(done.read_text())
+        record = files.read_json(done, hint="Delete it to compute the row again.")
+        diffs = resumable.differences(record.get("identity", {}), identity)
+        if not diffs:
+            return record
+        logging.warning("row %s: computing again, its inputs changed (%s).", row.label,
+                        resumable.summarise(diffs))  # fmt: skip
     samples = _sample_row(row, settings)
     result = settings.evaluate(settings.reference, samples)
     values = {m: float(getattr(result, m)) for m in METRICS}
-    record = {"row": row.label, "config": row.config, "samples": samples, "ours": values}
+    record = {
+        "row": row.label,
+        "config": row.config,
+        "samples": samples,
+        "ours": values,
+        "identity": identity,
+    }
     import jax
 
     if jax.process_index() == 0:
         done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(record, indent=2))
+        files.write_json_atomic(done, record, indent=2)
     return record
 
 
@@ -265,11 +334,18 @@ def run_table(table: str, settings: TableSettings) -> str:
         rows = [r for r in rows if r.label in settings.rows]
     if not epath.Path(settings.reference).exists():
         raise FileNotFoundError(f"--reference={settings.reference}: no such file.")
-    for row in rows:  # every checkpoint, before the first (long) sampling job
-        for r in (row, row.base) if row.base else (row,):
-            for name in filter(None, (r.config, r.classifier)):
-                _checkpoint(name, settings)
-    results = [_row_result(row, settings) for row in rows]
+    if settings.feature_weights and not epath.Path(settings.feature_weights).exists():
+        raise FileNotFoundError(f"{settings.feature_weights}: no such file or directory.")
+    with locks.exclusive_workdir(settings.workdir, job="fid_table"):
+        for row in rows:  # every checkpoint, before the first (long) sampling job
+            for r in (row, row.base) if row.base else (row,):
+                for name in filter(None, (r.config, r.classifier)):
+                    _checkpoint(name, settings)
+        results = [_row_result(row, settings) for row in rows]
+        return _write_table(table, rows, results, settings)
+
+
+def _write_table(table: str, rows: list[Row], results: list[dict], settings) -> str:
     n = settings.num_samples or PAPER_NUM_SAMPLES
     comparable = n >= PAPER_NUM_SAMPLES and not settings.steps and not settings.variant
     note = (
@@ -285,9 +361,17 @@ def run_table(table: str, settings: TableSettings) -> str:
 
     if jax.process_index() == 0:
         out = epath.Path(settings.workdir)
-        (out / f"{table}.md").write_text(markdown)
-        (out / f"{table}.csv").write_text(csv_text)
+        files.write_text_atomic(out / f"{table}.md", markdown)
+        files.write_text_atomic(out / f"{table}.csv", csv_text)
     return markdown
 
 
-__all__ = ["RELEASED", "TABLES", "Row", "TableSettings", "format_table", "run_table"]
+__all__ = [
+    "RELEASED",
+    "TABLES",
+    "Row",
+    "TableSettings",
+    "format_table",
+    "row_identity",
+    "run_table",
+]

@@ -10,7 +10,8 @@ weights and platform: another reference is detected and recomputed, never reused
 
 The workdir:
   sweep.json                  what every point's samples depend on (config without the
-                              grid fields, checkpoints, scale field)
+                              grid fields, checkpoints with their step and content
+                              identity, scale field)
   reference.inception.npz     the reference's activations and statistics (keyed)
   points/<slug>.npz / .png    a point's samples (and `.parts/` while it samples)
   points/<slug>.json          a point's metrics, seconds and the reference key used
@@ -22,7 +23,9 @@ kept; an unfinished one continues its sampling job; a point evaluated against an
 reference or Inception is re-evaluated from its samples. The grid may change between
 runs (the workdir then extends: new points are added, earlier ones stay on disk and
 return when named again), but anything else the samples depend on may not: a different
-config, checkpoint, classifier or scale field is refused with one line.
+config, checkpoint (a training workdir that advanced included), classifier or scale field
+is refused with one line naming the changed fields. The workdir is locked while the sweep
+runs: a second sweep on it is refused naming the holder.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import evaluation, parallel
+from diffusion_jax import evaluation, files, locks, parallel, resumable
+from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.sampling.job import check_sampling_job, run_sampling_job
 
 SCALE_FIELDS = ("classifier_scale", "cfg_scale")
@@ -157,10 +161,6 @@ def point_config(config: Any, point: GridPoint, scale_field: str) -> Any:
     return out
 
 
-def _json(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 def _identity(config: Any, settings: SweepSettings, classifier: str | None) -> dict:
     """What every point's samples depend on besides the point itself."""
     whole = config.to_dict()
@@ -168,70 +168,50 @@ def _identity(config: Any, settings: SweepSettings, classifier: str | None) -> d
     for field in ("method", "timestep_respacing", settings.scale_field):
         whole["sampling"].pop(field, None)
     whole["sampling"].pop("classifier_checkpoint", None)  # resolved below
-    return _json(
+    return resumable.normalise(
         {
             "config": whole,
             "checkpoint": str(settings.checkpoint),
+            "checkpoint_identity": workdir_lib.checkpoint_identity(settings.checkpoint),
             "classifier_checkpoint": classifier,
+            "classifier_identity": classifier and workdir_lib.checkpoint_identity(classifier),
             "scale_field": settings.scale_field,
         }
     )
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def _check_workdir(workdir: epath.Path, identity: dict) -> None:
     """Refuses a workdir holding a sweep of other settings; records ours otherwise."""
-    path = workdir / SWEEP_FILE
-    if path.exists():
-        saved, ours = _flatten(json.loads(path.read_text())), _flatten(identity)
-        changed = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
-        if changed:
-            more = f" and {len(changed) - 5} more" if changed[5:] else ""
-            shown = ", ".join(changed[:5]) + more
-            raise ValueError(
-                f"--workdir={workdir} holds a sweep of other settings (changed: {shown}); "
-                "a sweep's workdir only extends its grid: re-run with the same config and "
-                "checkpoints, or choose another --workdir."
-            )
-    elif jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
-
-
-def _agree(value: bool) -> bool:
-    """Process 0's answer, on every process (they must take the same branches)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    known = resumable.check_fingerprint(
+        workdir / SWEEP_FILE,
+        identity,
+        what="a sweep",
+        remedy="A sweep's workdir only extends its grid: re-run with the same config and "
+        "checkpoints, or choose another --workdir.",
+    )
+    if not known:
+        resumable.record_fingerprint(workdir / SWEEP_FILE, identity)
 
 
 def _finished(path: epath.Path, point: GridPoint, key: str) -> dict | None:
     """The point's record if it was evaluated against `key`, else None."""
-    record = json.loads(path.read_text()) if path.exists() else None
+    record = (
+        files.read_json(path, hint="Delete it to evaluate the point again.")
+        if (path.exists())
+        else None
+    )
     ok = record is not None and record.get("point") == dataclasses.asdict(point)
     return record if ok and record.get("evaluated_against") == key else None
 
 
 def _read_record(path: epath.Path, point: GridPoint, key: str) -> dict | None:
     record = _finished(path, point, key)
-    return record if _agree(record is not None) else None
+    return record if resumable.agree(record is not None) else None
 
 
 def _write(path: epath.Path, text: str) -> None:
     if jax.process_index() == 0:
-        tmp = path.parent / f"{path.name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(path)
+        files.write_text_atomic(path, text)
 
 
 def _describe(point: GridPoint, scale_field: str) -> str:
@@ -299,8 +279,13 @@ def run_sweep(
             classifier_checkpoint=classifier,
             mesh=mesh,
         )
-    _check_workdir(workdir, _identity(config, settings, classifier))
+    with locks.exclusive_workdir(workdir, job="sweep"):
+        _check_workdir(workdir, _identity(config, settings, classifier))
+        return _run_points(config, settings, points, features, classifier, mesh, say)
 
+
+def _run_points(config, settings, points, features, classifier, mesh, say) -> SweepResult:
+    workdir, samples_dir = epath.Path(settings.workdir), epath.Path(settings.workdir) / "points"
     num_samples = int(config.sampling.num_samples)
     split, batch = evaluation.evaluation_sizes(num_samples, int(mesh.devices.size))
     evaluator = evaluation.ReferenceEvaluator(

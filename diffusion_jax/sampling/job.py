@@ -9,6 +9,17 @@ only on `fold_in(job_key, i)`, the final `.npz` equals an uninterrupted run's. T
 short batch is padded with further indices and trimmed. Process 0 then streams the
 batches into OUTPUT (`arr_0` uint8 NHWC, `arr_1` labels: the paper's layout) and writes
 a PNG grid of the first samples beside it.
+
+The job's identity (`OUTPUT.parts/manifest.json`, through `diffusion_jax.resumable`) is
+every input that changes its images: the config's model, diffusion and sampling
+sections, the seed, the checkpoint's step and content identity (a workdir that training
+advanced is another input), the classifier's, the base samples' and the labels; not the
+device count. A re-run whose inputs changed is refused naming the changed fields (or,
+with `redo_changed=True`, for jobs that own their output, starts over); the manifest is
+written only after every input check passed. A part file cut short (a killed write on a
+filesystem without atomic renames, a full disk) is redrawn with a warning naming it.
+`OUTPUT.parts/` is locked while the job runs: a second job on the same output is refused
+naming the holder.
 """
 
 from __future__ import annotations
@@ -16,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
-import json
 import time
 import zipfile
 from typing import Any
@@ -28,13 +37,16 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import models, parallel
+from diffusion_jax import files, locks, models, parallel, resumable
 from diffusion_jax.diffusion import SamplerOptions
 from diffusion_jax.sampling import inputs
 from diffusion_jax.sampling.sharded import ShardedSampler, job_key, sampling_program
 
 MANIFEST = "manifest.json"
-COMPLETE = "COMPLETE"  # written by process 0 once OUTPUT holds every batch
+COMPLETE = resumable.COMPLETE  # written by process 0 once OUTPUT holds every batch
+# Recorded in the manifest beside the fingerprint: how the parts are split over processes.
+# No image depends on it, so a finished job is found again on any layout.
+_LAYOUT_FIELDS = ("processes", "devices")
 GRID_SAMPLES = 64
 
 
@@ -53,6 +65,7 @@ class _Plan:
     classifier_model: Any
     classifier_scale: float
     cfg_scale: float
+    checkpoint_step: int | None
     fingerprint: dict
 
 
@@ -132,30 +145,37 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
         labels = inputs.job_labels(labels_spec, num_classes, n, int(config.seed))
     elif labels is None and labels_spec != "random":
         inputs.job_labels(labels_spec, None, n, 0)  # raises: nothing to condition on
+    from diffusion_jax.checkpoints import workdir as workdir_lib  # second floor
+
+    checkpoint_identity = workdir_lib.checkpoint_identity(checkpoint)
     fingerprint = {
         "sampling": config.sampling.to_dict(),
         "seed": int(config.seed),
         "model": config.model.to_dict(),
         "diffusion": config.diffusion.to_dict(),
         "checkpoint": str(checkpoint),
+        "checkpoint_identity": checkpoint_identity,
         "ema_rate": ema_rate,
         "classifier_checkpoint": classifier_dir,
+        "classifier_identity": classifier_dir and workdir_lib.checkpoint_identity(classifier_dir),
         "base_samples": str(base_samples) if base_samples else None,
+        "base_samples_identity": resumable.path_identity(base_samples or None),
         "labels_sha256": None if labels is None else hashlib.sha256(labels.tobytes()).hexdigest(),
-        "processes": jax.process_count(),
-        "devices": int(mesh.devices.size),
     }
-    fingerprint = json.loads(json.dumps(fingerprint, default=str))
     return _Plan(
         config, out, n, int(sampling.batch_size), ema_rate, labels, low_res,
-        classifier_dir, classifier_model, scale, cfg_scale, fingerprint,
+        classifier_dir, classifier_model, scale, cfg_scale, checkpoint_identity["step"],
+        resumable.normalise(fingerprint),
     )  # fmt: skip
 
 
-def _restore(directory: str, model_config: Any, ema_rate: float | None) -> Any:
+def _restore(
+    directory: str, model_config: Any, ema_rate: float | None, step: int | None = None
+) -> Any:
     from diffusion_jax import checkpoints  # second floor: Orbax I/O
 
-    params, _ = checkpoints.restore_params(directory, ema_rate=ema_rate)
+    # The step the job's identity names, not whatever is newest by now.
+    params, _ = checkpoints.restore_params(directory, step=step, ema_rate=ema_rate)
     want = checkpoints.abstract_params(model_config)
     got_shapes = jax.tree.map(np.shape, params)
     want_shapes = jax.tree.map(lambda s: tuple(s.shape), want)
@@ -178,45 +198,65 @@ def _part_path(parts: epath.Path, batch: int) -> epath.Path:
     return parts / f"{batch:06d}.p{jax.process_index():04d}.npz"
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / f"{path.name}.tmp{jax.process_index()}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def _read_manifest(parts: epath.Path) -> dict | None:
+    path = parts / MANIFEST
+    if not path.exists():
+        return None
+    return files.read_json(path, hint=f"Delete {parts} to start the job again.")
 
 
-def _prepare_parts(plan: _Plan, num_batches: int) -> int:
-    """Checks/writes the manifest; returns the first batch not every process finished."""
+def _check_manifest(plan: _Plan, saved: dict | None, redo_changed: bool) -> dict | None:
+    """The saved manifest if it is this job's; refuses (or discards) another job's parts."""
+    if saved is None:
+        return None
     parts = _parts_dir(plan)
-    parts.mkdir(parents=True, exist_ok=True)
-    manifest = parts / MANIFEST
-    if manifest.exists():
-        saved = json.loads(manifest.read_text())
-        if saved != plan.fingerprint:
-            changed = sorted(k for k in plan.fingerprint if saved.get(k) != plan.fingerprint[k])
-            raise ValueError(
-                f"{parts} holds a sampling job with other settings ({', '.join(changed)}); "
-                "re-run the same command to continue it, or delete it / choose another --output."
-            )
-    else:
-        _write_atomic(manifest, json.dumps(plan.fingerprint, indent=2, sort_keys=True).encode())
+    diffs = resumable.differences(saved, plan.fingerprint, ignore=_LAYOUT_FIELDS)
+    if not diffs:
+        return saved
+    if not redo_changed:
+        raise ValueError(
+            f"{parts} holds a sampling job of other inputs: {resumable.summarise(diffs)}. "
+            "Re-run the same command to continue it, or delete it / choose another --output "
+            "to draw them again."
+        )
+    logging.warning("%s was drawn from other inputs (%s): drawing again.", plan.output,
+                    resumable.summarise(diffs))  # fmt: skip
+    _discard(plan)
+    return None
+
+
+def _discard(plan: _Plan) -> None:
+    """Removes the output and every part (process 0), keeping the parts folder's lock."""
+    if jax.process_index() == 0:
+        parts = _parts_dir(plan)
+        for path in parts.iterdir():
+            if path.name != locks.LOCK_FILE:
+                path.rmtree() if path.is_dir() else path.unlink()
+        plan.output.unlink(missing_ok=True)
+    resumable.agree(True)  # every process waits for the removal
+
+
+def _part_readable(path: epath.Path) -> bool:
+    """Whether a part file holds its two arrays whole (a zip cut short fails its CRCs)."""
+    try:
+        with path.open("rb") as f, np.load(f) as part:
+            return all(np.asarray(part[k]).size >= 0 for k in ("images", "indices"))
+    except Exception:  # BadZipFile, EOFError, ValueError, OSError: any damage
+        return False
+
+
+def _first_unfinished(plan: _Plan, num_batches: int) -> int:
+    """The first batch that not every process finished; damaged parts are redrawn."""
+    parts = _parts_dir(plan)
     start = 0
     while start < num_batches and _part_path(parts, start).exists():
+        path = _part_path(parts, start)
+        if not _part_readable(path):
+            logging.warning("%s is damaged (cut short?): drawing that batch again.", path)
+            path.unlink(missing_ok=True)
+            break
         start += 1
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        start = int(np.min(multihost_utils.process_allgather(np.int32(start))))
-    return start
-
-
-def _complete(plan: _Plan) -> bool:
-    """Whether a previous run finished this job (process 0 decides for everyone)."""
-    done = (_parts_dir(plan) / COMPLETE).exists() and plan.output.exists()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
-    return done
+    return resumable.min_over_processes(start)
 
 
 class _Progress:
@@ -247,33 +287,27 @@ class _Progress:
             self._bar.close()
 
 
-def _gather(x: np.ndarray) -> np.ndarray:
-    """Every process's rows of a batch, stacked (process order); a collective."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x)).reshape(-1, *x.shape[1:])
-
-
 def _assemble(plan: _Plan, num_batches: int, image_shape: tuple) -> None:
     """Streams every process's parts into OUTPUT on process 0 (one batch in memory)."""
     parts = _parts_dir(plan)
     is_writer = jax.process_index() == 0
     n = plan.num_samples
     grid, in_grid = [], 0
-    tmp = plan.output.parent / f"{plan.output.name}.tmp"
     with contextlib.ExitStack() as stack:
-        if is_writer:
+        if is_writer:  # OUTPUT appears whole when the block ends, or not at all
             zf = stack.enter_context(
-                zipfile.ZipFile(stack.enter_context(tmp.open("wb")), "w", allowZip64=True)
+                zipfile.ZipFile(
+                    stack.enter_context(files.atomic_write(plan.output, "wb")), "w",
+                    allowZip64=True,
+                )
             )
             member = stack.enter_context(zf.open("arr_0.npy", "w", force_zip64=True))
             header = {"descr": "|u1", "fortran_order": False, "shape": (n, *image_shape)}
             np.lib.format.write_array_header_2_0(member, header)
         for b in range(num_batches):
             with _part_path(parts, b).open("rb") as f, np.load(f) as part:
-                images, indices = _gather(part["images"]), _gather(part["indices"])
+                images = resumable.gather_rows(part["images"])
+                indices = resumable.gather_rows(part["indices"])
             if not is_writer:
                 continue
             order = np.argsort(indices, kind="stable")
@@ -288,9 +322,8 @@ def _assemble(plan: _Plan, num_batches: int, image_shape: tuple) -> None:
                 with zf.open("arr_1.npy", "w", force_zip64=True) as labels:
                     np.lib.format.write_array(labels, plan.labels[:n])
     if is_writer:
-        tmp.replace(plan.output)
         _write_grid(plan.output, np.concatenate(grid))
-        (parts / COMPLETE).write_text("")
+    resumable.mark_complete(parts)
     for b in range(num_batches):  # the output holds them now
         _part_path(parts, b).unlink(missing_ok=True)
 
@@ -306,7 +339,7 @@ def _write_grid(output: epath.Path, images: np.ndarray) -> None:
         r, col = divmod(i, columns)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
     png = output.parent / (output.name[: -len(".npz")] + ".png")
-    with png.open("wb") as f:
+    with files.atomic_write(png, "wb") as f:
         Image.fromarray(grid if c == 3 else grid[..., 0]).save(f, format="PNG")
 
 
@@ -318,6 +351,7 @@ def run_sampling_job(
     classifier_checkpoint: str | None = None,
     base_samples: str | None = None,
     mesh: Mesh | None = None,
+    redo_changed: bool = False,
 ) -> epath.Path:
     """Runs (or continues) a sampling job; returns the path of the finished `.npz`.
 
@@ -335,26 +369,44 @@ def run_sampling_job(
       base_samples: an upsampler's low-resolution inputs (a base job's `.npz`), whose
         labels are carried over.
       mesh: default: every device of every process.
+      redo_changed: when OUTPUT (or its parts) was drawn from other inputs (a checkpoint
+        that training advanced since, say): draw it again instead of refusing. For jobs
+        that own their output (the FID table's rows, the quickstart).
 
     Returns:
       The output path.
 
     Raises:
       ValueError / FileNotFoundError / OSError: one sentence per bad input, raised
-        before any device work.
+        before any device work; `locks.WorkdirLockedError` when another job is writing
+        OUTPUT.
     """
     mesh = parallel.create_mesh_from_config(config) if mesh is None else mesh
     plan = _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
+    parts = _parts_dir(plan)
     num_batches = -(-plan.num_samples // plan.batch_size)
-    start = _prepare_parts(plan, num_batches)
-    if _complete(plan):
-        logging.info("%s is complete (%s)", plan.output, _parts_dir(plan) / COMPLETE)
-        return plan.output
-    size = int(config.model.image_size)
-    image_shape = (size, size, int(config.model.get("in_channels", 3)))
-    if start < num_batches:
-        _sample_batches(plan, checkpoint, mesh, start, num_batches)
-    _assemble(plan, num_batches, image_shape)
+    with locks.exclusive_workdir(parts, job=f"the sampling job of {plan.output.name}"):
+        saved = _check_manifest(plan, _read_manifest(parts), redo_changed)
+        complete = saved is not None and resumable.is_complete(parts)
+        if complete and resumable.agree(plan.output.exists()):
+            logging.info("%s is complete (%s)", plan.output, parts / COMPLETE)
+            return plan.output
+        if saved is not None and saved.get("processes", jax.process_count()) != (
+            jax.process_count()
+        ):  # the parts hold each process's rows: another split cannot continue them
+            logging.warning("%s was split over other processes: drawing again.", parts)
+            _discard(plan)
+            saved = None
+        sampler = _create_sampler(plan, checkpoint, mesh)  # the last checks: parameters
+        if saved is None:  # bookkeeping, once every input passed its checks
+            layout = {"processes": jax.process_count(), "devices": int(mesh.devices.size)}
+            resumable.record_fingerprint(parts / MANIFEST, {**plan.fingerprint, **layout})
+        start = _first_unfinished(plan, num_batches)
+        size = int(config.model.image_size)
+        image_shape = (size, size, int(config.model.get("in_channels", 3)))
+        if start < num_batches:
+            _sample_batches(plan, sampler, start, num_batches)
+        _assemble(plan, num_batches, image_shape)
     return plan.output
 
 
@@ -380,15 +432,16 @@ def check_sampling_job(
     sampling_program(config, mesh)  # raises for a respacing that cannot be built
 
 
-def _sample_batches(plan, checkpoint, mesh, start, num_batches) -> None:
+def _create_sampler(plan: _Plan, checkpoint: str, mesh: Mesh) -> ShardedSampler:
     config = plan.config
     classifier = classifier_params = None
     if plan.classifier_dir:
         classifier = models.create_classifier(plan.classifier_model)
-        classifier_params = _restore(plan.classifier_dir, plan.classifier_model, None)
+        step = plan.fingerprint["classifier_identity"]["step"]
+        classifier_params = _restore(plan.classifier_dir, plan.classifier_model, None, step)
     program = sampling_program(config, mesh, classifier=classifier)
-    params = _restore(checkpoint, config.model, plan.ema_rate)
-    sampler = ShardedSampler(
+    params = _restore(checkpoint, config.model, plan.ema_rate, plan.checkpoint_step)
+    return ShardedSampler(
         program,
         params,
         job_key(config.seed),
@@ -396,6 +449,9 @@ def _sample_batches(plan, checkpoint, mesh, start, num_batches) -> None:
         classifier_scale=plan.classifier_scale,
         cfg_scale=plan.cfg_scale,
     )
+
+
+def _sample_batches(plan: _Plan, sampler: ShardedSampler, start: int, num_batches: int) -> None:
     parts = _parts_dir(plan)
     progress = _Progress(plan.num_samples, min(start * plan.batch_size, plan.num_samples))
     try:
@@ -406,9 +462,8 @@ def _sample_batches(plan, checkpoint, mesh, start, num_batches) -> None:
             labels = None if plan.labels is None else plan.labels[safe]
             low_res = None if plan.low_res is None else plan.low_res[safe]
             images, rows = sampler.sample(indices, labels, low_res)
-            buf = io.BytesIO()
-            np.savez(buf, images=images, indices=rows)
-            _write_atomic(_part_path(parts, b), buf.getvalue())
+            with files.atomic_write(_part_path(parts, b), "wb") as f:
+                np.savez(f, images=images, indices=rows)
             progress.update(int(min(indices[-1] + 1, plan.num_samples) - indices[0]))
     finally:
         progress.close()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from etils import epath
+
+from diffusion_jax import resumable
 
 # Fields that may change between a run and its resumption: how long, how often to log
 # / save / sample / evaluate, where the data lives, sampling settings, the mesh. Everything else
@@ -202,20 +203,6 @@ def _check_label_dropout(config: Any, trainer: str) -> None:
         )
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-        out[prefix[:-1]] = tree
-    return out
-
-
-def _normalise(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples -> lists, as in the saved JSON
-
-
 # A field a newer version added is off in runs saved before it existed.
 _OFF = (None, False, 0, 0.0, "", [])
 # Fields added later whose default is not off: the value every earlier run had.
@@ -238,26 +225,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     equal when its current value is off (None, False, 0, '', ()): new features default
     to off, so such a run resumes under a newer version.
     """
-    a, b = _flatten(_normalise(saved)), _flatten(_normalise(current))
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
-            continue
-        if key not in a and _was_implicit(key, b[key]):
-            continue
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            diffs.append(
-                f"{key} (run: {a.get(key, '<absent>')!r}, now: {b.get(key, '<absent>')!r})"
-            )
-    return diffs
+    return resumable.differences(
+        saved, current, ignore=RESUMABLE_FIELDS, implicit=_was_implicit, saved_name="run"
+    )
 
 
 def check_resume_config(saved: dict, current: dict, where: str) -> None:
     """Raises ValueError naming the fields in which `current` departs from a saved run."""
     diffs = config_differences(saved, current)
     if diffs:
-        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
         raise ValueError(
-            f"{where} holds a run of another config: {'; '.join(diffs[:3])}{more}. Use a new "
+            f"{where} holds a run of another config: {resumable.summarise(diffs)}. Use a new "
             "--workdir, or the same config to resume."
         )
