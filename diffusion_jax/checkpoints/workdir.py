@@ -234,8 +234,6 @@ def checkpoint_identity(directory: str | epath.PathLike) -> dict:
     finally:
         manager.close()
     if step is None:
-        raise FileNotFoundError(
-            f"{directory / CHECKPOINTS_DIR} holds no complete checkpoint yet."
-        )
+        raise FileNotFoundError(f"{directory / CHECKPOINTS_DIR} holds no complete checkpoint yet.")
     where = directory / CHECKPOINTS_DIR / str(step)
     return {"step": int(step), "content": resumable.path_identity(where)}

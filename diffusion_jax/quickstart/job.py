@@ -11,7 +11,6 @@ and resumes what is not; a changed setting redoes only what depends on it.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import files, models, parallel
+from diffusion_jax import files, locks, models, parallel
 from diffusion_jax.checkpoints import restore_params
 from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.diffusion import create_diffusion
@@ -101,7 +100,7 @@ def _check_workdir(config: Any, workdir: epath.Path) -> None:
         ) from None
     record = workdir / JOB_FILE
     if not record.exists():
-        if any(workdir.iterdir()):
+        if any(p.name != locks.LOCK_FILE for p in workdir.iterdir()):
             raise ValueError(
                 f"--workdir={workdir} is not empty and holds no quickstart run ({JOB_FILE} "
                 "is missing); choose a new or empty --workdir."
@@ -293,11 +292,9 @@ def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.
             "seed": int(cfg.seed),
         }
         if state.get(output.name) != made_from:
-            # Made from other checkpoints or settings (or unfinished): draw again.
-            output.unlink(missing_ok=True)
-            parts = epath.Path(str(output) + ".parts")
-            if parts.exists() and output.name in state:
-                shutil.rmtree(parts)
+            # Unfinished, or made from other checkpoints or settings: the sampling job
+            # continues its parts only when they were drawn from the same inputs (its
+            # identity holds the checkpoints' steps and contents) and draws again otherwise.
             state.pop(output.name, None)
             _write_state(workdir, state)
             logging.info(
@@ -312,6 +309,7 @@ def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.
                 str(output),
                 classifier_checkpoint=str(workdir / "classifier") if scale else None,
                 mesh=mesh,
+                redo_changed=True,
             )
             state[output.name] = made_from
             state.setdefault("sample_seconds", {})[name] = time.time() - t0
@@ -471,7 +469,13 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
         trainer = "diffusion" if phase == "diffusion" else "classifier"
         checks.check_training_config(phase_config(config, phase), trainer, num_devices)
     _check_workdir(config, workdir)
-    files.write_text_atomic(workdir / JOB_FILE, config_json(config))
+    with locks.workdir_lock(workdir, job="quickstart"):
+        _check_workdir(config, workdir)  # again, now that no other job can change it
+        files.write_text_atomic(workdir / JOB_FILE, config_json(config))
+        return _run_phases(config, workdir, num_devices)
+
+
+def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
     began = time.time()
     state = _read_state(workdir)
     times, steps = {}, {}

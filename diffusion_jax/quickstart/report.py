@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from diffusion_jax import files
 from diffusion_jax.training.writers import read_metrics
 
 GRID_FILE = "samples_grid.png"
@@ -58,7 +59,7 @@ def write_grid(path: epath.Path, panels: list[tuple[str, np.ndarray, np.ndarray]
         ax.set_xticks([])
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    with path.open("wb") as f:
+    with files.atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
@@ -85,7 +86,7 @@ def write_curves(path: epath.Path, workdir: epath.Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with path.open("wb") as f:
+    with files.atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
@@ -112,7 +113,9 @@ def write_report(
         panels.append((title, images, labels))
     write_grid(workdir / GRID_FILE, panels)
     write_curves(workdir / CURVES_FILE, workdir)
-    (workdir / SUMMARY_FILE).write_text(summary_markdown(config, workdir, figures, outputs))
+    files.write_text_atomic(
+        workdir / SUMMARY_FILE, summary_markdown(config, workdir, figures, outputs)
+    )
 
 
 def tradeoff_statement(rows: list[dict]) -> str:

@@ -297,7 +297,8 @@ def _assemble(plan: _Plan, num_batches: int, image_shape: tuple) -> None:
         if is_writer:  # OUTPUT appears whole when the block ends, or not at all
             zf = stack.enter_context(
                 zipfile.ZipFile(
-                    stack.enter_context(files.atomic_write(plan.output, "wb")), "w",
+                    stack.enter_context(files.atomic_write(plan.output, "wb")),
+                    "w",
                     allowZip64=True,
                 )
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from etils import epath
 
+from diffusion_jax import files
+
 
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
     """Tiles uint8 [N, H, W, C] images into one [rows*(H+pad)+pad, ..., C] grid image."""
@@ -20,12 +22,10 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
 
 
 def write_png(path: epath.PathLike, image: np.ndarray) -> None:
-    """Writes a uint8 [H, W, 3] image as PNG (through a temporary file, then rename)."""
+    """Writes a uint8 [H, W, 3] image as PNG, atomically (`files.atomic_write`)."""
     from PIL import Image
 
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with files.atomic_write(path, "wb") as f:
         Image.fromarray(image).save(f, format="PNG")
-    tmp.replace(path)
