@@ -182,11 +182,11 @@ def table(tmp_path, monkeypatch):
     fake_checkpoint(checkpoints / "imagenet128")
     (tmp_path / "ref.npz").write_bytes(b"reference batch v1")
     (tmp_path / "w.npz").write_bytes(b"inception weights v1")
-    evaluations, sampled = [], []
+    evaluations, sampled, redo = [], [], []
 
     def sample(config, checkpoint, out, **kwargs):
         sampled.append((int(config.sampling.num_samples), config.sampling.timestep_respacing))
-        assert kwargs["redo_changed"]
+        redo.append(kwargs.get("redo_changed"))
         return out
 
     def evaluate(reference, samples):
@@ -203,7 +203,8 @@ def table(tmp_path, monkeypatch):
         )  # fmt: skip
         return fid_table.TableSettings(**{**fields, **changes})
 
-    return settings, evaluations, sampled, tmp_path
+    yield settings, evaluations, sampled, tmp_path
+    assert all(redo)  # the table owns its samples: changed inputs draw them again
 
 
 def figure(markdown: str) -> str:
