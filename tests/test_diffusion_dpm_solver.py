@@ -193,3 +193,45 @@ def test_dpm_solver_is_configured_once_and_equal_diffusions_share_its_program():
     np.testing.assert_array_equal(first, second)
     with pytest.raises(AssertionError, match="traced > 1 times"):  # other steps: a new program
         ours.create_diffusion(steps=1000).dpm_solver_sample_loop(model, shape, rng, steps=7)
+
+
+def test_2m_updates_on_a_non_uniform_log_snr_grid_equal_the_published_algorithm(x64):
+    """Lu et al. 2022, Algorithm 2, restated in numpy, on a grid whose step ratios r are
+    far from 1 (six respaced timesteps, four evaluations): an error in r, in which
+    prediction is extrapolated, or in the exponential factor changes the result."""
+    small = ours.create_diffusion(steps=1000, timestep_respacing=6)
+    ab = np.asarray(small.tables["alphas_cumprod"], np.float64)
+    t = dpm_solver.solver_timesteps(ab, 4)
+    alpha, sigma = np.sqrt(ab[t]), np.sqrt(1.0 - ab[t])
+    lam = np.log(alpha / sigma)
+    h = np.diff(lam)
+    r = h[:-1] / h[1:]  # h_{i-1} / h_i
+    assert np.all(np.abs(r - 1.0) > 0.2), r  # a non-uniform grid
+
+    def eps(x):  # a model that ignores t: the data prediction is then known in closed form
+        return 0.5 * x + 0.1
+
+    def model_fn(x, t_model, **unused):
+        del t_model, unused
+        return eps(x)
+
+    x_T = np.random.default_rng(0).normal(size=(2, 1, 2, 2))
+    got = small.dpm_solver_sample_loop(
+        model_fn, x_T.shape, jax.random.key(0), steps=4, noise=jnp.asarray(x_T),
+        clip_denoised=False,
+    )  # fmt: skip
+
+    def data(x, i):
+        return (x - sigma[i] * eps(x)) / alpha[i]
+
+    x = x_T
+    d_prev = data(x, 0)
+    x = sigma[1] / sigma[0] * x - alpha[1] * (np.exp(-h[0]) - 1.0) * d_prev  # first order
+    for i in range(2, len(t)):
+        d_now = data(x, i - 1)
+        r_i = h[i - 2] / h[i - 1]
+        d = (1.0 + 1.0 / (2.0 * r_i)) * d_now - 1.0 / (2.0 * r_i) * d_prev
+        x = sigma[i] / sigma[i - 1] * x - alpha[i] * (np.exp(-h[i - 1]) - 1.0) * d
+        d_prev = d_now
+    want = data(x, len(t) - 1)  # the final step returns the data prediction at t = 0
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
