@@ -326,6 +326,45 @@ def test_dpm_solver_with_both_guidances_is_the_same_on_8_and_1_devices(
     # (traced once each; the combination itself is tested in test_classifier_free_guidance).
     assert wrapped == [1000, 1000]
     assert np.abs(eight["arr_0"][0].astype(int) - eight["arr_0"][1].astype(int)).mean() > 5
+    # The scale reached the model: the job's images are the sampler's at cfg_scale=3 (the
+    # loop called directly with the guided model_fn, sample i's key fold_in(job_key, i)),
+    # and not its plain conditional ones (scale 1).
+    want, plain = direct_samples(config, cfg_checkpoint, ck, eight["arr_1"], (3.0, 1.0))
+    diff = np.abs(eight["arr_0"].astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    assert np.abs(eight["arr_0"].astype(int) - plain.astype(int)).mean() > 1
+
+
+def direct_samples(config, checkpoint, ck, labels, scales):
+    """The diffusion's loop on one device, without the job, at each classifier-free scale."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax import checkpoints, models, parallel
+    from diffusion_jax.diffusion import classifier_cond_fn, classifier_free_model_fn
+    from diffusion_jax.sampling import inputs, sharded
+
+    params, _ = checkpoints.restore_params(checkpoint)
+    classifier_config = inputs.read_saved_config(ck["classifier_dir"], "classifier")["model"]
+    classifier_params, _ = checkpoints.restore_params(ck["classifier_dir"])
+    classifier = models.create_classifier(classifier_config)
+    program = sharded.sampling_program(config, parallel.create_mesh(jax.devices()[:1]))
+    model_fn = jax.tree_util.Partial(program.model.apply, {"params": params})
+    cond_fn = classifier_cond_fn(
+        classifier.apply, {"params": classifier_params}, float(config.sampling.classifier_scale)
+    )
+    key = sharded.job_key(config.seed)
+    rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(labels)))
+    y = jnp.asarray(labels, jnp.int32)
+    out = []
+    for scale in scales:
+        guided = classifier_free_model_fn(model_fn, scale, 1000) if scale != 1.0 else model_fn
+        x = program.diffusion.sample_loop(
+            guided, (len(labels), 16, 16, 3), rngs, program.options, cond_fn=cond_fn,
+            model_kwargs={"y": y}, cond_kwargs={"y": y},
+        )["sample"]  # fmt: skip
+        out.append(np.asarray(sharded.to_uint8(x)))
+    return out
 
 
 def test_cfg_scale_needs_a_null_class_and_methods_are_checked(ck, tmp_path, no_device_work):

@@ -154,12 +154,39 @@ def test_a_changed_config_or_checkpoint_is_refused(swept):
     tmp, _, checkpoints, _ = swept
     config = sm.load(sm.BASE)
     config.seed = 1
-    with pytest.raises(ValueError, match=r"other settings \(changed: config.seed\)"):
+    with pytest.raises(ValueError, match=r"sweep of other inputs: config\.seed \(was: 0, now: 1\)"):
         sweep.run_sweep(config, settings(tmp, checkpoints))
     other = settings(tmp, checkpoints, classifier_checkpoint=None, scales=(0.0,))
-    with pytest.raises(ValueError, match=r"changed: classifier_checkpoint\)"):
+    with pytest.raises(ValueError, match=r"other inputs: classifier_checkpoint \(was: '"):
         sweep.run_sweep(sm.load(sm.BASE), other)
     assert json.loads((tmp / "out" / sweep.SWEEP_FILE).read_text())["config"]["seed"] == 0
+
+
+@pytest.mark.slow
+def test_a_point_scored_against_another_reference_or_features_is_rescored(swept, tmp_path):
+    """Its samples are kept; its figures are those of the evaluator run on them against
+    the new reference (or with the new feature network)."""
+    import shutil
+
+    tmp, _, checkpoints, _ = swept
+    shutil.copytree(tmp / "out", tmp_path / "out")  # the first run's workdir stays as it was
+    one = dict(workdir=str(tmp_path / "out"), steps=(2,), scales=(2.0,))
+    samples = tmp_path / "out" / "points" / "ancestral_2steps_scale2.npz"
+    drawn = samples.stat().st_mtime_ns
+    other_ref = ev.write_reference(tmp_path / "ref2.npz", num_images=16, seed=1)
+    inception = evaluation.load_inception(tmp / "w.npz")
+    features = evaluation.load_classifier_features(checkpoints["classifier_dir"])
+    for changes, reference, network in (
+        (dict(reference=str(other_ref)), other_ref, inception),
+        (dict(reference=str(other_ref), features=str(checkpoints["classifier_dir"])), other_ref,
+         features),
+    ):  # fmt: skip
+        result = sweep.run_sweep(sm.load(sm.BASE), settings(tmp, checkpoints, **one, **changes))
+        assert result.computed == ("ancestral_2steps_scale2",)  # before: 'done earlier'
+        want = evaluation.evaluate_npz(reference, samples, network, split_size=8, batch_size=8)
+        got = [result.rows[0]["metrics"][m] for m in sweep.METRICS]
+        np.testing.assert_allclose(got, [getattr(want, m) for m in sweep.METRICS], rtol=1e-6)
+    assert samples.stat().st_mtime_ns == drawn  # scored again, not drawn again
 
 
 def test_bad_input_fails_before_any_work(inputs, tmp_path):

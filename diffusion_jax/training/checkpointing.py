@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from diffusion_jax import resumable
 from diffusion_jax.checkpoints.workdir import read_step, restore_newest_readable
 from diffusion_jax.training.state import TrainState
 
@@ -76,11 +77,7 @@ def gather_data_positions(position: dict[str, int]) -> list[dict[str, int]]:
     Hosts skip unreadable images on their own, so one host's position is not another's.
     """
     keys = ("epoch", "position", "skipped")
-    local = np.asarray([int(position.get(k, 0)) for k in keys], np.int64)
-    if jax.process_count() == 1:
-        rows = local[None]
-    else:
-        rows = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys))
+    rows = resumable.gather_rows(np.asarray([[int(position.get(k, 0)) for k in keys]], np.int64))
     return [dict(zip(keys, map(int, row))) for row in rows]
 
 
@@ -134,13 +131,11 @@ def check_saves(manager: ocp.CheckpointManager) -> None:
         manager.check_for_errors()
     except Exception as e:
         error = e
-    if jax.process_count() > 1:
-        failed = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
-        if np.any(failed) and error is None:
-            raise CheckpointSaveError(
-                f"writing a checkpoint under {manager.directory} failed on another process "
-                "(see its log); the run stops."
-            )
+    if resumable.any_process(error is not None) and error is None:
+        raise CheckpointSaveError(
+            f"writing a checkpoint under {manager.directory} failed on another process "
+            "(see its log); the run stops."
+        )
     if error is not None:
         with save_errors(manager):
             raise error
