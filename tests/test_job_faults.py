@@ -341,3 +341,23 @@ def test_a_training_workdir_identity_names_its_newest_step_and_follows_it(tmp_pa
     checkpointing.finish_saves(manager)
     second = workdir_lib.checkpoint_identity(tmp_path)
     assert second["step"] == 4 and second["content"] != first["content"]
+
+
+def test_corrupt_job_state_names_its_file(tmp_path, fake_device, table):
+    checkpoint = fake_checkpoint(tmp_path / "ckpt")
+    run_job(checkpoint, tmp_path / "s.npz")
+    manifest = tmp_path / "s.npz.parts" / job_lib.MANIFEST
+    manifest.write_text('{"sampling": ')
+    with pytest.raises(ValueError, match=rf"{manifest} is corrupt or truncated"):
+        run_job(checkpoint, tmp_path / "s.npz")
+
+    settings, _, _, tmp = table
+    fid_table.run_table("imagenet128", settings())
+    result = tmp / "out" / "results" / "imagenet128_adm.json"
+    result.write_text("{")
+    with pytest.raises(ValueError, match=rf"{result} is corrupt or truncated"):
+        fid_table.run_table("imagenet128", settings())
+    record = tmp_path / "sweep.json"
+    record.write_text("[")
+    with pytest.raises(ValueError, match=rf"{record} is corrupt or truncated"):
+        sweep._check_workdir(tmp_path, {"config": {}})

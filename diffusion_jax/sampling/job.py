@@ -387,7 +387,10 @@ def run_sampling_job(
     parts = _parts_dir(plan)
     num_batches = -(-plan.num_samples // plan.batch_size)
     with locks.exclusive_workdir(parts, job=f"the sampling job of {plan.output.name}"):
-        saved = _check_manifest(plan, _read_manifest(parts), redo_changed)
+        saved = _read_manifest(parts)
+        # Process 0's view (a slow process must not read the manifest a fast one just wrote).
+        saved = saved if resumable.agree(saved is not None) else None
+        saved = _check_manifest(plan, saved, redo_changed)
         complete = saved is not None and resumable.is_complete(parts)
         if complete and resumable.agree(plan.output.exists()):
             logging.info("%s is complete (%s)", plan.output, parts / COMPLETE)
