@@ -164,8 +164,9 @@ def test_a_changed_config_or_checkpoint_is_refused(swept):
 
 @pytest.mark.slow
 def test_a_point_scored_against_another_reference_or_features_is_rescored(swept, tmp_path):
-    """Its samples are kept; its figures are those of the evaluator run on them against
-    the new reference (or with the new feature network)."""
+    """Its samples are kept; its figures are those of the evaluator run on them with the
+    new feature network, then against the new reference (the small classifier's features:
+    no Inception pass)."""
     import shutil
 
     tmp, _, checkpoints, _ = swept
@@ -174,16 +175,15 @@ def test_a_point_scored_against_another_reference_or_features_is_rescored(swept,
     samples = tmp_path / "out" / "points" / "ancestral_2steps_scale2.npz"
     drawn = samples.stat().st_mtime_ns
     other_ref = ev.write_reference(tmp_path / "ref2.npz", num_images=16, seed=1)
-    inception = evaluation.load_inception(tmp / "w.npz")
-    features = evaluation.load_classifier_features(checkpoints["classifier_dir"])
-    for changes, reference, network in (
-        (dict(reference=str(other_ref)), other_ref, inception),
-        (dict(reference=str(other_ref), features=str(checkpoints["classifier_dir"])), other_ref,
-         features),
-    ):  # fmt: skip
+    network = str(checkpoints["classifier_dir"])
+    features = evaluation.load_classifier_features(network)
+    for changes, reference in (
+        (dict(features=network), tmp / "ref.npz"),  # Inception -> the classifier
+        (dict(features=network, reference=str(other_ref)), other_ref),
+    ):
         result = sweep.run_sweep(sm.load(sm.BASE), settings(tmp, checkpoints, **one, **changes))
         assert result.computed == ("ancestral_2steps_scale2",)  # before: 'done earlier'
-        want = evaluation.evaluate_npz(reference, samples, network, split_size=8, batch_size=8)
+        want = evaluation.evaluate_npz(reference, samples, features, split_size=8, batch_size=8)
         got = [result.rows[0]["metrics"][m] for m in sweep.METRICS]
         np.testing.assert_allclose(got, [getattr(want, m) for m in sweep.METRICS], rtol=1e-6)
     assert samples.stat().st_mtime_ns == drawn  # scored again, not drawn again
