@@ -93,16 +93,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.random_flip = False  # digits are not mirror-symmetric
     data.eval_split = "test"
 
-    config.optim.lr = 1e-3
+    # The recipe of the colour study (bench/RESULTS.md): more, smaller steps at a higher
+    # rate, annealed to 0 (the paper code's --anneal_lr). Batch 32 gives more learning
+    # per image and more images per second on a CPU than batch 64; 1800 steps take about
+    # as long as 700 at batch 64 did, and the backgrounds come out black.
+    config.optim.lr = 2e-3
     config.optim.warmup_steps = 50
+    config.optim.anneal_lr = True
     training = config.training
-    training.num_steps = 700
-    training.batch_size = 64
+    training.num_steps = 1800
+    training.batch_size = 32
     training.ema_rates = (0.995,)
     training.ema_warmup = True  # a short run: early EMA copies must not keep the init
     training.label_dropout = 0.1  # classifier-free guidance: a null-label row
     training.log_every = 50
-    training.checkpoint_every = 250
+    training.checkpoint_every = 300
 
     sampling = config.sampling
     sampling.num_samples = 100  # replaced by quickstart.samples_per_class x classes

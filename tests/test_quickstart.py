@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The shortened run (the default is in configs/quickstart.py).
 SHORT = [
-    "--config.training.num_steps=400",
-    "--config.training.checkpoint_every=100",
+    "--config.training.num_steps=600",
+    "--config.training.checkpoint_every=200",
     "--config.classifier.training.num_steps=250",
     "--config.classifier.training.eval_every=250",
     "--config.clean_classifier.training.num_steps=150",
@@ -196,7 +196,7 @@ def test_phase_configs_share_the_facts_and_pass_the_checks():
     assert job.phase_config(config, "clean_classifier").training.noised is False
     accel = job.effective_config(quickstart_config.get_config(), "gpu")
     assert accel.training.num_steps == accel.quickstart.accelerator.num_steps
-    assert job.effective_config(quickstart_config.get_config(), "cpu").training.num_steps == 700
+    assert job.effective_config(quickstart_config.get_config(), "cpu").training.num_steps == 1800
 
 
 def test_image_statistics_and_the_tradeoff_statement_are_the_closed_form():
