@@ -361,3 +361,43 @@ def test_corrupt_job_state_names_its_file(tmp_path, fake_device, table):
     record.write_text("[")
     with pytest.raises(ValueError, match=rf"{record} is corrupt or truncated"):
         sweep._check_workdir(tmp_path, {"config": {}})
+
+
+def test_a_damaged_newest_step_of_a_workdir_falls_back_and_a_rerun_finds_the_job(
+    tmp_path, monkeypatch, caplog
+):
+    from test_workdir_faults import fake_state
+
+    from diffusion_jax.training import checkpointing
+
+    config_json = sm.load(sm.BASE).to_json_best_effort()
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config_json)
+    manager = workdir_lib.create_manager(workdir, keep=5)
+    for step in (2, 4):
+        position = [{"epoch": 0, "position": step, "skipped": 0}]
+        checkpointing.save(manager, fake_state(step), position, config_json)
+    checkpointing.finish_saves(manager)
+    made = []
+
+    def create(plan, checkpoint, mesh):  # step 4's arrays are cut short on disk
+        if plan.checkpoint_step == 4:
+            where = workdir / workdir_lib.CHECKPOINTS_DIR / "4"
+            raise workdir_lib.DamagedCheckpointError(f"checkpoint {where} is damaged: cut short")
+        (workdir / "params.version").write_text(str(plan.checkpoint_step))
+        made.append(FakeSampler(checkpoint))
+        return made[-1]
+
+    monkeypatch.setattr(job_lib, "_create_sampler", create)
+    out = tmp_path / "s.npz"
+    job_lib.run_sampling_job(job_config(), str(workdir), str(out))
+    np.testing.assert_array_equal(sm.read_npz(out)["arr_0"], expected_images(2))  # step 2's
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert warnings and "checkpoints/4 is damaged" in warnings[0]
+    assert "sampling from step 2, instead" in warnings[0]
+    manifest = json.loads((tmp_path / "s.npz.parts" / job_lib.MANIFEST).read_text())
+    assert manifest["checkpoint_identity"]["step"] == 2
+    # The same command again: the finished job is found (no refusal, nothing redrawn).
+    job_lib.run_sampling_job(job_config(), str(workdir), str(out))
+    assert len(made) == 1 and made[0].calls == [0, 8, 16]

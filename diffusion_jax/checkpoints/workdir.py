@@ -210,17 +210,27 @@ def _restore_params(
     return params, config
 
 
-def checkpoint_identity(directory: str | epath.PathLike) -> dict:
+def complete_steps(directory: str | epath.PathLike) -> list[int]:
+    """The complete checkpoint steps of a training workdir, oldest first."""
+    manager = create_manager(directory, keep=0, read_only=True)
+    try:
+        return sorted(int(s) for s in manager.all_steps())
+    finally:
+        manager.close()
+
+
+def checkpoint_identity(directory: str | epath.PathLike, step: int | None = None) -> dict:
     """What a result drawn from the checkpoint `directory` was drawn from.
 
     Args:
       directory: a training workdir or a `convert_checkpoint` directory.
+      step: a training workdir's step (default: the newest complete one).
 
     Returns:
-      `{"step": the newest complete step (None for a converted directory), "content": a
-      digest of the names, sizes and modification times of that step's (or the
-      directory's) files}`: it changes when training advances or re-saves the workdir, or
-      the directory is converted again. No array is read.
+      `{"step": the step (None for a converted directory), "content": a digest of the
+      names, sizes and modification times of that step's (or the directory's) files}`:
+      it changes when training advances or re-saves the workdir, or the directory is
+      converted again. No array is read.
 
     Raises:
       FileNotFoundError: no such directory, or a workdir without a complete checkpoint.
@@ -228,11 +238,8 @@ def checkpoint_identity(directory: str | epath.PathLike) -> dict:
     directory = epath.Path(directory)
     if not is_workdir(directory):
         return {"step": None, "content": resumable.path_identity(directory)}
-    manager = create_manager(directory, keep=0, read_only=True)
-    try:
-        step = manager.latest_step()
-    finally:
-        manager.close()
+    steps = complete_steps(directory)
+    step = (steps[-1] if steps else None) if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory / CHECKPOINTS_DIR} holds no complete checkpoint yet.")
     where = directory / CHECKPOINTS_DIR / str(step)

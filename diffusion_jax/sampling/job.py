@@ -69,7 +69,9 @@ class _Plan:
     fingerprint: dict
 
 
-def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh) -> _Plan:
+def _plan(
+    config, checkpoint, output, classifier_checkpoint, base_samples, mesh, step=None
+) -> _Plan:
     sampling, model = config.sampling, config.model
     inputs.check_num_samples(sampling.num_samples, sampling.batch_size, mesh.devices.size)
     out = inputs.check_output(output)
@@ -147,7 +149,7 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
         inputs.job_labels(labels_spec, None, n, 0)  # raises: nothing to condition on
     from diffusion_jax.checkpoints import workdir as workdir_lib  # second floor
 
-    checkpoint_identity = workdir_lib.checkpoint_identity(checkpoint)
+    checkpoint_identity = workdir_lib.checkpoint_identity(checkpoint, step)
     fingerprint = {
         "sampling": config.sampling.to_dict(),
         "seed": int(config.seed),
@@ -383,14 +385,51 @@ def run_sampling_job(
         OUTPUT.
     """
     mesh = parallel.create_mesh_from_config(config) if mesh is None else mesh
-    plan = _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
+    args = (config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
+    step = None  # the newest complete step, then an older one if that is damaged
+    while True:
+        done = _run_job(*args, redo_changed=redo_changed, step=step)
+        if isinstance(done, epath.Path):
+            return done
+        step = done
+
+
+def _run_job(*args, redo_changed: bool, step: int | None) -> epath.Path | int:
+    """The job at `step` (None: the newest); the step to fall back to if it is damaged."""
+    from diffusion_jax.checkpoints import workdir as workdir_lib  # second floor
+
+    config, checkpoint, mesh = args[0], args[1], args[-1]
+    plan = _plan(*args, step=step)
     parts = _parts_dir(plan)
     num_batches = -(-plan.num_samples // plan.batch_size)
+
+    def older_step(error: Exception) -> int | None:
+        """The step before a damaged newest step of a training workdir (as training's restore)."""
+        damaged = epath.Path(checkpoint) / workdir_lib.CHECKPOINTS_DIR / str(plan.checkpoint_step)
+        if plan.checkpoint_step is None or f"{damaged} is damaged" not in str(error):
+            return None  # a converted directory's, or the classifier's
+        older = [s for s in workdir_lib.complete_steps(checkpoint) if s < plan.checkpoint_step]
+        if older:
+            logging.warning("%s; sampling from step %d, instead.", error, older[-1])
+        return older[-1] if older else None
+
     with locks.exclusive_workdir(parts, job=f"the sampling job of {plan.output.name}"):
         saved = _read_manifest(parts)
         # Process 0's view (a slow process must not read the manifest a fast one just wrote).
         saved = saved if resumable.agree(saved is not None) else None
-        saved = _check_manifest(plan, saved, redo_changed)
+        try:
+            saved = _check_manifest(plan, saved, redo_changed)
+        except ValueError as changed:  # the newest step: advanced, or damaged since?
+            if step is not None or saved.get("checkpoint_identity", {}).get("step") is None:
+                raise
+            try:
+                _create_sampler(plan, checkpoint, mesh)
+            except workdir_lib.DamagedCheckpointError as e:
+                fallback = older_step(e)
+                if fallback is None:
+                    raise
+                return fallback
+            raise changed
         complete = saved is not None and resumable.is_complete(parts)
         if complete and resumable.agree(plan.output.exists()):
             logging.info("%s is complete (%s)", plan.output, parts / COMPLETE)
@@ -401,7 +440,13 @@ def run_sampling_job(
             logging.warning("%s was split over other processes: drawing again.", parts)
             _discard(plan)
             saved = None
-        sampler = _create_sampler(plan, checkpoint, mesh)  # the last checks: parameters
+        try:  # the last checks: parameters
+            sampler = _create_sampler(plan, checkpoint, mesh)
+        except workdir_lib.DamagedCheckpointError as e:
+            fallback = older_step(e)
+            if fallback is None:
+                raise
+            return fallback
         if saved is None:  # bookkeeping, once every input passed its checks
             layout = {"processes": jax.process_count(), "devices": int(mesh.devices.size)}
             resumable.record_fingerprint(parts / MANIFEST, {**plan.fingerprint, **layout})
