@@ -124,6 +124,46 @@ def test_quickstart_trains_guides_and_reports(run):
 
 
 @pytest.mark.slow
+def test_fd_falls_with_training(run):
+    """The first checkpoint's unguided samples (same labels and sampler) are further from
+    the test digits, on the clean classifier's features, than the last checkpoint's."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax import evaluation, models
+    from diffusion_jax.checkpoints import restore_params
+    from diffusion_jax.diffusion import create_diffusion
+
+    workdir, _ = run
+    config = job.phase_config(quickstart_config.get_config(), "diffusion")
+    first = min(int(p.name) for p in (workdir / "diffusion" / "checkpoints").iterdir()
+                if p.name.isdigit())  # fmt: skip
+    assert first < 600
+    params, _ = restore_params(workdir / "diffusion", step=first, ema_rate=0.995)
+    model = models.create_model(config.model)
+    diffusion = create_diffusion(config.diffusion, timestep_respacing="25")
+    labels = np.repeat(np.arange(10), 5).astype(np.int32)
+
+    def model_fn(x, t, y):
+        return model.apply({"params": params}, x, t, y=y)
+
+    x = jax.jit(
+        lambda key: diffusion.p_sample_loop(
+            model_fn, (50, 16, 16, 3), key, model_kwargs={"y": jnp.asarray(labels)}
+        )
+    )(jax.random.key(0))
+    early = workdir.parent / "early_samples.npz"
+    images = np.asarray(jnp.clip((x + 1) * 127.5, 0, 255).astype(jnp.uint8))  # truncation
+    np.savez(early, arr_0=images, arr_1=labels)
+    net = evaluation.load_classifier_features(workdir / "clean_classifier")
+    fd_early = evaluation.evaluate_npz(
+        workdir / "reference_test.npz", early, net, split_size=50
+    ).fid
+    fd_last = _figures(workdir)["metrics"]["unguided"]["fd"]
+    assert fd_last < fd_early, (first, fd_early, fd_last)
+
+
+@pytest.mark.slow
 def test_rerun_reuses_and_another_config_is_refused(run):
     workdir, _ = run
     figures = _figures(workdir)
