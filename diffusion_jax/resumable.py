@@ -39,12 +39,13 @@ COMPLETE = "COMPLETE"
 _ABSENT = "<absent>"
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys (`{"a": {"b": 1}}` -> `{"a.b": 1}`)."""
     if not isinstance(tree, dict):
         return {prefix: tree}
     out = {}
     for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
@@ -73,7 +74,7 @@ def differences(
     Returns:
       Sorted entries 'field (was: A, now: B)'; empty when they agree.
     """
-    a, b = _flatten(normalise(saved)), _flatten(normalise(current))
+    a, b = flatten(normalise(saved)), flatten(normalise(current))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + ".") for f in ignore):

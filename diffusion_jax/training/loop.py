@@ -26,7 +26,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import locks, parallel
+from diffusion_jax import locks, parallel, resumable
 from diffusion_jax.checkpoints.workdir import create_manager
 from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
@@ -346,7 +346,7 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
 
 
 def _flat_config(config: Any) -> dict[str, Any]:
-    flat = checks._flatten(json.loads(config_json(config)))
+    flat = resumable.flatten(json.loads(config_json(config)))
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in flat.items()}
 
 
