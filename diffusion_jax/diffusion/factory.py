@@ -6,7 +6,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import keys, objectives, respace, samplers, schedules
+from diffusion_jax.diffusion import (
+    dpm_solver,  # noqa: F401  (registers dpm_solver++)
+    keys,
+    objectives,
+    respace,
+    samplers,
+    schedules,
+)
+from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
 from diffusion_jax.diffusion.loops import SamplingLoops
 
@@ -128,10 +136,7 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
             keys.as_key(rng),
             noise=noise,
             clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
+            cond=Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn),
         )
 
     def ddim_sample(
@@ -158,10 +163,7 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
             keys.as_key(rng),
             noise=noise,
             clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
+            cond=Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn),
             eta=eta,
         )
 
@@ -183,8 +185,7 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
             x,
             t,
             clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
+            cond=Conditioning(model_kwargs, denoised_fn=denoised_fn),
             eta=eta,
         )
 
