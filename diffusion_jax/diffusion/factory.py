@@ -128,15 +128,10 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
         cond_kwargs=None,
     ):
         """One ancestral step; see samplers.p_sample (rng: one key or [B] keys)."""
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        rng, clip = keys.as_key(rng), clip_denoised
         return samplers.p_sample(
-            self,
-            model_fn,
-            x,
-            t,
-            keys.as_key(rng),
-            noise=noise,
-            clip_denoised=clip_denoised,
-            cond=Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn),
+            self, model_fn, x, t, rng, noise=noise, clip_denoised=clip, cond=cond
         )
 
     def ddim_sample(
@@ -155,16 +150,10 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
         eta=0.0,
     ):
         """One DDIM step; see samplers.ddim_sample (rng: one key or [B] keys)."""
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        rng, clip = keys.as_key(rng), clip_denoised
         return samplers.ddim_sample(
-            self,
-            model_fn,
-            x,
-            t,
-            keys.as_key(rng),
-            noise=noise,
-            clip_denoised=clip_denoised,
-            cond=Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn),
-            eta=eta,
+            self, model_fn, x, t, rng, noise=noise, clip_denoised=clip, cond=cond, eta=eta
         )
 
     def ddim_reverse_sample(
@@ -179,14 +168,10 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
         eta=0.0,
     ):
         """One reverse DDIM step x_t -> x_{t+1}; see samplers.ddim_reverse_sample."""
+        cond = Conditioning(model_kwargs, denoised_fn=denoised_fn)
+        clip = clip_denoised
         return samplers.ddim_reverse_sample(
-            self,
-            model_fn,
-            x,
-            t,
-            clip_denoised=clip_denoised,
-            cond=Conditioning(model_kwargs, denoised_fn=denoised_fn),
-            eta=eta,
+            self, model_fn, x, t, clip_denoised=clip, cond=cond, eta=eta
         )
 
 

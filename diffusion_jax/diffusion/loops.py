@@ -64,13 +64,9 @@ class SamplingLoops:
         cond = Conditioning() if cond is None else cond
         return samplers.run_loop(self, options, model_fn, noise, sample_rngs, cond)
 
-    def _sample(self, kind, model_fn, shape, rng, noise, eta, keep, *, progress, **kwargs):
-        clip = kwargs.pop("clip_denoised")
-        options = SamplerOptions(
-            kind=kind, eta=eta, clip_denoised=clip, keep_intermediates=keep, progress=progress
-        )
+    def _sample(self, model_fn, shape, rng, noise, cond, **options):
         return self.sample_loop(
-            model_fn, shape, rng, options, noise=noise, cond=Conditioning(**kwargs)
+            model_fn, shape, rng, SamplerOptions(**options), noise=noise, cond=cond
         )
 
     def p_sample_loop(
@@ -115,21 +111,9 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples.
         """
-        return self._sample(
-            "ancestral",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            0.0,
-            False,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )["sample"]
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ancestral", clip_denoised=clip_denoised, progress=progress)
+        return self._sample(model_fn, shape, rng, noise, cond, **options)["sample"]
 
     def p_sample_loop_progressive(
         self,
@@ -151,21 +135,9 @@ class SamplingLoops:
           dict: 'sample' [B, H, W, C]; 'samples' and 'pred_xstarts' [T, B, H, W, C],
           row i being the step at timestep T-1-i.
         """
-        return self._sample(
-            "ancestral",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            0.0,
-            True,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ancestral", clip_denoised=clip_denoised, progress=progress)
+        return self._sample(model_fn, shape, rng, noise, cond, keep_intermediates=True, **options)
 
     def ddim_sample_loop(
         self,
@@ -191,21 +163,9 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples.
         """
-        return self._sample(
-            "ddim",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            eta,
-            False,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )["sample"]
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ddim", clip_denoised=clip_denoised, progress=progress, eta=eta)
+        return self._sample(model_fn, shape, rng, noise, cond, **options)["sample"]
 
     def ddim_sample_loop_progressive(
         self,
@@ -223,21 +183,9 @@ class SamplingLoops:
         progress=False,
     ):
         """`ddim_sample_loop` also returning every step's output (see the ancestral one)."""
-        return self._sample(
-            "ddim",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            eta,
-            True,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ddim", clip_denoised=clip_denoised, progress=progress, eta=eta)
+        return self._sample(model_fn, shape, rng, noise, cond, keep_intermediates=True, **options)
 
     def dpm_solver_sample_loop(
         self,

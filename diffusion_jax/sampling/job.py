@@ -82,7 +82,8 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
             )
         ema_rate = float(rates[0])
     settings = models.validate_model_config(model)
-    if settings["kind"] == "classifier":
+    spec = models.model_spec(settings["kind"])
+    if spec.trainer != "diffusion":
         raise ValueError(f"--checkpoint={checkpoint} is a classifier, not a diffusion model.")
 
     scale = float(sampling.classifier_scale)
@@ -106,7 +107,7 @@ def _plan(config, checkpoint, output, classifier_checkpoint, base_samples, mesh)
 
     low_res = labels = None
     n = int(sampling.num_samples)
-    if settings["kind"] == "superres":
+    if spec.takes_low_res:
         if not base_samples:
             raise ValueError(
                 "an upsampler config needs --base_samples=FILE.npz (a base job's output)."
