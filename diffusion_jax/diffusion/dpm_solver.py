@@ -167,6 +167,7 @@ register_sampler(
         respacing=lambda _: "",
         steps=dpm_solver_steps,
         check=_check,
+        methods=(KIND,),
     )
 )
 

@@ -50,12 +50,8 @@ class SamplerKind:
     noisy: bool = False
     respacing: Callable[[Any], Any] = lambda respacing: respacing
     steps: Callable[[Any], int | None] | None = None
-    methods: tuple[str, ...] | None = None
+    methods: tuple[str, ...] = ()
     check: Callable | None = None
-
-    def __post_init__(self):
-        if self.methods is None:
-            object.__setattr__(self, "methods", (self.name,))
 
 
 # The registry: kind name -> entry. `samplers` and `dpm_solver` register theirs.

@@ -99,12 +99,7 @@ def p_sample(
         out["mean"] = diffusion.condition_mean(cond.cond_fn, out, x, t, cond.guidance_kwargs)
     eps = _step_noise(rng, noise, out["mean"])
     sample = out["mean"] + _nonzero_mask(t, x) * jnp.exp(0.5 * out["log_variance"]) * eps
-    return {
-        "sample": sample,
-        "pred_xstart": out["pred_xstart"],
-        "mean": out["mean"],
-        "log_variance": out["log_variance"],
-    }
+    return {"sample": sample, **{k: out[k] for k in ("pred_xstart", "mean", "log_variance")}}
 
 
 def ddim_sample(
@@ -121,17 +116,9 @@ def ddim_sample(
 ) -> dict[str, jnp.ndarray]:
     """One DDIM step x_t -> x_{t-1} (DDIM eq. 12), optionally guided (Algorithm 2).
 
-    Args:
-      diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`.
-      x: [B, H, W, C] x_t.
-      t: int [B] timesteps.
-      rng: one key or [B] keys for the step noise, as in `p_sample`; unused when
-        eta == 0 or noise is given, required otherwise.
-      noise: fixed standard normal noise like x.
-      clip_denoised: clip the x_0 prediction to [-1, 1].
-      cond: labels, model inputs and guidance (`Conditioning`).
-      eta: 0 is deterministic DDIM, 1 matches the ancestral variance.
+    Args as `p_sample` (rng only drawing the step noise: unused when eta == 0 or
+    noise is given, required otherwise), plus eta: 0 is deterministic DDIM, 1 matches
+    the ancestral variance.
 
     Returns:
       dict with 'sample' (x_{t-1}) and 'pred_xstart' (the unguided x_0 prediction).
@@ -182,14 +169,8 @@ def ddim_reverse_sample(
 ) -> dict[str, jnp.ndarray]:
     """One step of the reversed DDIM ODE, x_t -> x_{t+1} (deterministic inversion).
 
-    Args:
-      diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`.
-      x: [B, H, W, C] x_t.
-      t: int [B] timesteps.
-      clip_denoised: clip the x_0 prediction to [-1, 1].
-      cond: the model inputs and denoised_fn (guidance does not apply).
-      eta: must be 0: only the deterministic path can be reversed.
+    Args as `p_sample` (cond's guidance does not apply); eta must be 0: only the
+    deterministic path can be reversed.
 
     Returns:
       dict with 'sample' (x_{t+1}) and 'pred_xstart'.
@@ -269,11 +250,11 @@ register_sampler(
     )
 )
 register_sampler(
-    SamplerKind("ddim", loop=scan_loop(_ddim_step), uses_eta=True, respacing=ddim_respacing)
+    SamplerKind(
+        "ddim", scan_loop(_ddim_step), uses_eta=True, respacing=ddim_respacing, methods=("ddim",)
+    )
 )
-register_sampler(
-    SamplerKind("ddim_reverse", loop=scan_loop(_ddim_reverse_step, reverse=True), methods=())
-)
+register_sampler(SamplerKind("ddim_reverse", loop=scan_loop(_ddim_reverse_step, reverse=True)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -263,11 +263,7 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
 
 
 def _restore_or_init(config: Any, workdir: epath.Path, setup: Setup, manager):
-    """The latest complete checkpoint of `workdir`, or step 0 (from init_from when set).
-
-    Returns:
-      (state, data positions of the processes or None at step 0).
-    """
+    """(state, every process's data position) of the latest checkpoint, else (step 0, None)."""
     current = json.loads(config_json(config))
     restored = checkpointing.restore_newest(
         manager,
@@ -286,8 +282,7 @@ def _restore_or_init(config: Any, workdir: epath.Path, setup: Setup, manager):
             )
         logging.info("Resumed %s at step %d.", workdir, latest)
         return state, positions
-    params = None
-    training = config.training
+    params, training = None, config.training
     if training.init_from:
         params = _load_init_params(
             training.init_from, training.init_from_ema_rate, setup.abstract_params
