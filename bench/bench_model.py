@@ -8,7 +8,7 @@ Parts (`--parts`):
   * train: the library's jitted, donated train step (`training.loop.create_setup`, what
     `launch.train` runs) on random batches; images/s, MFU with 3 forward passes an image;
   * forward: one jitted model forward (eval mode) at `--sample_batch`: image-evals/s;
-  * guided: one classifier-guided ancestral step (`diffusion.samplers.p_sample` with
+  * guided: one classifier-guided ancestral step (`Diffusion.p_sample` with
     `classifier_cond_fn`: model forward + classifier forward/backward): image-steps/s;
   * loop: a whole `--loop_steps`-step guided sampling batch as one program through
     `sampling.ShardedSampler` (what `launch.sample` runs), one batch to compile, then
@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from bench import benchlib
 from diffusion_jax import models, parallel
-from diffusion_jax.diffusion import SamplerOptions, classifier_cond_fn, create_diffusion, samplers
+from diffusion_jax.diffusion import SamplerOptions, classifier_cond_fn, create_diffusion
 from diffusion_jax.sampling import inputs as sampling_inputs
 from diffusion_jax.sampling.sharded import SamplingProgram, ShardedSampler
 from diffusion_jax.training import loop
@@ -215,7 +215,7 @@ def main(argv):
         def guided_step(p, cp, x, t, y, key):
             model_fn = jax.tree_util.Partial(model.apply, {"params": p})
             cond_fn = classifier_cond_fn(classifier.apply, {"params": cp}, scale)
-            out = samplers.p_sample(diffusion, model_fn, x, t, key, cond_fn=cond_fn,
+            out = diffusion.p_sample(model_fn, x, t, key, cond_fn=cond_fn,
                                     model_kwargs={"y": y} if cond else {},
                                     cond_kwargs={"y": y})  # fmt: skip
             return out["sample"]

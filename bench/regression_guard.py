@@ -29,7 +29,7 @@ from absl import app, flags
 from bench import benchlib
 from configs import classifier64, imagenet64
 from diffusion_jax import models, parallel
-from diffusion_jax.diffusion import classifier_cond_fn, create_diffusion, samplers
+from diffusion_jax.diffusion import classifier_cond_fn, create_diffusion
 from diffusion_jax.training import loop
 
 _BASELINE = os.path.join(os.path.dirname(__file__), "regression_baseline.json")
@@ -94,7 +94,7 @@ def guided_program():
     def step(p, cp, x):
         model_fn = jax.tree_util.Partial(model.apply, {"params": p})
         cond_fn = classifier_cond_fn(classifier.apply, {"params": cp}, 1.0)
-        return samplers.p_sample(diffusion, model_fn, x, t, jax.random.key(3), cond_fn=cond_fn,
+        return diffusion.p_sample(model_fn, x, t, jax.random.key(3), cond_fn=cond_fn,
                                  model_kwargs={"y": y})["sample"]  # fmt: skip
 
     return lambda: step(params, cls_params, x)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from configs import base
-from diffusion_jax.models import GroupNorm32, create_classifier, create_model
+from diffusion_jax.models import (
+    GroupNorm32,
+    create_classifier,
+    create_model,
+    model_spec,
+    validate_model_config,
+)
 
 # Parameter counts of the paper code's own models (shared/ANCHORS.md).
 PAPER_PARAMS = {
@@ -30,22 +36,13 @@ PAPER_PARAMS = {
 
 
 def build(model_config):
-    if model_config.kind == "classifier":
-        return create_classifier(model_config)
-    return create_model(model_config)
+    settings = validate_model_config(model_config)
+    return model_spec(settings["kind"]).build(settings)
 
 
 def example_inputs(model_config, low_res_size=None, batch=1, abstract=True):
-    size, ch = model_config.image_size, model_config.in_channels
-    make = (lambda s, d: jax.ShapeDtypeStruct(s, d)) if abstract else (lambda s, d: jnp.zeros(s, d))
-    args = (make((batch, size, size, ch), jnp.float32), make((batch,), jnp.int32))
-    kwargs = {}
-    if model_config.kind != "classifier" and model_config.num_classes is not None:
-        kwargs["y"] = make((batch,), jnp.int32)
-    if model_config.kind == "superres":
-        low = low_res_size or size // 4
-        kwargs["low_res"] = make((batch, low, low, ch), jnp.float32)
-    return args, kwargs
+    settings = validate_model_config(model_config)
+    return model_spec(settings["kind"]).example_inputs(settings, batch, low_res_size, abstract)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))

@@ -300,15 +300,15 @@ def test_dpm_solver_with_both_guidances_is_the_same_on_8_and_1_devices(
     import jax
 
     from diffusion_jax import parallel
-    from diffusion_jax.sampling import sharded
+    from diffusion_jax.diffusion import conditioning
 
-    wrapped, original = [], sharded.classifier_free_model_fn
+    wrapped, original = [], conditioning.classifier_free_model_fn
 
     def recording(model_fn, scale, null_label):
         wrapped.append(null_label)
         return original(model_fn, scale, null_label)
 
-    monkeypatch.setattr(sharded, "classifier_free_model_fn", recording)
+    monkeypatch.setattr(conditioning, "classifier_free_model_fn", recording)
 
     config = job_config(
         ck, num_samples=8, method="dpm_solver++", timestep_respacing=4, cfg_scale=3.0

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -35,30 +34,11 @@ _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", 
 _MAX_LISTED = 8
 
 
-def build_module(model_config: Any):
-    """The Flax module described by `model_config` (UNet, upsampler or classifier)."""
-    if models.validate_model_config(model_config)["kind"] == "classifier":
-        return models.create_classifier(model_config)
-    return models.create_model(model_config)
-
-
-def _example_inputs(module: Any, model_config: Any) -> tuple[tuple, dict]:
-    settings = models.validate_model_config(model_config)
-    size, channels = settings["image_size"], settings["in_channels"]
-    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    kwargs = {}
-    if isinstance(module, models.UNet) and module.num_classes is not None:
-        kwargs["y"] = jax.ShapeDtypeStruct((1,), jnp.int32)
-    if isinstance(module, models.SuperResUNet):
-        kwargs["low_res"] = jax.ShapeDtypeStruct((1, size // 4, size // 4, channels), jnp.float32)
-    return (x, t), kwargs
-
-
 def abstract_params(model_config: Any) -> dict:
     """The params tree of `model_config`'s network as ShapeDtypeStructs (no allocation)."""
-    module = build_module(model_config)
-    args, kwargs = _example_inputs(module, model_config)
+    settings = models.validate_model_config(model_config)
+    spec = models.model_spec(settings["kind"])
+    module, (args, kwargs) = spec.build(settings), spec.example_inputs(settings)
     variables = jax.eval_shape(lambda a, k: module.init(jax.random.key(0), *a, **k), args, kwargs)
     return variables["params"]
 
@@ -108,7 +88,7 @@ def _to_flax(flax_path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _hint(key: str, kind: str) -> str:
+def _hint(key: str, spec: models.ModelSpec) -> str:
     """The config fields a bad key most likely comes from."""
     if key.startswith("label_emb"):
         return "model.num_classes (None = unconditional, 1000 = the paper's class_cond=True)"
@@ -117,9 +97,7 @@ def _hint(key: str, kind: str) -> str:
             "model.num_channels / channel_mult / in_channels / kind (upsamplers: 2 x in_channels)"
         )
     if key.startswith("out."):
-        if kind == "classifier":
-            return "model.pool / num_classes / num_channels"
-        return "model.learn_sigma (6 output channels when True) / num_channels"
+        return spec.output_hint
     if key.startswith("time_embed"):
         return "model.num_channels"
     if ".emb_layers." in key:
@@ -192,16 +170,16 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict
         flax_path = tuple(p.key for p in path)
         expected[torch_key(flax_path)] = (flax_path, _torch_shape(flax_path, leaf.shape))
 
-    kind = models.validate_model_config(model_config)["kind"]
+    spec = models.model_spec(models.validate_model_config(model_config)["kind"])
     problems = []  # (key, message)
     for key in state_dict:
         if key not in expected:
             shape = list(np.shape(state_dict[key]))
-            problems.append((key, f"unexpected key {key} {shape}: check {_hint(key, kind)}"))
+            problems.append((key, f"unexpected key {key} {shape}: check {_hint(key, spec)}"))
     converted = {}
     for key, (flax_path, shape) in expected.items():
         if key not in state_dict:
-            problems.append((key, f"missing key {key} {list(shape)}: check {_hint(key, kind)}"))
+            problems.append((key, f"missing key {key} {list(shape)}: check {_hint(key, spec)}"))
             continue
         value = _as_numpy(state_dict[key])
         if tuple(value.shape) != shape:
@@ -209,7 +187,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict
                 (
                     key,
                     f"{key} has shape {list(value.shape)} but the config gives {list(shape)}: "
-                    f"check {_hint(key, kind)}",
+                    f"check {_hint(key, spec)}",
                 )
             )
             continue

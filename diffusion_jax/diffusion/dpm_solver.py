@@ -29,14 +29,14 @@ c_d = -alpha_next * expm1(-h), w = 1 / (2 r) with r = h_prev / h; the final step
 c_x = 0, c_d = 1, w = 0), so the loop is one `lax.scan` without branches.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import callables, progress
+from diffusion_jax.diffusion import progress, samplers
+from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, compute_dtype
+from diffusion_jax.diffusion.options import SamplerKind, dpm_solver_steps, register_sampler
 
 KIND = "dpm_solver++"
 
@@ -96,28 +96,18 @@ def solver_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> di
     return {"c_x": c_x, "c_d": c_d, "w": w}
 
 
-def data_prediction(
-    diffusion: GaussianDiffusion,
-    model_fn,
-    x,
-    t,
-    *,
-    clip_denoised=True,
-    denoised_fn=None,
-    cond_fn=None,
-    model_kwargs=None,
-    cond_kwargs=None,
-):
+def data_prediction(diffusion: GaussianDiffusion, model_fn, x, t, *, clip_denoised=True, cond=None):
     """The (guided, thresholded) x_0 prediction at diffusion indices t.
 
     Learned-variance models contribute their mean channels only. Classifier guidance
-    shifts eps by -sqrt(1 - alpha_bar_t) * grad (as DDIM's Algorithm 2); denoised_fn
-    and clipping to [-1, 1] then act on the guided data prediction.
+    (`cond.cond_fn`) shifts eps by -sqrt(1 - alpha_bar_t) * grad (as DDIM's Algorithm
+    2); `cond.denoised_fn` and clipping to [-1, 1] then act on the guided prediction.
 
     Returns:
       [B, H, W, C] x_0 prediction in the compute dtype of x.
     """
-    output = diffusion.call_model(model_fn, x, t, model_kwargs)
+    cond = Conditioning() if cond is None else cond
+    output = diffusion.call_model(cond.model(model_fn), x, t, cond.model_kwargs)
     channels = x.shape[-1]
     if diffusion.model_mean_type == "epsilon":
         eps = output[..., :channels]
@@ -126,22 +116,18 @@ def data_prediction(
         out = diffusion.p_mean_variance_from_output(output, x, t, clip_denoised=False)
         x0 = out["pred_xstart"]
         eps = diffusion.predict_eps_from_xstart(x, t, x0)
-    if cond_fn is not None:
-        gradient = diffusion._guidance_gradient(cond_fn, x, t, cond_kwargs)
+    if cond.cond_fn is not None:
+        gradient = diffusion._guidance_gradient(cond.cond_fn, x, t, cond.guidance_kwargs)
         eps = eps - diffusion._extract("sqrt_one_minus_alphas_cumprod", t, x) * gradient
         x0 = diffusion.predict_xstart_from_eps(x, t, eps)
-    if denoised_fn is not None:
-        x0 = denoised_fn(x0)
+    if cond.denoised_fn is not None:
+        x0 = cond.denoised_fn(x0)
     return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def loop_program(
-    diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
-):
-    """The traced DPM-Solver++ loop (the signature of samplers' `_loop_program`)."""
+def _loop(diffusion, options, model_fn, cond, x_init, sample_rngs):
+    """The traced DPM-Solver++ loop (its `SamplerKind.loop`)."""
     del sample_rngs  # deterministic given x_T
-    model_fn, cond_fn, denoised_fn = callables.merge_callables(fn_key, fn_arrays)
     timesteps = solver_timesteps(diffusion.tables["alphas_cumprod"], options.steps)
     dtype = compute_dtype(x_init.dtype)
     coef = {
@@ -156,15 +142,7 @@ def loop_program(
         step, t_value, c_x, c_d, w = xs
         t = jnp.full((batch,), t_value, jnp.int32)
         x0 = data_prediction(
-            diffusion,
-            model_fn,
-            x,
-            t,
-            clip_denoised=options.clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
+            diffusion, model_fn, x, t, clip_denoised=options.clip_denoised, cond=cond
         )
         x_next = c_x * x + c_d * ((1.0 + w) * x0 - w * previous)
         if options.progress:
@@ -174,16 +152,30 @@ def loop_program(
 
     xs = (jnp.arange(len(timesteps)), jnp.asarray(timesteps), coef["c_x"], coef["c_d"], coef["w"])
     (final, _), stacked = jax.lax.scan(body, (x_init, jnp.zeros_like(x_init)), xs)
-    if options.keep_intermediates:
-        return {"sample": final, "samples": stacked[0], "pred_xstarts": stacked[1]}
-    return {"sample": final}
+    return samplers.finish(options, final, stacked)
+
+
+def _check(diffusion, options):
+    solver_timesteps(diffusion.tables["alphas_cumprod"], options.steps)
+
+
+register_sampler(
+    SamplerKind(
+        KIND,
+        loop=_loop,
+        # DPM-Solver++ picks its steps over the whole training schedule itself.
+        respacing=lambda _: "",
+        steps=dpm_solver_steps,
+        check=_check,
+        methods=(KIND,),
+    )
+)
 
 
 __all__ = [
     "KIND",
     "data_prediction",
     "log_snr",
-    "loop_program",
     "solver_coefficients",
     "solver_timesteps",
 ]

@@ -6,7 +6,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import keys, objectives, respace, samplers, schedules
+from diffusion_jax.diffusion import (
+    dpm_solver,  # noqa: F401  (registers dpm_solver++)
+    keys,
+    objectives,
+    respace,
+    samplers,
+    schedules,
+)
+from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
 from diffusion_jax.diffusion.loops import SamplingLoops
 
@@ -120,18 +128,10 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
         cond_kwargs=None,
     ):
         """One ancestral step; see samplers.p_sample (rng: one key or [B] keys)."""
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        rng, clip = keys.as_key(rng), clip_denoised
         return samplers.p_sample(
-            self,
-            model_fn,
-            x,
-            t,
-            keys.as_key(rng),
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
+            self, model_fn, x, t, rng, noise=noise, clip_denoised=clip, cond=cond
         )
 
     def ddim_sample(
@@ -150,19 +150,10 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
         eta=0.0,
     ):
         """One DDIM step; see samplers.ddim_sample (rng: one key or [B] keys)."""
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        rng, clip = keys.as_key(rng), clip_denoised
         return samplers.ddim_sample(
-            self,
-            model_fn,
-            x,
-            t,
-            keys.as_key(rng),
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            eta=eta,
+            self, model_fn, x, t, rng, noise=noise, clip_denoised=clip, cond=cond, eta=eta
         )
 
     def ddim_reverse_sample(
@@ -177,15 +168,10 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
         eta=0.0,
     ):
         """One reverse DDIM step x_t -> x_{t+1}; see samplers.ddim_reverse_sample."""
+        cond = Conditioning(model_kwargs, denoised_fn=denoised_fn)
+        clip = clip_denoised
         return samplers.ddim_reverse_sample(
-            self,
-            model_fn,
-            x,
-            t,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            eta=eta,
+            self, model_fn, x, t, clip_denoised=clip, cond=cond, eta=eta
         )
 
 

@@ -11,6 +11,7 @@ callables, options) and input shape, shared by equal `Diffusion`s.
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import keys, samplers
+from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.gaussian import ModelFn
 from diffusion_jax.diffusion.options import SamplerOptions
 
@@ -28,22 +29,12 @@ class SamplingLoops:
         )
 
     def sample_loop(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        options: SamplerOptions,
-        *,
-        noise=None,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
+        self, model_fn: ModelFn, shape, rng, options: SamplerOptions, *, noise=None, cond=None
     ):
         """Runs the sampling loop `options` describes from x_T to x_0.
 
         Args:
-          model_fn: pure `model_fn(x, t_model, **model_kwargs)`, hashable.
+          model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`, hashable.
           shape: sample shape [B, H, W, C].
           rng: one key (sample i uses fold_in(rng, i)), [B] per-sample keys, or None
             (only for a deterministic loop given noise).
@@ -51,10 +42,7 @@ class SamplingLoops:
             steps, clipping, ...).
           noise: fixed x_T of `shape`; by default drawn per sample inside the program
             (see `initial_noise`).
-          denoised_fn: applied to x_0 predictions before clipping.
-          cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> guidance gradient.
-          model_kwargs: extra model inputs.
-          cond_kwargs: cond_fn's inputs; None = model_kwargs.
+          cond: the `Conditioning` (labels, model inputs, guidance); None = none.
 
         Returns:
           dict with 'sample' [B, H, W, C] (and the intermediates if asked for).
@@ -73,24 +61,13 @@ class SamplingLoops:
             noise = self.initial_noise(sample_rngs, shape[1:])
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise (x_T) must have shape {shape}, got {tuple(noise.shape)}")
-        return samplers.run_loop(
-            self,
-            options,
-            model_fn,
-            noise,
-            sample_rngs,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-        )
+        cond = Conditioning() if cond is None else cond
+        return samplers.run_loop(self, options, model_fn, noise, sample_rngs, cond)
 
-    def _sample(self, kind, model_fn, shape, rng, noise, eta, keep, *, progress, **kwargs):
-        clip = kwargs.pop("clip_denoised")
-        options = SamplerOptions(
-            kind=kind, eta=eta, clip_denoised=clip, keep_intermediates=keep, progress=progress
+    def _sample(self, model_fn, shape, rng, noise, cond, **options):
+        return self.sample_loop(
+            model_fn, shape, rng, SamplerOptions(**options), noise=noise, cond=cond
         )
-        return self.sample_loop(model_fn, shape, rng, options, noise=noise, **kwargs)
 
     def p_sample_loop(
         self,
@@ -134,21 +111,9 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples.
         """
-        return self._sample(
-            "ancestral",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            0.0,
-            False,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )["sample"]
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ancestral", clip_denoised=clip_denoised, progress=progress)
+        return self._sample(model_fn, shape, rng, noise, cond, **options)["sample"]
 
     def p_sample_loop_progressive(
         self,
@@ -170,21 +135,9 @@ class SamplingLoops:
           dict: 'sample' [B, H, W, C]; 'samples' and 'pred_xstarts' [T, B, H, W, C],
           row i being the step at timestep T-1-i.
         """
-        return self._sample(
-            "ancestral",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            0.0,
-            True,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ancestral", clip_denoised=clip_denoised, progress=progress)
+        return self._sample(model_fn, shape, rng, noise, cond, keep_intermediates=True, **options)
 
     def ddim_sample_loop(
         self,
@@ -210,21 +163,9 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples.
         """
-        return self._sample(
-            "ddim",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            eta,
-            False,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )["sample"]
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ddim", clip_denoised=clip_denoised, progress=progress, eta=eta)
+        return self._sample(model_fn, shape, rng, noise, cond, **options)["sample"]
 
     def ddim_sample_loop_progressive(
         self,
@@ -242,21 +183,9 @@ class SamplingLoops:
         progress=False,
     ):
         """`ddim_sample_loop` also returning every step's output (see the ancestral one)."""
-        return self._sample(
-            "ddim",
-            model_fn,
-            shape,
-            rng,
-            noise,
-            eta,
-            True,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-            progress=progress,
-        )
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        options = dict(kind="ddim", clip_denoised=clip_denoised, progress=progress, eta=eta)
+        return self._sample(model_fn, shape, rng, noise, cond, keep_intermediates=True, **options)
 
     def dpm_solver_sample_loop(
         self,
@@ -310,17 +239,8 @@ class SamplingLoops:
             progress=progress,
             steps=steps,
         )
-        out = self.sample_loop(
-            model_fn,
-            shape,
-            rng,
-            options,
-            noise=noise,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            cond_kwargs=cond_kwargs,
-        )
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        out = self.sample_loop(model_fn, shape, rng, options, noise=noise, cond=cond)
         return out if keep_intermediates else out["sample"]
 
     def ddim_reverse_sample_loop(
@@ -355,13 +275,6 @@ class SamplingLoops:
             keep_intermediates=keep_intermediates,
             progress=progress,
         )
-        out = samplers.run_loop(
-            self,
-            options,
-            model_fn,
-            x_start,
-            None,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
+        cond = Conditioning(model_kwargs, denoised_fn=denoised_fn)
+        out = samplers.run_loop(self, options, model_fn, x_start, None, cond)
         return out if keep_intermediates else out["sample"]

@@ -19,7 +19,8 @@ from typing import Any
 import jax
 
 
-def _ddim_respacing(respacing):
+def ddim_respacing(respacing):
+    """DDIM's respacing rule: a bare step count N means the paper's `ddimN`."""
     # The paper's DDIM rows (`--timestep_respacing ddim25`) keep every (T/N)-th step,
     # which differs from the section spacing a bare N means for ancestral sampling.
     return f"ddim{int(respacing)}" if str(respacing).strip().isdigit() else respacing
@@ -27,37 +28,44 @@ def _ddim_respacing(respacing):
 
 @dataclasses.dataclass(frozen=True)
 class SamplerKind:
-    """One sampler: what its loop needs and how `config.sampling` configures it.
+    """One sampler: its loop, what the loop needs and how `config.sampling` configures it.
 
     Attributes:
       name: the loop kind (`SamplerOptions.kind`).
+      loop: the traced loop, `loop(diffusion, options, model_fn, cond, x_init,
+        sample_rngs)` -> {'sample': ...} (and the intermediates when
+        `options.keep_intermediates`); sample_rngs are [B] keys or None.
       uses_eta: takes DDIM's eta (others must have eta=0).
       noisy: draws step noise whatever eta is (ancestral).
       respacing: `sampling.timestep_respacing` -> the sampling diffusion's respacing.
       steps: `sampling.timestep_respacing` -> `SamplerOptions.steps`; None = the kind
         takes no steps (it runs every timestep of its respaced diffusion).
+      methods: the `config.sampling.method` names that select it (() = none).
+      check: `check(diffusion, options)` on the host before the loop runs, or None.
     """
 
     name: str
+    loop: Callable
     uses_eta: bool = False
     noisy: bool = False
     respacing: Callable[[Any], Any] = lambda respacing: respacing
     steps: Callable[[Any], int | None] | None = None
+    methods: tuple[str, ...] = ()
+    check: Callable | None = None
 
 
-SAMPLERS = {
-    k.name: k
-    for k in (
-        SamplerKind("ancestral", noisy=True),
-        SamplerKind("ddim", uses_eta=True, respacing=_ddim_respacing),
-        SamplerKind("ddim_reverse"),
-        # DPM-Solver++ picks its steps over the whole training schedule itself.
-        SamplerKind("dpm_solver++", respacing=lambda _: "", steps=lambda r: dpm_solver_steps(r)),
-    )
-}
-KINDS = tuple(SAMPLERS)
-# `config.sampling.method` names -> loop kinds.
-METHODS = {"ddpm": "ancestral", **{kind: kind for kind in KINDS if kind != "ddim_reverse"}}
+# The registry: kind name -> entry. `samplers` and `dpm_solver` register theirs.
+SAMPLERS: dict[str, SamplerKind] = {}
+
+
+def register_sampler(kind: SamplerKind) -> SamplerKind:
+    """Adds (or replaces) a sampler kind; the sampling engine and configs then take it."""
+    SAMPLERS[kind.name] = kind
+    return kind
+
+
+def _method_kind(method: str) -> SamplerKind | None:
+    return next((k for k in SAMPLERS.values() if method in k.methods), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +95,10 @@ class SamplerOptions:
     steps: int | None = None
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"sampler kind: unknown value {self.kind!r}; expected one of {KINDS}")
+        if self.kind not in SAMPLERS:
+            raise ValueError(
+                f"sampler kind: unknown value {self.kind!r}; expected one of {tuple(SAMPLERS)}"
+            )
         if isinstance(self.eta, numbers.Real):  # concrete (not traced inside a program)
             if float(self.eta) < 0.0:
                 raise ValueError(f"eta must be >= 0, got {self.eta}")
@@ -136,11 +146,12 @@ class SamplerOptions:
         """
         get = sampling_config.get
         method = str(get("method", "ancestral")).lower()
-        if method not in METHODS:
+        kind = _method_kind(method)
+        if kind is None:
+            methods = tuple(m for k in SAMPLERS.values() for m in k.methods)
             raise ValueError(
-                f"sampling.method: unknown value {method!r}; expected one of {tuple(METHODS)}"
+                f"sampling.method: unknown value {method!r}; expected one of {methods}"
             )
-        kind = SAMPLERS[METHODS[method]]
         values = dict(
             kind=kind.name,
             eta=float(get("eta", 0.0)) if kind.uses_eta else 0.0,
@@ -181,16 +192,16 @@ jax.tree_util.register_dataclass(
 def sampling_respacing(sampling_config: Any) -> Any:
     """The sampling diffusion's `timestep_respacing` for `config.sampling` (its kind's rule)."""
     method = str(sampling_config.get("method", "ancestral")).lower()
-    kind = SAMPLERS[METHODS.get(method, "ancestral")]
+    kind = _method_kind(method) or SAMPLERS["ancestral"]
     return kind.respacing(sampling_config.get("timestep_respacing", ""))
 
 
 __all__ = [
-    "KINDS",
-    "METHODS",
     "SAMPLERS",
     "SamplerKind",
     "SamplerOptions",
+    "ddim_respacing",
     "dpm_solver_steps",
+    "register_sampler",
     "sampling_respacing",
 ]

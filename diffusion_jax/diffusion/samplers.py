@@ -1,6 +1,8 @@
-"""Ancestral and DDIM sampling: single steps and whole loops as one compiled scan.
+"""Ancestral and DDIM sampling: single steps, their loops and the one loop program.
 
-`run_loop` also runs DPM-Solver++ (its program lives in `dpm_solver`).
+Each sampler kind is one `options.SamplerKind` entry owning its loop; this module
+registers ancestral, DDIM and DDIM inversion (`dpm_solver` registers DPM-Solver++) and
+`run_loop` dispatches through the registry.
 
 Randomness is per sample, so a sample never depends on the batch it was drawn in
 (its size, its other members, how it is sharded over devices). `rng` is either one
@@ -13,15 +15,22 @@ resumable sampling job). In a loop, the step at timestep t draws sample i's nois
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import callables, dpm_solver, keys, progress
+from diffusion_jax.diffusion import callables, keys, progress
+from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, compute_dtype
-from diffusion_jax.diffusion.options import SamplerOptions
+from diffusion_jax.diffusion.options import (
+    SAMPLERS,
+    SamplerKind,
+    SamplerOptions,
+    ddim_respacing,
+    register_sampler,
+)
+
+_NONE = Conditioning()
 
 
 def _is_zero(eta) -> bool:
@@ -46,6 +55,17 @@ def _step_noise(rng, noise, x):
     return keys.per_sample_normal(keys.per_sample_keys(rng, x.shape[0]), x.shape[1:], x.dtype)
 
 
+def _mean_variance(diffusion, model_fn, x, t, clip_denoised, cond):
+    return diffusion.p_mean_variance(
+        cond.model(model_fn),
+        x,
+        t,
+        clip_denoised=clip_denoised,
+        denoised_fn=cond.denoised_fn,
+        model_kwargs=cond.model_kwargs,
+    )
+
+
 def p_sample(
     diffusion: GaussianDiffusion,
     model_fn: ModelFn,
@@ -55,16 +75,13 @@ def p_sample(
     *,
     noise=None,
     clip_denoised: bool = True,
-    denoised_fn: Callable | None = None,
-    cond_fn: Callable | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    cond_kwargs: Mapping[str, Any] | None = None,
+    cond: Conditioning = _NONE,
 ) -> dict[str, jnp.ndarray]:
     """One ancestral step x_t -> x_{t-1}, optionally classifier-guided (Algorithm 1).
 
     Args:
       diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
+      model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`.
       x: [B, H, W, C] x_t.
       t: int [B] timesteps.
       rng: one key (sample i's noise is `normal(fold_in(rng, i), x.shape[1:])`) or
@@ -72,34 +89,17 @@ def p_sample(
         noise is given.
       noise: fixed standard normal noise like x.
       clip_denoised: clip the x_0 prediction to [-1, 1].
-      denoised_fn: applied to the x_0 prediction before clipping.
-      cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> s * grad_x log p(y | x_t).
-      model_kwargs: extra model inputs, e.g. {'y': labels} for a conditional model.
-      cond_kwargs: cond_fn's inputs, e.g. {'y': labels}; None = model_kwargs. Pass
-        it to guide an unconditional model (which must not receive y).
+      cond: labels, model inputs and guidance (`Conditioning`).
 
     Returns:
       dict with 'sample' (x_{t-1}), 'pred_xstart', 'mean', 'log_variance'.
     """
-    out = diffusion.p_mean_variance(
-        model_fn,
-        x,
-        t,
-        clip_denoised=clip_denoised,
-        denoised_fn=denoised_fn,
-        model_kwargs=model_kwargs,
-    )
-    if cond_fn is not None:
-        cond_kwargs = model_kwargs if cond_kwargs is None else cond_kwargs
-        out["mean"] = diffusion.condition_mean(cond_fn, out, x, t, cond_kwargs)
+    out = _mean_variance(diffusion, model_fn, x, t, clip_denoised, cond)
+    if cond.cond_fn is not None:
+        out["mean"] = diffusion.condition_mean(cond.cond_fn, out, x, t, cond.guidance_kwargs)
     eps = _step_noise(rng, noise, out["mean"])
     sample = out["mean"] + _nonzero_mask(t, x) * jnp.exp(0.5 * out["log_variance"]) * eps
-    return {
-        "sample": sample,
-        "pred_xstart": out["pred_xstart"],
-        "mean": out["mean"],
-        "log_variance": out["log_variance"],
-    }
+    return {"sample": sample, **{k: out[k] for k in ("pred_xstart", "mean", "log_variance")}}
 
 
 def ddim_sample(
@@ -111,29 +111,14 @@ def ddim_sample(
     *,
     noise=None,
     clip_denoised: bool = True,
-    denoised_fn: Callable | None = None,
-    cond_fn: Callable | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    cond_kwargs: Mapping[str, Any] | None = None,
+    cond: Conditioning = _NONE,
     eta=0.0,
 ) -> dict[str, jnp.ndarray]:
     """One DDIM step x_t -> x_{t-1} (DDIM eq. 12), optionally guided (Algorithm 2).
 
-    Args:
-      diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-      x: [B, H, W, C] x_t.
-      t: int [B] timesteps.
-      rng: one key or [B] keys for the step noise, as in `p_sample`; unused when
-        eta == 0 or noise is given, required otherwise.
-      noise: fixed standard normal noise like x.
-      clip_denoised: clip the x_0 prediction to [-1, 1].
-      denoised_fn: applied to the x_0 prediction before clipping.
-      cond_fn: `cond_fn(x, t_model, **cond_kwargs)` -> s * grad_x log p(y | x_t).
-      model_kwargs: extra model inputs, e.g. {'y': labels} for a conditional model.
-      cond_kwargs: cond_fn's inputs, e.g. {'y': labels}; None = model_kwargs. Pass
-        it to guide an unconditional model (which must not receive y).
-      eta: 0 is deterministic DDIM, 1 matches the ancestral variance.
+    Args as `p_sample` (rng only drawing the step noise: unused when eta == 0 or
+    noise is given, required otherwise), plus eta: 0 is deterministic DDIM, 1 matches
+    the ancestral variance.
 
     Returns:
       dict with 'sample' (x_{t-1}) and 'pred_xstart' (the unguided x_0 prediction).
@@ -147,19 +132,10 @@ def ddim_sample(
             f"a stochastic DDIM step (eta={eta}) needs rng (a jax.random.key) or noise; "
             "only eta=0.0 is deterministic"
         )
-    out_orig = diffusion.p_mean_variance(
-        model_fn,
-        x,
-        t,
-        clip_denoised=clip_denoised,
-        denoised_fn=denoised_fn,
-        model_kwargs=model_kwargs,
-    )
-    if cond_fn is None:
-        out = out_orig
-    else:
-        cond_kwargs = model_kwargs if cond_kwargs is None else cond_kwargs
-        out = diffusion.condition_score(cond_fn, out_orig, x, t, cond_kwargs)
+    out_orig = _mean_variance(diffusion, model_fn, x, t, clip_denoised, cond)
+    out = out_orig
+    if cond.cond_fn is not None:
+        out = diffusion.condition_score(cond.cond_fn, out_orig, x, t, cond.guidance_kwargs)
     # Re-derive eps: the model may predict x_0 or x_{t-1} instead.
     eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
     alpha_bar = diffusion._extract("alphas_cumprod", t, x)
@@ -188,35 +164,20 @@ def ddim_reverse_sample(
     t,
     *,
     clip_denoised: bool = True,
-    denoised_fn: Callable | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
+    cond: Conditioning = _NONE,
     eta=0.0,
 ) -> dict[str, jnp.ndarray]:
     """One step of the reversed DDIM ODE, x_t -> x_{t+1} (deterministic inversion).
 
-    Args:
-      diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-      x: [B, H, W, C] x_t.
-      t: int [B] timesteps.
-      clip_denoised: clip the x_0 prediction to [-1, 1].
-      denoised_fn: applied to the x_0 prediction before clipping.
-      model_kwargs: extra model inputs.
-      eta: must be 0: only the deterministic path can be reversed.
+    Args as `p_sample` (cond's guidance does not apply); eta must be 0: only the
+    deterministic path can be reversed.
 
     Returns:
       dict with 'sample' (x_{t+1}) and 'pred_xstart'.
     """
     if eta != 0.0:
         raise ValueError(f"eta must be 0.0 for the reverse DDIM ODE (deterministic), got {eta}")
-    out = diffusion.p_mean_variance(
-        model_fn,
-        x,
-        t,
-        clip_denoised=clip_denoised,
-        denoised_fn=denoised_fn,
-        model_kwargs=model_kwargs,
-    )
+    out = _mean_variance(diffusion, model_fn, x, t, clip_denoised, cond)
     eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
     alpha_bar_next = diffusion._extract("alphas_cumprod_next", t, x)
     sample = out["pred_xstart"] * jnp.sqrt(alpha_bar_next) + jnp.sqrt(1.0 - alpha_bar_next) * eps
@@ -226,52 +187,86 @@ def ddim_reverse_sample(
 # --- Whole loops. ---------------------------------------------------------------------
 
 
-def _step(diffusion, options, model_fn, x, t, step_rngs, guidance, common):
-    """One step of the loop `options.kind` (the one place a new sampler is added)."""
-    if options.kind == "ancestral":
-        return p_sample(diffusion, model_fn, x, t, step_rngs, **guidance, **common)
-    if options.kind == "ddim":
-        # No keys: the deterministic path (eta == 0 was checked on the host).
-        eta = 0.0 if step_rngs is None else options.eta
-        return ddim_sample(diffusion, model_fn, x, t, step_rngs, eta=eta, **guidance, **common)
-    return ddim_reverse_sample(diffusion, model_fn, x, t, **common)
+def scan_loop(step_fn, *, reverse: bool = False):
+    """A `SamplerKind.loop` scanning `step_fn` over every timestep of the diffusion.
 
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _loop_program(
-    diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
-):
-    """The traced loop: lax.scan over every timestep in sampling order.
-
-    `diffusion` and `fn_key` are static (hashable values) and `options` is a pytree
-    whose static fields are part of its structure, so jax.jit's own cache holds one
-    program per (diffusion settings, callables, options, shapes).
+    Args:
+      step_fn: `step_fn(diffusion, options, model_fn, x, t, step_rngs, cond)` -> dict
+        with 'sample' and 'pred_xstart' (step_rngs: [B] keys or None).
+      reverse: run t = 0 .. T-1 (inversion) instead of T-1 .. 0.
     """
-    model_fn, cond_fn, denoised_fn = callables.merge_callables(fn_key, fn_arrays)
-    num_steps = diffusion.num_timesteps
-    batch = x_init.shape[0]
-    common = dict(
-        clip_denoised=options.clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-    )
-    guidance = (
-        {} if options.kind == "ddim_reverse" else dict(cond_fn=cond_fn, cond_kwargs=cond_kwargs)
-    )
 
-    def body(x, step):
-        t_value = step if options.kind == "ddim_reverse" else num_steps - 1 - step
-        t = jnp.full((batch,), t_value, jnp.int32)
-        # [B] keys: sample i's noise at t comes from fold_in(key_i, t) alone.
-        step_rngs = None if sample_rngs is None else keys.fold_in_each(sample_rngs, t_value)
-        out = _step(diffusion, options, model_fn, x, t, step_rngs, guidance, common)
-        if options.progress:
-            progress.tick(options.kind, num_steps, step)
-        stacked = (out["sample"], out["pred_xstart"]) if options.keep_intermediates else None
-        return out["sample"], stacked
+    def loop(diffusion, options, model_fn, cond, x_init, sample_rngs):
+        num_steps = diffusion.num_timesteps
+        batch = x_init.shape[0]
 
-    final, stacked = jax.lax.scan(body, x_init, jnp.arange(num_steps))
+        def body(x, step):
+            t_value = step if reverse else num_steps - 1 - step
+            t = jnp.full((batch,), t_value, jnp.int32)
+            # [B] keys: sample i's noise at t comes from fold_in(key_i, t) alone.
+            step_rngs = None if sample_rngs is None else keys.fold_in_each(sample_rngs, t_value)
+            out = step_fn(diffusion, options, model_fn, x, t, step_rngs, cond)
+            if options.progress:
+                progress.tick(options.kind, num_steps, step)
+            stacked = (out["sample"], out["pred_xstart"]) if options.keep_intermediates else None
+            return out["sample"], stacked
+
+        final, stacked = jax.lax.scan(body, x_init, jnp.arange(num_steps))
+        return finish(options, final, stacked)
+
+    return loop
+
+
+def finish(options: SamplerOptions, final, stacked) -> dict[str, jnp.ndarray]:
+    """A loop's result: the sample, and with keep_intermediates the stacked steps."""
     if options.keep_intermediates:
         return {"sample": final, "samples": stacked[0], "pred_xstarts": stacked[1]}
     return {"sample": final}
+
+
+def _ancestral_step(diffusion, options, model_fn, x, t, step_rngs, cond):
+    return p_sample(
+        diffusion, model_fn, x, t, step_rngs, clip_denoised=options.clip_denoised, cond=cond
+    )
+
+
+def _ddim_step(diffusion, options, model_fn, x, t, step_rngs, cond):
+    # No keys: the deterministic path (eta == 0 was checked on the host).
+    eta = 0.0 if step_rngs is None else options.eta
+    clip = options.clip_denoised
+    return ddim_sample(diffusion, model_fn, x, t, step_rngs, clip_denoised=clip, cond=cond, eta=eta)
+
+
+def _ddim_reverse_step(diffusion, options, model_fn, x, t, step_rngs, cond):
+    del step_rngs  # deterministic
+    return ddim_reverse_sample(
+        diffusion, model_fn, x, t, clip_denoised=options.clip_denoised, cond=cond
+    )
+
+
+register_sampler(
+    SamplerKind(
+        "ancestral", loop=scan_loop(_ancestral_step), noisy=True, methods=("ancestral", "ddpm")
+    )
+)
+register_sampler(
+    SamplerKind(
+        "ddim", scan_loop(_ddim_step), uses_eta=True, respacing=ddim_respacing, methods=("ddim",)
+    )
+)
+register_sampler(SamplerKind("ddim_reverse", loop=scan_loop(_ddim_reverse_step, reverse=True)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _loop_program(diffusion, options, fn_key, fn_arrays, x_init, sample_rngs):
+    """The traced loop of `options.kind` (its registry entry's `loop`).
+
+    `diffusion` and `fn_key` are static (hashable values) and `options` is a pytree
+    whose static fields (the kind among them) are part of its structure, so jax.jit's
+    own cache holds one program per (diffusion settings, callables, options, shapes).
+    """
+    model_fn, cond = callables.merge_callables(fn_key, fn_arrays)
+    return SAMPLERS[options.kind].loop(diffusion, options, model_fn, cond, x_init, sample_rngs)
 
 
 def run_loop(
@@ -280,11 +275,7 @@ def run_loop(
     model_fn: ModelFn,
     x_init,
     sample_rngs,
-    *,
-    denoised_fn=None,
-    cond_fn=None,
-    model_kwargs=None,
-    cond_kwargs=None,
+    cond: Conditioning = _NONE,
 ) -> dict[str, jnp.ndarray]:
     """Runs (compiling on first use) the loop `options` describes.
 
@@ -293,14 +284,11 @@ def run_loop(
     Args:
       diffusion: the process (hashable value: equal settings share programs).
       options: the loop's kind, eta, steps, clipping, intermediates and progress bar.
-      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
+      model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`.
       x_init: [B, H, W, C] starting point (x_T, or x_0 for the reverse loop).
       sample_rngs: [B] keys, one per sample (step t of sample i draws from
         fold_in(sample_rngs[i], t)), or None for a deterministic loop.
-      denoised_fn: applied to x_0 predictions before clipping.
-      cond_fn: guidance gradient function or None.
-      model_kwargs: extra model inputs (traced).
-      cond_kwargs: cond_fn's inputs (traced); None = model_kwargs.
+      cond: labels, model inputs and guidance (its arrays traced).
 
     Returns:
       dict with 'sample' [B, H, W, C]; with keep_intermediates also 'samples' and
@@ -309,11 +297,7 @@ def run_loop(
     Raises:
       ValueError: a stochastic loop without keys, or mismatched batch inputs.
     """
-    model_kwargs = dict(model_kwargs or {})
-    cond_kwargs = model_kwargs if cond_kwargs is None else dict(cond_kwargs)
-    zero_t = jnp.zeros((x_init.shape[0],), jnp.int32)
-    diffusion.check_batch(x_init, zero_t, model_kwargs, x_name="noise")
-    diffusion.check_batch(x_init, zero_t, cond_kwargs, x_name="noise", kwargs_name="cond_kwargs")
+    cond.check_batch(diffusion, x_init)
     if not options.stochastic:
         sample_rngs = None  # deterministic: one program regardless of the key
     elif sample_rngs is None:
@@ -322,15 +306,11 @@ def run_loop(
         )
     else:
         sample_rngs = keys.per_sample_keys(sample_rngs, x_init.shape[0])
-    fn_key, fn_arrays = callables.split_callables((model_fn, cond_fn, denoised_fn))
-    if options.kind == "ddim":
-        options = dataclasses.replace(
-            options, eta=jnp.asarray(options.eta, compute_dtype(x_init.dtype))
-        )
-    program = _loop_program
-    if options.kind == dpm_solver.KIND:
-        program = dpm_solver.loop_program
-        dpm_solver.solver_timesteps(diffusion.tables["alphas_cumprod"], options.steps)  # checks
-    return program(
-        diffusion, options, fn_key, fn_arrays, x_init, sample_rngs, model_kwargs, cond_kwargs
-    )
+    fn_key, fn_arrays = callables.split_callables((model_fn, cond))
+    kind = SAMPLERS[options.kind]
+    if kind.uses_eta:
+        eta = jnp.asarray(options.eta, compute_dtype(x_init.dtype))
+        options = dataclasses.replace(options, eta=eta)
+    if kind.check is not None:
+        kind.check(diffusion, options)
+    return _loop_program(diffusion, options, fn_key, fn_arrays, x_init, sample_rngs)

@@ -234,16 +234,12 @@ def load_classifier_features(
         raise FileNotFoundError(f"{path} holds no checkpoint to use as features: {e}") from e
     kind = config.get("model", {}).get("kind", None) if hasattr(config, "get") else None
     try:
-        module = models.create_classifier(config.model)
-        if not isinstance(module, models.EncoderUNet):
-            raise TypeError(type(module).__name__)
+        module = models.create_classifier(config.model)  # refuses the other kinds
+        settings = models.validate_model_config(config.model)
+        args, _ = models.model_spec(settings["kind"]).example_inputs(settings)
         # The parameter tree must be this classifier's (a UNet's would not bind).
-        size = module.image_size
         jax.eval_shape(
-            functools.partial(module.apply, return_features=True),
-            {"params": params},
-            jax.ShapeDtypeStruct((1, size, size, module.in_channels), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.int32),
+            functools.partial(module.apply, return_features=True), {"params": params}, *args
         )
     except Exception as e:
         raise ValueError(

@@ -13,20 +13,24 @@ import jax.numpy as jnp
 from diffusion_jax.models.attention import AttentionBlock, AttentionPool2d, qkv_attention
 from diffusion_jax.models.classifier import POOLS, EncoderUNet
 from diffusion_jax.models.layers import GroupNorm32, timestep_embedding
+from diffusion_jax.models.registry import MODEL_SPECS, ModelSpec, model_spec
 from diffusion_jax.models.unet import ResBlock, SuperResUNet, UNet
 
 __all__ = [
+    "MODEL_SPECS",
     "POOLS",
     "AttentionBlock",
     "AttentionPool2d",
     "EncoderUNet",
     "GroupNorm32",
+    "ModelSpec",
     "ResBlock",
     "SuperResUNet",
     "UNet",
     "create_classifier",
     "create_model",
     "default_channel_mult",
+    "model_spec",
     "null_label",
     "qkv_attention",
     "resolve_compute_dtype",
@@ -34,15 +38,6 @@ __all__ = [
     "validate_model_config",
 ]
 
-# The paper code's channel multipliers per resolution (script_util.create_model /
-# create_classifier); its upsamplers use 6 levels at 512 (sr_create_model).
-_DEFAULT_CHANNEL_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-}
-_SUPERRES_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _AUTO_DTYPE = "auto"
 
@@ -71,9 +66,6 @@ def resolve_compute_dtype(dtype_name: str, backend: str | None = None) -> Any:
     return _DTYPES[dtype_name]
 
 
-KINDS = ("unet", "superres", "classifier")
-
-
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(name, default)
@@ -90,7 +82,7 @@ def default_channel_mult(image_size: int, kind: str = "unet") -> tuple[float, ..
     Returns:
       The tuple of channel multipliers.
     """
-    table = _SUPERRES_CHANNEL_MULT if kind == "superres" else _DEFAULT_CHANNEL_MULT
+    table = model_spec(kind).channel_mult
     if image_size not in table:
         raise ValueError(
             f"model.channel_mult is empty and image_size={image_size} has no paper default "
@@ -129,8 +121,7 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
       ValueError: naming the offending field and how to fix it.
     """
     kind = _get(model_config, "kind", "unet")
-    if kind not in KINDS:
-        raise ValueError(f"model.kind must be one of {KINDS}, got {kind!r}.")
+    spec = model_spec(kind)
     image_size = int(_get(model_config, "image_size"))
     channel_mult = tuple(_get(model_config, "channel_mult", ()) or ())
     if not channel_mult:
@@ -176,14 +167,8 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
     learn_sigma = bool(_get(model_config, "learn_sigma", False))
     in_channels = int(_get(model_config, "in_channels", 3))
     pool = _get(model_config, "pool", "attention")
-    if kind == "classifier" and pool not in POOLS:
-        raise ValueError(f"model.pool must be one of {POOLS}, got {pool!r}.")
-    if kind == "classifier" and pool == "attention" and num_head_channels == -1:
-        raise ValueError(
-            "model.pool='attention' needs model.num_head_channels (64 in the paper), not -1."
-        )
-    if kind == "classifier" and not num_classes:
-        raise ValueError("model.num_classes must be set for a classifier (1000 for ImageNet).")
+    if spec.check is not None:
+        spec.check(dict(pool=pool, num_head_channels=num_head_channels, num_classes=num_classes))
     dropout = float(_get(model_config, "dropout", 0.0))
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {dropout}.")
@@ -193,7 +178,7 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
             f"training.label_dropout (= model.label_dropout) must be in [0, 1), got "
             f"{label_dropout}."
         )
-    if label_dropout > 0 and (num_classes is None or kind == "classifier"):
+    if label_dropout > 0 and (num_classes is None or not spec.takes_labels):
         raise ValueError(
             f"training.label_dropout={label_dropout} needs a class-conditional diffusion "
             "model: set model.num_classes (and data.class_cond=True), or "
@@ -235,12 +220,11 @@ def create_model(model_config: Any) -> UNet:
       An unbound `UNet` / `SuperResUNet`; call `module.apply({'params': p}, x, t, y=...)`
       or `module.apply(p, ...)` (upsamplers also take `low_res=`).
     """
-    s = validate_model_config(model_config)
-    if s["kind"] == "classifier":
-        raise ValueError("model.kind is 'classifier': use create_classifier(model_config).")
-    cls = SuperResUNet if s["kind"] == "superres" else UNet
-    fields = {k: v for k, v in s.items() if k not in ("kind", "pool")}
-    return cls(**fields)
+    settings = validate_model_config(model_config)
+    spec = model_spec(settings["kind"])
+    if spec.trainer != "diffusion":
+        raise ValueError(f"model.kind is {spec.kind!r}: use create_classifier(model_config).")
+    return spec.build(settings)
 
 
 def create_classifier(model_config: Any) -> EncoderUNet:
@@ -255,30 +239,12 @@ def create_classifier(model_config: Any) -> EncoderUNet:
       An unbound `EncoderUNet`; call `module.apply({'params': p}, x, t)` (or `apply(p, ...)`) for
       logits.
     """
-    s = validate_model_config(model_config)
-    if s["kind"] != "classifier":
+    settings = validate_model_config(model_config)
+    spec = model_spec(settings["kind"])
+    if spec.trainer != "classifier":
         raise ValueError(
-            f"model.kind is {s['kind']!r}: create_classifier needs a classifier config "
+            f"model.kind is {spec.kind!r}: create_classifier needs a classifier config "
             "(model.kind='classifier', e.g. configs/classifier256.py); use create_model "
             "for diffusion models."
         )
-    return EncoderUNet(
-        image_size=s["image_size"],
-        in_channels=s["in_channels"],
-        model_channels=s["model_channels"],
-        out_channels=s["num_classes"],
-        num_res_blocks=s["num_res_blocks"],
-        attention_resolutions=s["attention_resolutions"],
-        channel_mult=s["channel_mult"],
-        dropout=s["dropout"],
-        conv_resample=s["conv_resample"],
-        num_heads=s["num_heads"],
-        num_head_channels=s["num_head_channels"],
-        use_scale_shift_norm=s["use_scale_shift_norm"],
-        resblock_updown=s["resblock_updown"],
-        use_new_attention_order=s["use_new_attention_order"],
-        pool=s["pool"],
-        dtype=s["dtype"],
-        remat=s["remat"],
-        norm_groups=s["norm_groups"],
-    )
+    return spec.build(settings)

@@ -23,26 +23,6 @@ from etils import epath
 from diffusion_jax import models
 
 CONFIG_FILE = "config.json"  # beside every converted checkpoint and training workdir
-# Resolved `config.model` settings that decide the parameters' shapes.
-ARCHITECTURE_FIELDS = (
-    "kind",
-    "image_size",
-    "in_channels",
-    "model_channels",
-    "out_channels",
-    "num_res_blocks",
-    "attention_resolutions",
-    "channel_mult",
-    "num_classes",
-    "null_class",
-    "num_heads",
-    "num_head_channels",
-    "num_heads_upsample",
-    "use_scale_shift_norm",
-    "resblock_updown",
-    "use_new_attention_order",
-    "conv_resample",
-)
 # `config.diffusion` fields the model was trained for (respacing is the sampler's choice).
 DIFFUSION_FIELDS = (
     "steps",
@@ -90,9 +70,7 @@ def check_model_matches(saved: Any, model_config: Any, flag: str, section: str =
     except ValueError as e:
         raise ValueError(f"{flag}: its saved config.model is not valid: {e}") from None
     ours = models.validate_model_config(model_config)
-    for field in ARCHITECTURE_FIELDS:
-        if field == "pool" and ours["kind"] != "classifier":
-            continue
+    for field in models.model_spec(ours["kind"]).architecture:
         a, b = _normalise(theirs.get(field)), _normalise(ours.get(field))
         if a != b:
             name = _FIELD_NAMES.get(field, field)
@@ -136,7 +114,7 @@ def load_config_spec(spec: str, field: str) -> ml_collections.ConfigDict:
 def check_classifier(classifier_model: Any, model_config: Any, flag: str) -> int:
     """Checks a guidance classifier against the diffusion model; returns its class count."""
     settings = models.validate_model_config(classifier_model)
-    if settings["kind"] != "classifier":
+    if models.model_spec(settings["kind"]).trainer != "classifier":
         raise ValueError(f"{flag} holds a {settings['kind']!r} network, not a classifier.")
     size = int(model_config.image_size)
     if settings["image_size"] != size:

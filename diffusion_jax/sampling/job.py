@@ -97,7 +97,8 @@ def _plan(
             )
         ema_rate = float(rates[0])
     settings = models.validate_model_config(model)
-    if settings["kind"] == "classifier":
+    spec = models.model_spec(settings["kind"])
+    if spec.trainer != "diffusion":
         raise ValueError(f"--checkpoint={checkpoint} is a classifier, not a diffusion model.")
 
     scale = float(sampling.classifier_scale)
@@ -121,7 +122,7 @@ def _plan(
 
     low_res = labels = None
     n = int(sampling.num_samples)
-    if settings["kind"] == "superres":
+    if spec.takes_low_res:
         if not base_samples:
             raise ValueError(
                 "an upsampler config needs --base_samples=FILE.npz (a base job's output)."

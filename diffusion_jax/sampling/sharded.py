@@ -21,13 +21,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import models, parallel
-from diffusion_jax.diffusion import (
-    Diffusion,
-    SamplerOptions,
-    classifier_cond_fn,
-    classifier_free_model_fn,
-    create_diffusion,
-)
+from diffusion_jax.diffusion import Diffusion, SamplerOptions, classifier_cond_fn, create_diffusion
+from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.options import sampling_respacing
 
 JOB_PURPOSE = 0  # sample i of a sampling job: fold_in(fold_in(key(seed), 0), i)
@@ -75,6 +70,28 @@ class SamplingProgram:
             )
 
 
+def _conditioning(program, classifier_params, scale, cfg_scale, labels, low_res) -> Conditioning:
+    model_kwargs = {}
+    if program.class_conditional:
+        model_kwargs["y"] = labels
+    if low_res is not None and low_res.dtype == jnp.uint8:  # -> [-1, 1], as the paper code
+        low_res = low_res.astype(jnp.float32) / 127.5 - 1.0
+    if low_res is not None:
+        model_kwargs["low_res"] = low_res
+    cond_fn = None
+    if program.classifier is not None:
+        cond_fn = classifier_cond_fn(program.classifier.apply, {"params": classifier_params}, scale)
+    cfg = program.null_label is not None
+    return Conditioning(
+        model_kwargs,
+        cond_fn,
+        # Guidance labels reach the classifier only: an unconditional model refuses y.
+        cond_kwargs=None if labels is None else {"y": labels},
+        cfg_scale=cfg_scale if cfg else None,
+        null_label=program.null_label,
+    )
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _program(
     program: SamplingProgram,
@@ -90,28 +107,13 @@ def _program(
     job_key = jax.random.wrap_key_data(key_data)
     rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(job_key, indices)  # [B] keys
     model_fn = jax.tree_util.Partial(program.model.apply, {"params": params})
-    if program.null_label is not None:
-        model_fn = classifier_free_model_fn(model_fn, cfg_scale, program.null_label)
-    model_kwargs = {}
-    if program.class_conditional:
-        model_kwargs["y"] = labels
-    if low_res is not None and low_res.dtype == jnp.uint8:  # -> [-1, 1], as the paper code
-        low_res = low_res.astype(jnp.float32) / 127.5 - 1.0
-    if low_res is not None:
-        model_kwargs["low_res"] = low_res
-    cond_fn = None
-    if program.classifier is not None:
-        cond_fn = classifier_cond_fn(program.classifier.apply, {"params": classifier_params}, scale)
     shape = (indices.shape[0], *program.image_shape)
     out = program.diffusion.sample_loop(
         model_fn,
         shape,
         rngs,
         program.options,
-        cond_fn=cond_fn,
-        model_kwargs=model_kwargs,
-        # Guidance labels reach the classifier only: an unconditional model refuses y.
-        cond_kwargs=None if labels is None else {"y": labels},
+        cond=_conditioning(program, classifier_params, scale, cfg_scale, labels, low_res),
     )["sample"]
     images = jax.lax.with_sharding_constraint(to_uint8(out), parallel.data_sharding(program.mesh))
     return images

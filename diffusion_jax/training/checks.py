@@ -35,7 +35,6 @@ RESUMABLE_FIELDS = (
     "training.fsdp_min_size",
 )
 
-TRAINERS = {"diffusion": ("unet", "superres"), "classifier": ("classifier",)}
 _LAUNCHERS = {"diffusion": "launch.train", "classifier": "launch.train_classifier"}
 
 
@@ -45,11 +44,14 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
     Raises:
       ValueError: naming the field(s) and how to fix them.
     """
-    kind = config.model.kind
-    if kind not in TRAINERS[trainer]:
-        other = next(t for t, kinds in TRAINERS.items() if kind in kinds)
+    from diffusion_jax.diffusion import create_diffusion
+    from diffusion_jax.diffusion.resample import create_schedule_sampler
+    from diffusion_jax.models import model_spec, validate_model_config
+
+    spec = model_spec(config.model.kind)
+    if spec.trainer != trainer:
         raise ValueError(
-            f"model.kind={kind!r} is trained by python -m {_LAUNCHERS[other]}, not "
+            f"model.kind={spec.kind!r} is trained by python -m {_LAUNCHERS[spec.trainer]}, not "
             f"{_LAUNCHERS[trainer]}."
         )
     model, data, training = config.model, config.data, config.training
@@ -57,9 +59,6 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
     check_optim_config(config.optim)
     if "sampling" in config:  # in-training samples use it
         check_guidance_config(config.sampling)
-    from diffusion_jax.diffusion import create_diffusion
-    from diffusion_jax.diffusion.resample import create_schedule_sampler
-    from diffusion_jax.models import validate_model_config
 
     validate_model_config(model)  # architecture fields, before anything is written
     diffusion = create_diffusion(config.diffusion)
@@ -84,7 +83,7 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
             f"model.learn_sigma={model.learn_sigma} != diffusion.learn_sigma="
             f"{config.diffusion.learn_sigma}; set one value for both."
         )
-    if kind == "superres" and not data.low_res_size:
+    if spec.takes_low_res and not data.low_res_size:
         raise ValueError("an upsampler needs data.low_res_size (the side of its low_res input).")
     if training.num_steps <= 0:
         raise ValueError(f"training.num_steps must be positive, got {training.num_steps}.")

@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import parallel
+from diffusion_jax import models, parallel
 from diffusion_jax.sampling import inputs as sampling_inputs
 from diffusion_jax.sampling.sharded import ShardedSampler, job_key, sampling_program
 from diffusion_jax.training import grids, steps
@@ -75,7 +75,8 @@ def diffusion_hooks(config: Any, model: Any, mesh: Mesh, workdir: epath.Path):
             grid_config.sampling.timestep_respacing = int(training.sample_steps)
         indices = np.arange(n)
         labels = None if num_classes is None else (indices % num_classes).astype(np.int32)
-        low_res = _low_res_images(config, n) if config.model.kind == "superres" else None
+        upsampler = models.model_spec(config.model.kind).takes_low_res
+        low_res = _low_res_images(config, n) if upsampler else None
         grid = functools.partial(
             _draw,
             sampling_program(grid_config, mesh),

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -32,7 +31,13 @@ from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.diffusion.resample import create_schedule_sampler
 from diffusion_jax.files import read_json, write_text_atomic
-from diffusion_jax.models import create_classifier, create_model, null_label
+from diffusion_jax.models import (
+    create_classifier,
+    create_model,
+    model_spec,
+    null_label,
+    validate_model_config,
+)
 from diffusion_jax.training import checkpointing, checks, steps
 from diffusion_jax.training.optimizer import create_optimizer, learning_rate_schedule
 from diffusion_jax.training.state import TrainState, create_train_state
@@ -94,6 +99,14 @@ class _Task:
     step_fn: Callable  # partial of a steps.*_train_step with its statics bound
     sampler_state: Any
     on_log: Callable[[int, TrainState], dict] | None = None  # extra eval metrics
+
+
+def _init_inputs(config: Any):
+    """batch -> (args, kwargs) of the model's init: zeros shaped as its spec says."""
+    settings = validate_model_config(config.model)
+    spec = model_spec(settings["kind"])
+    low_res_size = config.data.get("low_res_size")
+    return lambda b: spec.example_inputs(settings, b, low_res_size, abstract=False)
 
 
 def _init_params(module, init_inputs, seed: int):
@@ -234,32 +247,27 @@ def _run(config: Any, workdir: str | epath.PathLike, trainer: str, stop) -> Trai
 
 def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     mesh = parallel.create_mesh_from_config(config)  # checks config.mesh
-    num_devices = parallel.num_data_shards(mesh)
-    checks.check_training_config(config, trainer, num_devices)
+    checks.check_training_config(config, trainer, parallel.num_data_shards(mesh))
     logging.info("Mesh: data=%d x fsdp=%d.", mesh.shape["data"], mesh.shape["fsdp"])
-    training = config.training
     _prepare_workdir(config, workdir)
-
-    pipeline = create_input_pipeline(
-        config.data,
-        global_batch_size=training.batch_size,
-        seed=config.seed,
-        mesh=mesh,
-        num_classes=config.model.num_classes,
-    )
-    if len(pipeline.source) == 0:
-        raise ValueError(
-            f"data.dataset={config.data.dataset!r} (split {config.data.split!r}) has no "
-            "images; check data.data_dir and data.split."
-        )
     setup = create_setup(config, mesh, trainer, workdir)
-    task, abstract_state = setup.task, setup.abstract_state
+    manager = create_manager(workdir, keep=config.training.keep_checkpoints)
+    state, positions = _restore_or_init(config, workdir, setup, manager)
+    # The step is built and the state laid out before any data is read.
+    pipeline = _open_pipeline(config, mesh, positions)
+    _write_config(config, workdir)  # every input check has passed
+    with pipeline, _closed_on_error(manager):
+        state = _step_loop(config, workdir, setup, state, pipeline, manager, stop)
+    checkpointing.finish_saves(manager)
+    return state
 
-    manager = create_manager(workdir, keep=training.keep_checkpoints)
+
+def _restore_or_init(config: Any, workdir: epath.Path, setup: Setup, manager):
+    """(state, every process's data position) of the latest checkpoint, else (step 0, None)."""
     current = json.loads(config_json(config))
     restored = checkpointing.restore_newest(
         manager,
-        abstract_state,
+        setup.abstract_state,
         check_config=lambda saved, s: checks.check_resume_config(
             saved, current, f"{workdir} (step {s})"
         ),
@@ -272,77 +280,93 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
                 f"{workdir} was saved by {len(positions)} processes; resume it with "
                 f"{len(positions)} processes (now {jax.process_count()})."
             )
-        pipeline.set_state(positions[jax.process_index()])
         logging.info("Resumed %s at step %d.", workdir, latest)
-    else:
-        params = None
-        if training.init_from:
-            params = _load_init_params(
-                training.init_from, training.init_from_ema_rate, setup.abstract_params
-            )
-            logging.info("Fine-tuning from %s.", training.init_from)
-        state = setup.init(params)
-    _write_config(config, workdir)  # every input check has passed
+        return state, positions
+    params, training = None, config.training
+    if training.init_from:
+        params = _load_init_params(
+            training.init_from, training.init_from_ema_rate, setup.abstract_params
+        )
+        logging.info("Fine-tuning from %s.", training.init_from)
+    return setup.init(params), None
 
-    train_step = setup.train_step
+
+def _open_pipeline(config: Any, mesh, positions):
+    """The run's global-batch input pipeline, at this process's saved position if any."""
+    pipeline = create_input_pipeline(
+        config.data,
+        global_batch_size=config.training.batch_size,
+        seed=config.seed,
+        mesh=mesh,
+        num_classes=config.model.num_classes,
+    )
+    if len(pipeline.source) == 0:
+        raise ValueError(
+            f"data.dataset={config.data.dataset!r} (split {config.data.split!r}) has no "
+            "images; check data.data_dir and data.split."
+        )
+    if positions is not None:
+        pipeline.set_state(positions[jax.process_index()])
+    return pipeline
+
+
+def _step_loop(config, workdir, setup, state, pipeline, manager, stop) -> TrainState:
+    """Steps until training.num_steps or an agreed stop, logging and saving on the way."""
+    training = config.training
     writer = create_writer(workdir)
     actions = progress_actions(config, workdir, writer)
     step = int(jax.device_get(state.step))
     if step == 0 and jax.process_index() == 0:
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        writer.write_hparams(_flat_config(config))
     cfg_json = config_json(config)
     pending: list[dict] = []
     last_log = (time.time(), step)
-
-    def save_now(s: TrainState):
-        positions = checkpointing.gather_data_positions(pipeline.get_state())
-        checkpointing.save(manager, s, positions, cfg_json)
-
-    with pipeline, _closed_on_error(manager):
-        while step < training.num_steps:
-            batch = next(pipeline)
-            state, metrics = train_step(state, batch)
-            step += 1
-            pending.append(metrics)
-            for action in actions:
-                action(step)
-            if step % training.log_every == 0 or step == training.num_steps:
-                summary = _mean_metrics(pending)
-                pending = []
-                now = time.time()
-                rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
-                last_log = (now, step)
-                summary["images_per_sec"] = rate * training.batch_size
-                summary["skipped_images"] = float(pipeline.num_skipped)
-                writer.write_scalars(step, summary)
-                checkpointing.check_saves(manager)  # a failed async save stops the run now
-                consecutive = int(jax.device_get(state.nonfinite[1]))
-                if consecutive >= training.max_nonfinite_steps:
-                    manager.wait_until_finished()
-                    raise NonFiniteError(
-                        f"step {step}: the last {consecutive} updates had a non-finite loss or "
-                        "gradient and were skipped (the saved checkpoints hold none of them); "
-                        "lower optim.lr, set optim.grad_clip_norm, or check the data."
-                    )
-            if task.on_log is not None:
-                extra = task.on_log(step, state)
-                if extra and "_images" in extra:
-                    writer.write_images(step, {"samples": extra.pop("_images")[None]})
-                if extra:
-                    writer.write_scalars(step, extra)
-            stopping = (
-                _stop_agreed(stop)
-                if (jax.process_count() == 1 or step % training.log_every == 0)
-                else False
+    while step < training.num_steps:
+        state, metrics = setup.train_step(state, next(pipeline))
+        step += 1
+        pending.append(metrics)
+        for action in actions:
+            action(step)
+        if step % training.log_every == 0 or step == training.num_steps:
+            last_log = _log_summary(
+                config, writer, manager, pipeline, state, step, pending, last_log
             )
-            if step % training.checkpoint_every == 0 or step == training.num_steps or stopping:
-                save_now(state)
-            if stopping:
-                logging.warning("Stopped at step %d on request; rerun to resume.", step)
-                break
-    checkpointing.finish_saves(manager)
+            pending = []
+        extra = setup.task.on_log and setup.task.on_log(step, state)
+        if extra and "_images" in extra:
+            writer.write_images(step, {"samples": extra.pop("_images")[None]})
+        if extra:
+            writer.write_scalars(step, extra)
+        agree_now = jax.process_count() == 1 or step % training.log_every == 0
+        stopping = agree_now and _stop_agreed(stop)
+        if step % training.checkpoint_every == 0 or step == training.num_steps or stopping:
+            positions = checkpointing.gather_data_positions(pipeline.get_state())
+            checkpointing.save(manager, state, positions, cfg_json)
+        if stopping:
+            logging.warning("Stopped at step %d on request; rerun to resume.", step)
+            break
     writer.flush()
     return state
+
+
+def _log_summary(config, writer, manager, pipeline, state, step, pending, last_log):
+    """Writes the mean metrics since last_log; stops a non-finite run. -> (time, step)."""
+    summary = _mean_metrics(pending)
+    now = time.time()
+    rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+    summary["images_per_sec"] = rate * config.training.batch_size
+    summary["skipped_images"] = float(pipeline.num_skipped)
+    writer.write_scalars(step, summary)
+    checkpointing.check_saves(manager)  # a failed async save stops the run now
+    consecutive = int(jax.device_get(state.nonfinite[1]))
+    if consecutive >= config.training.max_nonfinite_steps:
+        manager.wait_until_finished()
+        raise NonFiniteError(
+            f"step {step}: the last {consecutive} updates had a non-finite loss or "
+            "gradient and were skipped (the saved checkpoints hold none of them); "
+            "lower optim.lr, set optim.grad_clip_norm, or check the data."
+        )
+    return now, step
 
 
 def _flat_config(config: Any) -> dict[str, Any]:
@@ -371,24 +395,13 @@ def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
         null_label=null_label(config.model),
         **settings_kwargs,
     )
-    size, low = config.model.image_size, config.data.low_res_size
-
-    def init_inputs(b):
-        kwargs = {}
-        if config.model.num_classes is not None:
-            kwargs["y"] = jnp.zeros((b,), jnp.int32)
-        if config.model.kind == "superres":
-            kwargs["low_res"] = jnp.zeros((b, low, low, config.model.in_channels))
-        x = jnp.zeros((b, size, size, config.model.in_channels))
-        return (x, jnp.zeros((b,), jnp.int32)), kwargs
-
     step_fn = functools.partial(
         steps.diffusion_train_step, settings=settings, diffusion=diffusion, sampler=sampler
     )
     on_log = (
         None if workdir is None else in_training_eval.diffusion_hooks(config, model, mesh, workdir)
     )
-    return _Task(model, init_inputs, step_fn, sampler.init_state(), on_log)
+    return _Task(model, _init_inputs(config), step_fn, sampler.init_state(), on_log)
 
 
 def train(
@@ -427,12 +440,6 @@ def _classifier_task(config, settings_kwargs, mesh, workdir) -> _Task:
     settings = steps.StepSettings(
         apply_fn=model.apply, num_timesteps=diffusion.num_timesteps, **settings_kwargs
     )
-    size = config.model.image_size
-
-    def init_inputs(b):
-        x = jnp.zeros((b, size, size, config.model.in_channels))
-        return (x, jnp.zeros((b,), jnp.int32)), {}
-
     step_fn = functools.partial(
         steps.classifier_train_step,
         settings=settings,
@@ -444,7 +451,7 @@ def _classifier_task(config, settings_kwargs, mesh, workdir) -> _Task:
         if workdir is None
         else in_training_eval.classifier_hooks(config, model, diffusion, mesh)
     )
-    return _Task(model, init_inputs, step_fn, {}, on_log)
+    return _Task(model, _init_inputs(config), step_fn, {}, on_log)
 
 
 def train_classifier(
