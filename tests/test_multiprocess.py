@@ -39,10 +39,11 @@ def test_two_processes_sum_a_global_array():
         assert r["gathered"] == rows.tolist()
 
 
-def test_a_failing_process_kills_the_others_and_reports_its_stderr():
+def test_a_failing_process_kills_the_others_and_reports_its_stderr(tmp_path):
     start = time.monotonic()
     with pytest.raises(MultiProcessError) as info:
-        run_processes(__file__, ["fail"], timeout=60)
+        # Process 1 fails once process 0 has written its line (the marker file).
+        run_processes(__file__, ["fail", str(tmp_path / "p0_ready")], timeout=60)
     assert time.monotonic() - start < 30  # process 0 would sleep 600 s
     err = info.value
     assert not err.timed_out
@@ -100,12 +101,19 @@ class _yield:
 
 
 def _child(argv):
-    flags, (mode, *_) = harness.parse_flags(argv)
+    flags, (mode, *rest) = harness.parse_flags(argv)
     if mode == "fail":  # harness mechanics only: no jax
+        import pathlib
+
+        ready = pathlib.Path(rest[0])
         if flags.process_id == 1:
+            deadline = time.monotonic() + 20
+            while not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             print("boom from process 1", file=sys.stderr)
             sys.exit(3)
         print("process 0 waiting", file=sys.stderr, flush=True)
+        ready.touch()
         time.sleep(600)
     if mode == "sleep":
         time.sleep(600)

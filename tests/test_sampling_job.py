@@ -342,6 +342,7 @@ def direct_samples(config, checkpoint, ck, labels, scales):
 
     from diffusion_jax import checkpoints, models, parallel
     from diffusion_jax.diffusion import classifier_cond_fn, classifier_free_model_fn
+    from diffusion_jax.diffusion.conditioning import Conditioning
     from diffusion_jax.sampling import inputs, sharded
 
     params, _ = checkpoints.restore_params(checkpoint)
@@ -360,8 +361,8 @@ def direct_samples(config, checkpoint, ck, labels, scales):
     for scale in scales:
         guided = classifier_free_model_fn(model_fn, scale, 1000) if scale != 1.0 else model_fn
         x = program.diffusion.sample_loop(
-            guided, (len(labels), 16, 16, 3), rngs, program.options, cond_fn=cond_fn,
-            model_kwargs={"y": y}, cond_kwargs={"y": y},
+            guided, (len(labels), 16, 16, 3), rngs, program.options,
+            cond=Conditioning(model_kwargs={"y": y}, cond_fn=cond_fn, cond_kwargs={"y": y}),
         )["sample"]  # fmt: skip
         out.append(np.asarray(sharded.to_uint8(x)))
     return out
