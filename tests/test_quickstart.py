@@ -191,6 +191,44 @@ def test_rerun_reuses_and_another_config_is_refused(run):
     assert snapshot() == before
 
 
+@pytest.mark.slow
+def test_guidance_study_reuses_the_run_and_its_points_are_the_main_sets(run):
+    """The study (launch.sweep's library on the clean classifier's features) after the
+    run: nothing retrained; its classifier-scale-4 and cfg-3 points, drawn by the sweep's
+    sampling jobs at the run's steps, seed and labels, are the run's guided and
+    classifier-free sets (same Frechet distance); summary.md gives the tables."""
+    workdir, _ = run
+    main = _figures(workdir)
+    proc = _run(
+        workdir,
+        "--config.quickstart.guidance_study=True",
+        "--config.quickstart.study_classifier_scales=(0.0,4.0)",
+        "--config.quickstart.study_cfg_scales=(1.0,3.0)",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training the" not in proc.stderr
+    study = _figures(workdir)["study"]
+    rows = {f: {r["scale"]: r for r in study[f]["rows"]} for f in study}
+    assert sorted(rows) == ["cfg_scale", "classifier_scale"]
+    assert sorted(rows["classifier_scale"]) == [0.0, 4.0]
+    assert sorted(rows["cfg_scale"]) == [1.0, 3.0]
+    same = [
+        ("classifier_scale", 4.0, "guided"),
+        ("cfg_scale", 3.0, "cfg"),
+        ("classifier_scale", 0.0, "unguided"),
+        ("cfg_scale", 1.0, "unguided"),
+    ]
+    for field, scale, name in same:
+        got, want = rows[field][scale], main["metrics"][name]
+        assert got["fid"] == pytest.approx(want["fd"], rel=1e-4), (field, scale, got, want)
+        assert got["inception_score"] == pytest.approx(want["inception_score"], rel=1e-4)
+    for field in rows:
+        out = Path(study[field]["workdir"])
+        assert (out / "fid_vs_is.png").exists() and (out / "precision_recall.png").exists()
+    summary = (workdir / "summary.md").read_text()
+    assert summary.count("Measured from scale") == 2, summary
+
+
 def test_workdir_problems_are_one_line_before_any_work(tmp_path):
     config = job.effective_config(quickstart_config.get_config(), "cpu")
     blocker = tmp_path / "a_file"

@@ -66,3 +66,18 @@ def test_unknown_methods_list_the_registered_kinds(toy_kind):
     config.sampling.method = "euler"
     with pytest.raises(ValueError, match=r"'toy'"):
         sampling_program(config, parallel.create_mesh())
+
+
+def test_an_inverting_kind_is_refused_by_sample_loop_by_its_entry_not_its_name():
+    from diffusion_jax.diffusion import create_diffusion
+    from diffusion_jax.diffusion.options import SamplerOptions
+
+    register_sampler(SamplerKind("toy_inversion", loop=_toy_loop, inverts=True))
+    try:
+        diffusion = create_diffusion({"steps": 10, "noise_schedule": "cosine"})
+        x = jnp.zeros((2, 4, 4, 3))
+        for kind in ("toy_inversion", "ddim_reverse"):
+            with pytest.raises(ValueError, match=rf"{kind}' inverts .* ddim_reverse_sample_loop"):
+                diffusion.sample_loop(None, x.shape, None, SamplerOptions(kind=kind), noise=x)
+    finally:
+        del SAMPLERS["toy_inversion"]

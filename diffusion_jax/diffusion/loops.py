@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from diffusion_jax.diffusion import keys, samplers
 from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.gaussian import ModelFn
-from diffusion_jax.diffusion.options import SamplerOptions
+from diffusion_jax.diffusion.options import SAMPLERS, SamplerOptions
 
 
 class SamplingLoops:
@@ -47,8 +47,11 @@ class SamplingLoops:
         Returns:
           dict with 'sample' [B, H, W, C] (and the intermediates if asked for).
         """
-        if options.kind == "ddim_reverse":
-            raise ValueError("sample_loop runs x_T -> x_0; use ddim_reverse_sample_loop")
+        if SAMPLERS[options.kind].inverts:
+            raise ValueError(
+                f"sample_loop runs x_T -> x_0; {options.kind!r} inverts (x_0 -> x_T): use "
+                "ddim_reverse_sample_loop"
+            )
         shape = tuple(int(d) for d in shape)
         if len(shape) < 2:
             raise ValueError(f"shape must be [B, H, W, C], got {shape}")

@@ -42,6 +42,7 @@ class SamplerKind:
         takes no steps (it runs every timestep of its respaced diffusion).
       methods: the `config.sampling.method` names that select it (() = none).
       check: `check(diffusion, options)` on the host before the loop runs, or None.
+      inverts: runs x_0 -> x_T (an inversion, not a sampler: `sample_loop` refuses it).
     """
 
     name: str
@@ -52,6 +53,7 @@ class SamplerKind:
     steps: Callable[[Any], int | None] | None = None
     methods: tuple[str, ...] = ()
     check: Callable | None = None
+    inverts: bool = False
 
 
 # The registry: kind name -> entry. `samplers` and `dpm_solver` register theirs.

@@ -254,7 +254,9 @@ register_sampler(
         "ddim", scan_loop(_ddim_step), uses_eta=True, respacing=ddim_respacing, methods=("ddim",)
     )
 )
-register_sampler(SamplerKind("ddim_reverse", loop=scan_loop(_ddim_reverse_step, reverse=True)))
+register_sampler(
+    SamplerKind("ddim_reverse", loop=scan_loop(_ddim_reverse_step, reverse=True), inverts=True)
+)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -228,6 +228,7 @@ def _guidance_study(config, workdir: epath.Path, steps: dict) -> dict:
             reference=str(workdir / "reference_test.npz"),
             workdir=str(workdir / "study" / f"{field}_{tag}"),
             scales=scales,
+            steps=(int(job.study_steps),) if int(job.study_steps) else (),
             scale_field=field,
             classifier_checkpoint=classifier,
             features=str(workdir / "clean_classifier"),
