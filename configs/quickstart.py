@@ -135,6 +135,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     job.study_cfg_scales = (1.0, 2.0, 3.0, 5.0)
     job.study_steps = 25
     job.scale_on_accelerator = True
+    # On a CPU host the job splits its batches over this many host devices (one thread
+    # each): 1.5x the training steps/s of one device on a 2-core CPU (bench/RESULTS.md).
+    # 2 divides every batch here (32, 100, 50). Ignored when XLA_FLAGS or
+    # JAX_NUM_CPU_DEVICES already set a device count, and on GPU/TPU.
+    job.cpu_devices = 2
     accel = job.accelerator = ml_collections.ConfigDict()
     accel.num_steps = 8000
     accel.batch_size = 128

@@ -13,6 +13,7 @@ what is finished and resumes the rest. The config is configs/quickstart.py (ever
 field can be overridden with --config.<field>=value).
 """
 
+import os
 import pathlib
 
 from absl import flags, logging
@@ -28,12 +29,24 @@ def main(argv: list[str]) -> None:
     common.check_no_arguments(argv)
     import jax
 
+    _split_the_cpu(jax, _CONFIG.value.quickstart.get("cpu_devices", 1))
     jax.devices()  # start the backend quietly: a bad input's error stays the only line
     logging.set_verbosity(logging.INFO)  # phases, steps/s, images/s, ETA
     from diffusion_jax import quickstart
 
     quickstart.run_quickstart(_CONFIG.value, _WORKDIR.value)
     print(f"wrote {_WORKDIR.value}/summary.md")
+
+
+def _split_the_cpu(jax, count) -> None:
+    """On a CPU host, `quickstart.cpu_devices` host devices (the batches split over them:
+    1.5x the steps/s of one device on 2 cores), unless the user chose a device count."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"quickstart.cpu_devices={count!r}: must be an integer >= 1.")
+    env = os.environ
+    chosen = "device_count" in env.get("XLA_FLAGS", "") or "JAX_NUM_CPU_DEVICES" in env
+    if count > 1 and not chosen and jax.config.jax_num_cpu_devices in (-1, None):
+        jax.config.update("jax_num_cpu_devices", count)
 
 
 if __name__ == "__main__":
