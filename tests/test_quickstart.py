@@ -44,7 +44,7 @@ SHORT = [
 
 def _env():
     env = dict(os.environ)
-    # One CPU device (the default user's machine), not the suite's 8 fake ones.
+    # The launcher's own CPU split (quickstart.cpu_devices), not the suite's 8 fake devices.
     env["XLA_FLAGS"] = " ".join(
         f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
     )
