@@ -44,9 +44,12 @@ SHORT = [
 
 def _env():
     env = dict(os.environ)
-    # The launcher's own CPU split (quickstart.cpu_devices), not the suite's 8 fake devices.
+    # The launcher's own CPU split (quickstart.cpu_devices), not the suite's 8 fake
+    # devices; and XLA's default optimisation level: this run is mostly steps, not compiles.
     env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if "device_count" not in f and "optimization_level" not in f
     )
     return env
 
