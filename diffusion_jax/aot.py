@@ -104,7 +104,7 @@ def device_memory_bytes(device_memory_gb: float = 0.0) -> int | None:
         )
     if device_memory_gb > 0:
         return int(device_memory_gb * GIB)
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")  # addressable
     return int(limit) if limit else None
 
 
