@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffusion_jax import aot
+
 # The bf16 matmul rate of the H200 the anchors were measured on (ANCHORS.md), and the
 # analytic forward FLOPs per image of the paper's models there (2 x MACs of convolutions,
 # matmuls and linears at batch 1), for cross-checking the jaxpr count.
@@ -84,51 +86,9 @@ class CompileCounter:
         return sum(d for _, d in self.events)
 
 
-# ----- analytic FLOPs from the jaxpr ---------------------------------------------------
+# ----- analytic FLOPs: the library's count (diffusion_jax.aot), used by launch.plan too
 
-
-def _eqn_macs(eqn) -> int:
-    prim = eqn.primitive.name
-    if prim == "dot_general":
-        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
-        out = eqn.outvars[0].aval
-        return math.prod(out.shape) * math.prod(lhs[d] for d in lhs_contract)
-    if prim == "conv_general_dilated":
-        rhs = eqn.invars[1].aval.shape
-        out = eqn.outvars[0].aval.shape
-        out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-        return math.prod(out) * math.prod(rhs) // rhs[out_feature_dim]
-    return 0
-
-
-def _jaxpr_macs(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += _eqn_macs(eqn)
-        mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for sub in _subs(eqn):
-            total += mult * _jaxpr_macs(sub)
-    return total
-
-
-def _subs(eqn):
-    for v in eqn.params.values():
-        for item in v if isinstance(v, tuple | list) else (v,):
-            if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
-                yield item.jaxpr
-            elif hasattr(item, "eqns"):
-                yield item
-
-
-def matmul_flops(fn: Callable, *args, **kwargs) -> float:
-    """2 x MACs of every convolution and dot in `fn(*args)` (traced abstractly, no compile).
-
-    The count of ANCHORS.md (convolutions, matmuls, linears; elementwise work excluded).
-    Arguments may be `jax.ShapeDtypeStruct`s.
-    """
-    closed = jax.make_jaxpr(fn)(*args, **kwargs)
-    return 2.0 * _jaxpr_macs(closed.jaxpr)
+matmul_flops = aot.matmul_flops
 
 
 def compiled_stats(compiled) -> dict[str, Any]:
@@ -139,12 +99,8 @@ def compiled_stats(compiled) -> dict[str, Any]:
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         out["xla_flops"] = float(cost.get("flops", float("nan")))
     with contextlib.suppress(Exception):
-        mem = compiled.memory_analysis()
-        args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
-        alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-        # Live at once: inputs, outputs not aliased to (donated) inputs, and scratch.
-        out["program_bytes"] = int(args + outs - alias + temp)
-        out["temp_bytes"] = int(temp)
+        mem = aot.memory_report(compiled)
+        out["program_bytes"], out["temp_bytes"] = mem.total_bytes, mem.temp_bytes
     return out
 
 

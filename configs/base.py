@@ -136,6 +136,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     mesh = config.mesh = ml_collections.ConfigDict()
     mesh.data = -1
     mesh.fsdp = 1
+    # GiB of one device: a step that needs more is refused before data is read (0 = what
+    # the backend reports; the CPU reports nothing). launch.plan sizes a run in advance.
+    mesh.device_memory_gb = 0.0
 
     # --- Sampling (one FID-table row per config by default). ---------------------------
     sampling = config.sampling = ml_collections.ConfigDict()

@@ -43,6 +43,7 @@ END_TO_END = {
     "make_reference": ["test_evaluation_launchers.py::test_make_reference_writes_paper_format"],
     "sweep": ["test_sweep.py::test_grid_table_matches_the_evaluator_run_separately"],
     "fid_table": ["test_fid_table.py::test_two_row_table_matches_the_evaluator_run_separately"],
+    "plan": ["test_plan.py::test_launcher_prints_the_variants_that_fit_and_the_cost"],
     # Real datasets need the network or manual archives: the launcher's error paths and
     # the conversion it runs are tested on local data.
     "prepare_data": [

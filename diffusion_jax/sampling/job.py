@@ -40,7 +40,12 @@ from jax.sharding import Mesh
 from diffusion_jax import files, locks, models, parallel, resumable
 from diffusion_jax.diffusion import SamplerOptions
 from diffusion_jax.sampling import inputs
-from diffusion_jax.sampling.sharded import ShardedSampler, job_key, sampling_program
+from diffusion_jax.sampling.sharded import (
+    ShardedSampler,
+    compile_program,
+    job_key,
+    sampling_program,
+)
 
 MANIFEST = "manifest.json"
 COMPLETE = resumable.COMPLETE  # written by process 0 once OUTPUT holds every batch
@@ -490,6 +495,16 @@ def _create_sampler(plan: _Plan, checkpoint: str, mesh: Mesh) -> ShardedSampler:
         step = plan.fingerprint["classifier_identity"]["step"]
         classifier_params = _restore(plan.classifier_dir, plan.classifier_model, None, step)
     program = sampling_program(config, mesh, classifier=classifier)
+    low = None if plan.low_res is None else (plan.low_res.shape[1:], plan.low_res.dtype)
+    compiled, _ = compile_program(  # before the checkpoint is read: refuses a misfit
+        program,
+        config.model,
+        plan.batch_size,
+        classifier_config=plan.classifier_model if plan.classifier_dir else None,
+        labels=plan.labels is not None,
+        low_res=low,
+        device_memory_gb=float(config.get("mesh", {}).get("device_memory_gb", 0.0) or 0.0),
+    )
     params = _restore(checkpoint, config.model, plan.ema_rate, plan.checkpoint_step)
     return ShardedSampler(
         program,
@@ -498,6 +513,7 @@ def _create_sampler(plan: _Plan, checkpoint: str, mesh: Mesh) -> ShardedSampler:
         classifier_params=classifier_params,
         classifier_scale=plan.classifier_scale,
         cfg_scale=plan.cfg_scale,
+        compiled=compiled,
     )
 
 

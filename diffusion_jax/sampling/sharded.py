@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import models, parallel
+from diffusion_jax import aot, models, parallel
+from diffusion_jax.checkpoints import abstract_params
 from diffusion_jax.diffusion import Diffusion, SamplerOptions, classifier_cond_fn, create_diffusion
 from diffusion_jax.diffusion.conditioning import Conditioning
 from diffusion_jax.diffusion.options import sampling_respacing
@@ -170,6 +171,7 @@ class ShardedSampler:
         classifier_params: Any = None,
         classifier_scale: float = 0.0,
         cfg_scale: float = 1.0,
+        compiled: Any = None,
     ):
         """Places the parameters on the mesh (replicated).
 
@@ -181,6 +183,8 @@ class ShardedSampler:
           classifier_scale: the guidance scale s.
           cfg_scale: the classifier-free guidance scale (1.0 = plain conditional); a
             value other than 1.0 needs `program.null_label`.
+          compiled: the program compiled ahead of time for the job's batch
+            (`compile_program`), run instead of compiling again.
         """
         if float(cfg_scale) != 1.0 and program.null_label is None:
             raise ValueError(
@@ -189,6 +193,7 @@ class ShardedSampler:
             )
         mesh = program.mesh
         self.program = program
+        self._run = functools.partial(_program, program) if compiled is None else compiled
         self._params = parallel.global_replicated(params, mesh)
         self._classifier_params = (
             None
@@ -220,8 +225,7 @@ class ShardedSampler:
         indices = np.asarray(indices, np.int32)
         rows = parallel.global_rows(indices, mesh)
         put = functools.partial(parallel.global_rows, mesh=mesh)
-        images = _program(
-            self.program,
+        images = self._run(
             self._params,
             self._classifier_params,
             self._scale,
@@ -234,4 +238,68 @@ class ShardedSampler:
         return parallel.local_rows(images), parallel.local_rows(rows)
 
 
-__all__ = ["SamplingProgram", "ShardedSampler", "job_key", "sampling_program", "to_uint8"]
+SAMPLING_LEVERS = "draw fewer rows at once with --config.sampling.batch_size, or use more devices"
+
+
+def compile_program(
+    program: SamplingProgram,
+    model_config: Any,
+    batch_size: int,
+    *,
+    classifier_config: Any = None,
+    labels: bool = False,
+    low_res: tuple[tuple[int, ...], Any] | None = None,
+    device_memory_gb: float = 0.0,
+) -> tuple[Any, aot.MemoryReport]:
+    """Compiles `program` for a global batch of `batch_size` rows; refuses what cannot fit.
+
+    The loop is one scan, so the program's memory is one step's. Called before a job reads
+    its checkpoints; hand the executable to `ShardedSampler(..., compiled=)`.
+
+    Args:
+      program: the job's `SamplingProgram`.
+      model_config: the diffusion model's `config.model` (parameter shapes).
+      batch_size: global rows of one call.
+      classifier_config: the guidance classifier's model config when guided.
+      labels: the job passes labels.
+      low_res: `(per-row shape, dtype)` of an upsampler's inputs, or None.
+      device_memory_gb: GiB per device (0 = what the backend reports).
+
+    Returns:
+      `(compiled, aot.MemoryReport)`.
+
+    Raises:
+      aot.DoesNotFitError: one line with the figures and the levers.
+    """
+    rows, rep = parallel.data_sharding(program.mesh), parallel.replicated_sharding(program.mesh)
+
+    def replicated(tree):
+        spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)  # noqa: E731
+        return jax.tree.map(spec, tree)
+
+    def row(shape, dtype):  # [B, ...] split over the devices
+        return jax.ShapeDtypeStruct((int(batch_size), *shape), dtype, sharding=rows)
+
+    args = (
+        program,
+        replicated(abstract_params(model_config)),
+        None if classifier_config is None else replicated(abstract_params(classifier_config)),
+        *replicated((jnp.float32(0), jnp.float32(0), jax.random.key_data(job_key(0)))),
+        row((), jnp.int32),
+        row((), jnp.int32) if labels else None,
+        None if low_res is None else row(*low_res),
+    )
+    return aot.compile_and_check(
+        _program, args, what="sampling program", device_memory_gb=device_memory_gb,
+        levers=SAMPLING_LEVERS,
+    )  # fmt: skip
+
+
+__all__ = [
+    "SamplingProgram",
+    "ShardedSampler",
+    "compile_program",
+    "job_key",
+    "sampling_program",
+    "to_uint8",
+]

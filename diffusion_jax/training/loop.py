@@ -38,7 +38,7 @@ from diffusion_jax.models import (
     null_label,
     validate_model_config,
 )
-from diffusion_jax.training import checkpointing, checks, steps
+from diffusion_jax.training import aot, checkpointing, checks, steps
 from diffusion_jax.training.optimizer import create_optimizer, learning_rate_schedule
 from diffusion_jax.training.state import TrainState, create_train_state
 from diffusion_jax.training.writers import create_writer, progress_actions
@@ -251,6 +251,9 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     logging.info("Mesh: data=%d x fsdp=%d.", mesh.shape["data"], mesh.shape["fsdp"])
     _prepare_workdir(config, workdir)
     setup = create_setup(config, mesh, trainer, workdir)
+    # Compiled before data is read or anything written: a step that cannot fit stops here.
+    compiled, _ = aot.compile_train_step(config, mesh, setup)
+    setup = dataclasses.replace(setup, train_step=compiled)
     manager = create_manager(workdir, keep=config.training.keep_checkpoints)
     state, positions = _restore_or_init(config, workdir, setup, manager)
     # The step is built and the state laid out before any data is read.

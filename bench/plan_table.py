@@ -1,0 +1,140 @@
+"""The README's "Plan a run" table: per-device memory of every paper config at its batch.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=256 PYTHONPATH=. \
+    python bench/plan_table.py --mode=state --out=bench/plan_state.jsonl
+  XLA_FLAGS=--xla_force_host_platform_device_count=64 PYTHONPATH=. \
+    python bench/plan_table.py --mode=compile --jobs=imagenet64:8:dp,... \
+      --out=bench/plan_compiled.jsonl
+
+`state`: parameter + EMA + optimiser bytes per device from the shardings (exact on every
+backend; no compile) for 8, 64, 256 devices, data-parallel and FSDP. `compile`: the train
+step compiled by `diffusion_jax.jobs.plan` (launch.plan's code) for `config:devices:variant`
+jobs (dp, fsdp, fsdp_remat), one JSON line each as it finishes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+
+import jax
+from absl import app, flags
+
+from bench import benchlib
+from diffusion_jax import aot, parallel
+from diffusion_jax.jobs import plan
+from diffusion_jax.training import loop
+
+CONFIGS = (
+    "imagenet64", "imagenet128", "imagenet256", "imagenet256_uncond", "imagenet512",
+    "lsun_bedroom", "upsample64_256", "upsample128_512",
+    "classifier64", "classifier128", "classifier256", "classifier512",
+)  # fmt: skip
+VARIANTS = {
+    "dp": plan.Variant(),
+    "fsdp": plan.Variant(fsdp=True),
+    "fsdp_remat": plan.Variant(fsdp=True, remat=True),
+}
+_MODE = flags.DEFINE_enum("mode", "state", ["state", "compile", "render"], "What to do.")
+_JOBS = flags.DEFINE_list("jobs", [], "config:devices:variant for --mode=compile.")
+_OUT = flags.DEFINE_string("out", "", "JSON lines file to append to.")
+_STATE = flags.DEFINE_string("state", "bench/plan_state.jsonl", "--mode=render: state rows.")
+_COMPILED = flags.DEFINE_string(
+    "compiled", "bench/plan_compiled.jsonl", "--mode=render: compiled rows."
+)
+
+
+def _config(name):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def _write(row):
+    row = {**row, **{k: v for k, v in benchlib.environment().items() if k != "device"}}
+    print(json.dumps(row), flush=True)
+    if _OUT.value:
+        with open(_OUT.value, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def state_rows():
+    done = {(r["config"], r["devices"], r["variant"]) for r in _read(_OUT.value)}
+    for name in CONFIGS:
+        config = plan.variant_config(_config(name), VARIANTS["dp"])
+        mesh = parallel.create_mesh_from_config(config, jax.devices()[:1])
+        abstract = loop.create_setup(config, mesh, plan.trainer_of(config)).abstract_state
+        min_size = int(config.training.fsdp_min_size)
+        for n in (8, 64, 256):
+            for key in ("dp", "fsdp"):
+                if (name, n, key) in done:
+                    continue
+                fsdp = -1 if key == "fsdp" else 1
+                mesh = parallel.create_mesh(jax.devices()[:n], data=-1 if fsdp == 1 else 1,
+                                            fsdp=fsdp)  # fmt: skip
+                shardings = parallel.state_shardings(abstract, mesh, min_size=min_size)
+                state = jax.tree.map(
+                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                    abstract,
+                    shardings,
+                )
+                _write(
+                    {
+                        "config": name,
+                        "batch": int(config.training.batch_size),
+                        "devices": n,
+                        "variant": key,
+                        "state_bytes": aot.sharded_bytes(state),
+                        "param_bytes": aot.sharded_bytes(state.params),
+                    }
+                )
+
+
+def compile_rows():
+    for job in _JOBS.value:
+        name, n, key = job.split(":")
+        start = time.perf_counter()
+        row = plan.compile_train_variant(_config(name), jax.devices()[: int(n)], VARIANTS[key])
+        _write({"config": name, "variant": key, "wall_s": time.perf_counter() - start, **row})
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def render():
+    """Markdown: exact state bytes of every config; the compiled rows that exist."""
+    gib = lambda b: f"{b / aot.GIB:.2f}"  # noqa: E731
+    state = {(r["config"], r["devices"], r["variant"]): r for r in _read(_STATE.value)}
+    print("| config (batch) | params | params + EMA + Adam, data-parallel | FSDP 8 | FSDP 64 "
+          "| FSDP 256 |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in CONFIGS:
+        rows = {k[1:]: v for k, v in state.items() if k[0] == name}
+        if (8, "dp") not in rows:
+            continue
+        dp = rows[(8, "dp")]
+        cells = [gib(rows[(n, "fsdp")]["state_bytes"]) if (n, "fsdp") in rows else "-"
+                 for n in (8, 64, 256)]  # fmt: skip
+        print(f"| {name} ({dp['batch']}) | {gib(dp['param_bytes'])} | {gib(dp['state_bytes'])} | "
+              + " | ".join(cells) + " |")  # fmt: skip
+    print()
+    print("| config | devices | variant | total | state | temporaries | compile s |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for r in _read(_COMPILED.value):
+        sizes = " | ".join(gib(r[k]) for k in ("total_bytes", "state_bytes", "temp_bytes"))
+        print(
+            f"| {r['config']} | {r['devices']} | {r['variant']} | {sizes} | {r['compile_s']:.0f} |"
+        )
+
+
+def main(argv):
+    del argv
+    {"state": state_rows, "compile": compile_rows, "render": render}[_MODE.value]()
+
+
+if __name__ == "__main__":
+    app.run(main)
