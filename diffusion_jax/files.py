@@ -22,6 +22,14 @@ from typing import IO, Any
 from etils import epath
 
 
+def files_under(directory: str | epath.PathLike) -> list[epath.Path]:
+    """Every file below `directory`, recursively (no rglob: cloud paths refuse `**`)."""
+    out = []
+    for child in epath.Path(directory).iterdir():
+        out.extend(files_under(child) if child.is_dir() else [child])
+    return out
+
+
 def _temporary(path: epath.Path) -> epath.Path:
     # Same directory (a rename within one filesystem is atomic); the pid keeps two
     # writers of one file from sharing a temporary.

@@ -138,7 +138,7 @@ def path_identity(path: str | epath.PathLike | None) -> str | None:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found.")
     digest = hashlib.sha256()
-    entries = sorted(_files_under(path)) if path.is_dir() else [path]
+    entries = sorted(files.files_under(path)) if path.is_dir() else [path]
     for entry in entries:
         if entry.name.startswith(".") and entry.name.endswith(".lock"):
             continue  # a job's lock file is no content
@@ -148,13 +148,6 @@ def path_identity(path: str | epath.PathLike | None) -> str | None:
         name = entry.name if entry == path else str(entry.relative_to(path))
         digest.update(f"{name}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:32]
-
-
-def _files_under(directory: epath.Path) -> list[epath.Path]:
-    out = []
-    for child in directory.iterdir():  # no rglob: cloud paths refuse recursive globs
-        out.extend(_files_under(child) if child.is_dir() else [child])
-    return out
 
 
 def mark_complete(directory: str | epath.PathLike, name: str = COMPLETE) -> None:
@@ -215,12 +208,23 @@ def gather_rows(x: np.ndarray) -> np.ndarray:
     return np.asarray(mh.process_allgather(x)).reshape(-1, *x.shape[1:])
 
 
+def fetch_global(tree: Any) -> Any:
+    """Host numpy copies of (possibly multi-process) global arrays, on every process."""
+    mh = _multihost()
+    if mh is None:
+        import jax
+
+        return jax.device_get(tree)
+    return mh.process_allgather(tree, tiled=True)
+
+
 __all__ = [
     "COMPLETE",
     "agree",
     "any_process",
     "check_fingerprint",
     "differences",
+    "fetch_global",
     "gather_rows",
     "is_complete",
     "mark_complete",

@@ -120,3 +120,41 @@ def restore_params(
             "launch.convert_checkpoint."
         ) from e
     return params, config
+
+
+def check_param_shapes(params: Any, abstract: Any, where: str) -> None:
+    """Checks that `params` has exactly the parameters and shapes of `abstract`.
+
+    Args:
+      params: a restored params tree.
+      abstract: the config's params tree (`jax.ShapeDtypeStruct` leaves).
+      where: what the checkpoint is, to start the message (its flag or directory).
+
+    Raises:
+      ValueError: naming the first parameter that is missing, mis-shaped or extra.
+    """
+    import jax  # lazy, as Orbax's own import of it
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k): tuple(int(d) for d in v.shape) for k, v in leaves}
+
+    got, want = shapes(params), shapes(abstract)
+    fields = "the model.* fields (num_channels, channel_mult, num_classes, learn_sigma, ...)"
+    for name, shape in want.items():
+        if name not in got:
+            raise ValueError(
+                f"{where}: parameter {name} of this config is not in the checkpoint; "
+                f"{fields} must describe the checkpoint's network."
+            )
+        if got[name] != shape:
+            raise ValueError(
+                f"{where}: parameter {name} has shape {got[name]} in the checkpoint but "
+                f"{shape} in this config; check {fields}."
+            )
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise ValueError(
+            f"{where}: the checkpoint has parameters this config lacks ({extra[:3]}); "
+            f"{fields} must describe the checkpoint's network."
+        )

@@ -39,7 +39,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from diffusion_jax.files import read_json
+from diffusion_jax.files import files_under, read_json
 
 ARRAY_RECORD = "array_record"
 TFRECORD = "tfrecord"
@@ -348,14 +348,6 @@ def _copy_shard(source: epath.Path, target: epath.Path, expected: int) -> int:
     return count
 
 
-def _walk_files(root: epath.Path) -> list[epath.Path]:
-    # epath's rglob refuses '**' on the gfile backend that tfds selects.
-    files = []
-    for path in root.iterdir():
-        files.extend(_walk_files(path) if path.is_dir() else [path])
-    return files
-
-
 def _is_complete_conversion(version_dir: epath.Path, info: Any) -> bool:
     try:
         data = read_json(version_dir / _DATASET_INFO)
@@ -485,7 +477,7 @@ def convert_to_array_record(
 
     # Metadata: every other file of the version dir, then dataset_info.json with the
     # new format (alternative formats dropped: their files are not copied).
-    for path in _walk_files(source_dir):
+    for path in files_under(source_dir):  # no rglob on tfds' gfile backend
         if os.fspath(path) in shard_files or path.name == _DATASET_INFO:
             continue
         destination = work_dir / path.relative_to(source_dir)

@@ -3,7 +3,6 @@
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import (
@@ -51,65 +50,12 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
     `cond_kwargs` (default: model_kwargs), so an unconditional model can be guided.
     """
 
-    # --- Objectives. ----------------------------------------------------------------
+    # --- Objectives: `objectives`' functions, this diffusion their first argument. ----
 
-    def training_losses(
-        self, model_fn: ModelFn, x_start, t, *, rng=None, noise=None, model_kwargs=None
-    ) -> dict[str, jnp.ndarray]:
-        """Per-example losses {'loss', 'mse'[, 'vb']}; see objectives.training_losses.
-
-        `rng` is one key for the whole batch's noise (not per-sample keys, see there).
-        """
-        return objectives.training_losses(
-            self,
-            model_fn,
-            x_start,
-            t,
-            rng=keys.single_key(rng),
-            noise=noise,
-            model_kwargs=model_kwargs,
-        )
-
-    def vb_terms_bpd(
-        self, model_fn: ModelFn, x_start, x_t, t, *, clip_denoised=True, model_kwargs=None
-    ) -> dict[str, jnp.ndarray]:
-        """One VLB term in bits/dim; see objectives.vb_terms_bpd."""
-        return objectives.vb_terms_bpd(
-            self,
-            model_fn,
-            x_start,
-            x_t,
-            t,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-        )
-
-    def prior_bpd(self, x_start) -> jnp.ndarray:
-        """KL(q(x_T | x_0) || N(0, I)) in bits/dim, [B]."""
-        return objectives.prior_bpd(self, x_start)
-
-    def calc_bpd_loop(
-        self,
-        model_fn: ModelFn,
-        x_start,
-        rng=None,
-        *,
-        noise=None,
-        clip_denoised=True,
-        model_kwargs=None,
-        progress=False,
-    ):
-        """The whole VLB in bits/dim; see objectives.calc_bpd_loop."""
-        return objectives.calc_bpd_loop(
-            self,
-            model_fn,
-            x_start,
-            keys.as_key(rng),
-            noise=noise,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-            progress=progress,
-        )
+    training_losses = objectives.training_losses
+    vb_terms_bpd = objectives.vb_terms_bpd
+    prior_bpd = objectives.prior_bpd
+    calc_bpd_loop = objectives.calc_bpd_loop
 
     # --- Single steps. --------------------------------------------------------------
 

@@ -67,10 +67,11 @@ class SamplingLoops:
         cond = Conditioning() if cond is None else cond
         return samplers.run_loop(self, options, model_fn, noise, sample_rngs, cond)
 
-    def _sample(self, model_fn, shape, rng, noise, cond, **options):
-        return self.sample_loop(
-            model_fn, shape, rng, SamplerOptions(**options), noise=noise, cond=cond
-        )
+    def _keyword_loop(self, model_fn, shape, rng, noise, cond, **options):
+        """`sample_loop` for the keyword loops: the samples, or the dict if asked for."""
+        options = SamplerOptions(**options)
+        out = self.sample_loop(model_fn, shape, rng, options, noise=noise, cond=cond)
+        return out if options.keep_intermediates else out["sample"]
 
     def p_sample_loop(
         self,
@@ -85,6 +86,7 @@ class SamplingLoops:
         model_kwargs=None,
         cond_kwargs=None,
         progress=False,
+        keep_intermediates=False,
     ):
         """Ancestral sampling from x_T ~ N(0, I) to x_0, as one compiled scan.
 
@@ -110,37 +112,25 @@ class SamplingLoops:
             unconditional model (which refuses y) with a classifier, pass
             `model_kwargs=None, cond_kwargs={'y': labels}`.
           progress: show a host-side progress bar (steps/s).
+          keep_intermediates: return a dict with every step's output (see
+            `p_sample_loop_progressive`) instead of the samples.
 
         Returns:
-          [B, H, W, C] samples.
+          [B, H, W, C] samples (or the dict).
         """
         cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        options = dict(kind="ancestral", clip_denoised=clip_denoised, progress=progress)
-        return self._sample(model_fn, shape, rng, noise, cond, **options)["sample"]
+        keep, clip = keep_intermediates, clip_denoised
+        options = dict(clip_denoised=clip, keep_intermediates=keep, progress=progress)
+        return self._keyword_loop(model_fn, shape, rng, noise, cond, kind="ancestral", **options)
 
-    def p_sample_loop_progressive(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        progress=False,
-    ):
-        """`p_sample_loop` also returning every step's output.
+    def p_sample_loop_progressive(self, model_fn: ModelFn, shape, rng, **kwargs):
+        """`p_sample_loop` (same keywords) also returning every step's output.
 
         Returns:
           dict: 'sample' [B, H, W, C]; 'samples' and 'pred_xstarts' [T, B, H, W, C],
           row i being the step at timestep T-1-i.
         """
-        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        options = dict(kind="ancestral", clip_denoised=clip_denoised, progress=progress)
-        return self._sample(model_fn, shape, rng, noise, cond, keep_intermediates=True, **options)
+        return self.p_sample_loop(model_fn, shape, rng, keep_intermediates=True, **kwargs)
 
     def ddim_sample_loop(
         self,
@@ -156,39 +146,26 @@ class SamplingLoops:
         cond_kwargs=None,
         eta=0.0,
         progress=False,
+        keep_intermediates=False,
     ):
         """DDIM sampling (guided by Algorithm 2 with cond_fn), as one compiled scan.
 
         Args as `p_sample_loop` (rng: one key or [B] per-sample keys; cond_kwargs:
         cond_fn's inputs, default model_kwargs), plus eta (0 = deterministic given
-        x_T; rng may then be None when noise is given, and otherwise only draws x_T).
+        x_T; rng may then be None when noise is given, and otherwise only draws x_T)
+        and keep_intermediates.
 
         Returns:
-          [B, H, W, C] samples.
+          [B, H, W, C] samples (or the dict of `ddim_sample_loop_progressive`).
         """
         cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        options = dict(kind="ddim", clip_denoised=clip_denoised, progress=progress, eta=eta)
-        return self._sample(model_fn, shape, rng, noise, cond, **options)["sample"]
+        keep, clip = keep_intermediates, clip_denoised
+        options = dict(clip_denoised=clip, keep_intermediates=keep, progress=progress, eta=eta)
+        return self._keyword_loop(model_fn, shape, rng, noise, cond, kind="ddim", **options)
 
-    def ddim_sample_loop_progressive(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        eta=0.0,
-        progress=False,
-    ):
+    def ddim_sample_loop_progressive(self, model_fn: ModelFn, shape, rng, **kwargs):
         """`ddim_sample_loop` also returning every step's output (see the ancestral one)."""
-        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        options = dict(kind="ddim", clip_denoised=clip_denoised, progress=progress, eta=eta)
-        return self._sample(model_fn, shape, rng, noise, cond, keep_intermediates=True, **options)
+        return self.ddim_sample_loop(model_fn, shape, rng, keep_intermediates=True, **kwargs)
 
     def dpm_solver_sample_loop(
         self,
@@ -235,16 +212,10 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples (or the dict).
         """
-        options = SamplerOptions(
-            kind="dpm_solver++",
-            clip_denoised=clip_denoised,
-            keep_intermediates=keep_intermediates,
-            progress=progress,
-            steps=steps,
-        )
         cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        out = self.sample_loop(model_fn, shape, rng, options, noise=noise, cond=cond)
-        return out if keep_intermediates else out["sample"]
+        keep, clip = keep_intermediates, clip_denoised
+        options = dict(clip_denoised=clip, keep_intermediates=keep, progress=progress, steps=steps)
+        return self._keyword_loop(model_fn, shape, rng, noise, cond, kind="dpm_solver++", **options)
 
     def ddim_reverse_sample_loop(
         self,

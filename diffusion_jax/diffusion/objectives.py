@@ -120,6 +120,7 @@ def training_losses(
       'loss' is vb (times T for rescaled_kl).
     """
     diffusion.check_batch(x_start, t, model_kwargs, x_name="x_start")
+    rng = keys.single_key(rng)
     if noise is None:
         if rng is None:
             raise ValueError("training_losses needs rng (a jax.random.key) or noise")
@@ -260,7 +261,7 @@ def calc_bpd_loop(
     if noise is None:
         if rng is None:
             raise ValueError("calc_bpd_loop needs rng (a jax.random.key) or noise")
-        rng = keys.per_sample_keys(rng, x_start.shape[0])
+        rng = keys.per_sample_keys(keys.as_key(rng), x_start.shape[0])
     elif tuple(noise.shape) != (num_steps, *x_start.shape):
         raise ValueError(
             f"noise must have shape {(num_steps, *x_start.shape)} ([T, *x_start.shape]), "

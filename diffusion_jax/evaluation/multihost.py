@@ -20,10 +20,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import parallel
+from diffusion_jax import parallel, resumable
 
 
 def mesh_processes(mesh: Mesh) -> list[int]:
@@ -55,10 +54,8 @@ def allgather_host(x: np.ndarray, mesh: Mesh) -> np.ndarray:
     Returns:
       `[num_mesh_processes, *x.shape]` numpy, row p from the p-th process of the mesh.
     """
-    x = np.asarray(x)
-    if _is_local(mesh):
-        return x[None]
-    return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+    x = np.asarray(x)[None]
+    return x if _is_local(mesh) else resumable.gather_rows(x)
 
 
 def process_rows(mesh: Mesh, global_batch: int) -> list[np.ndarray]:
@@ -149,7 +146,7 @@ class PadShardUnpad:
         if _is_local(self.mesh):
             out = jax.tree.map(np.asarray, out)
         else:  # replicated to every host
-            out = multihost_utils.process_allgather(out, tiled=True)
+            out = resumable.fetch_global(out)
         return [
             jax.tree.map(lambda y, r=rows[: int(n)]: y[r], out)
             for rows, n in zip(self.rows, counts, strict=True)

@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import files, locks, models, parallel, resumable
 from diffusion_jax.diffusion import SamplerOptions
-from diffusion_jax.sampling import inputs
+from diffusion_jax.sampling import grids, inputs
 from diffusion_jax.sampling.sharded import (
     ShardedSampler,
     compile_program,
@@ -184,17 +184,7 @@ def _restore(
 
     # The step the job's identity names, not whatever is newest by now.
     params, _ = checkpoints.restore_params(directory, step=step, ema_rate=ema_rate)
-    want = checkpoints.abstract_params(model_config)
-    got_shapes = jax.tree.map(np.shape, params)
-    want_shapes = jax.tree.map(lambda s: tuple(s.shape), want)
-    if (
-        jax.tree.structure(got_shapes) != jax.tree.structure(want_shapes)
-        or got_shapes != want_shapes
-    ):
-        raise ValueError(
-            f"{directory}: its parameters do not have the shapes config.model describes; "
-            "check the config the checkpoint was made with."
-        )
+    checkpoints.check_param_shapes(params, checkpoints.abstract_params(model_config), directory)
     return params
 
 
@@ -331,25 +321,11 @@ def _assemble(plan: _Plan, num_batches: int, image_shape: tuple) -> None:
                 with zf.open("arr_1.npy", "w", force_zip64=True) as labels:
                     np.lib.format.write_array(labels, plan.labels[:n])
     if is_writer:
-        _write_grid(plan.output, np.concatenate(grid))
+        png = plan.output.parent / (plan.output.name[: -len(".npz")] + ".png")
+        grids.write_png(png, grids.make_grid(np.concatenate(grid), pad=0))
     resumable.mark_complete(parts)
     for b in range(num_batches):  # the output holds them now
         _part_path(parts, b).unlink(missing_ok=True)
-
-
-def _write_grid(output: epath.Path, images: np.ndarray) -> None:
-    from PIL import Image
-
-    count, h, w, c = images.shape
-    columns = int(np.ceil(np.sqrt(count)))
-    rows = -(-count // columns)
-    grid = np.zeros((rows * h, columns * w, c), np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
-    png = output.parent / (output.name[: -len(".npz")] + ".png")
-    with files.atomic_write(png, "wb") as f:
-        Image.fromarray(grid if c == 3 else grid[..., 0]).save(f, format="PNG")
 
 
 def run_sampling_job(

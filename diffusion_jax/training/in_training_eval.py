@@ -18,10 +18,11 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import models, parallel
+from diffusion_jax import models, parallel, resumable
+from diffusion_jax.sampling import grids
 from diffusion_jax.sampling import inputs as sampling_inputs
 from diffusion_jax.sampling.sharded import ShardedSampler, job_key, sampling_program
-from diffusion_jax.training import grids, steps
+from diffusion_jax.training import steps
 from diffusion_jax.training.state import TrainState, ema_key
 
 _GRID_PURPOSE, _EVAL_PURPOSE = 1, 4
@@ -50,7 +51,7 @@ def _draw(program, config, key, params, indices, labels=None, low_res=None) -> n
     """Every process's copy of the uint8 images `indices` name, through the job's sampler."""
     cfg_scale = float(config.sampling.get("cfg_scale", 1.0))
     sampler = ShardedSampler(program, params, key, cfg_scale=cfg_scale)
-    return _gather_rows(sampler.sample(indices, labels, low_res)[0])
+    return resumable.gather_rows(sampler.sample(indices, labels, low_res)[0])
 
 
 def diffusion_hooks(config: Any, model: Any, mesh: Mesh, workdir: epath.Path):
@@ -103,24 +104,6 @@ def diffusion_hooks(config: Any, model: Any, mesh: Mesh, workdir: epath.Path):
         return out or None
 
     return hook
-
-
-def fetch_global(tree: Any) -> Any:
-    """Host numpy copies of (possibly multi-process) global arrays, on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def _gather_rows(local: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    gathered = np.asarray(multihost_utils.process_allgather(local))
-    return gathered.reshape(-1, *local.shape[1:])
 
 
 class _FidEvaluator:
@@ -242,7 +225,9 @@ def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
                 key = jax.random.fold_in(jax.random.fold_in(base_key, _EVAL_PURPOSE), i)
                 examples = next(pipeline)
                 for prefix, eval_step in eval_steps.items():
-                    rows[prefix].append(fetch_global(eval_step(state.params, examples, key)))
+                    rows[prefix].append(
+                        resumable.fetch_global(eval_step(state.params, examples, key))
+                    )
         metrics = {}
         for prefix, parts in rows.items():
             terms = {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}

@@ -23,7 +23,6 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from diffusion_jax import locks, parallel, resumable
 from diffusion_jax.checkpoints.workdir import create_manager
@@ -48,15 +47,6 @@ CONFIG_FILE = "config.json"
 
 class NonFiniteError(RuntimeError):
     """A run kept producing non-finite losses or gradients."""
-
-
-def _stop_agreed(stop: threading.Event | None) -> bool:
-    """True on every process when any process's `stop` is set (a collective)."""
-    requested = stop is not None and stop.is_set()
-    if jax.process_count() == 1:
-        return requested
-    flags = multihost_utils.process_allgather(np.asarray([requested], np.int32))
-    return bool(np.any(flags))
 
 
 def config_json(config: Any) -> str:
@@ -117,31 +107,10 @@ def _init_params(module, init_inputs, seed: int):
 
 def _load_init_params(path: str, ema_rate, abstract_params: Any) -> Any:
     """Fine-tuning start: parameters of a convert_checkpoint dir or another workdir."""
-    from diffusion_jax.checkpoints import restore_params
+    from diffusion_jax.checkpoints import check_param_shapes, restore_params
 
     params, _ = restore_params(path, ema_rate=ema_rate)
-    got = jax.tree_util.tree_flatten_with_path(params)[0]
-    want = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    got_map = {jax.tree_util.keystr(k): np.shape(v) for k, v in got}
-    for key, leaf in want:
-        name = jax.tree_util.keystr(key)
-        if name not in got_map:
-            raise ValueError(
-                f"training.init_from={path}: parameter {name} of this config is not in the "
-                "checkpoint; the model.* fields must describe the checkpoint's network."
-            )
-        if tuple(got_map[name]) != tuple(leaf.shape):
-            raise ValueError(
-                f"training.init_from={path}: parameter {name} has shape {got_map[name]} in "
-                f"the checkpoint but {tuple(leaf.shape)} in this config; check the model.* "
-                "fields (num_channels, channel_mult, num_classes, learn_sigma, ...)."
-            )
-    if len(got_map) != len(want):
-        extra = sorted(set(got_map) - {jax.tree_util.keystr(k) for k, _ in want})
-        raise ValueError(
-            f"training.init_from={path}: the checkpoint has parameters this config lacks "
-            f"({extra[:3]}); the model.* fields must describe the checkpoint's network."
-        )
+    check_param_shapes(params, abstract_params, f"training.init_from={path}")
     return jax.device_get(params)  # host arrays: laid out on the mesh by init
 
 
@@ -341,7 +310,7 @@ def _step_loop(config, workdir, setup, state, pipeline, manager, stop) -> TrainS
         if extra:
             writer.write_scalars(step, extra)
         agree_now = jax.process_count() == 1 or step % training.log_every == 0
-        stopping = agree_now and _stop_agreed(stop)
+        stopping = agree_now and resumable.any_process(stop is not None and stop.is_set())
         if step % training.checkpoint_every == 0 or step == training.num_steps or stopping:
             positions = checkpointing.gather_data_positions(pipeline.get_state())
             checkpointing.save(manager, state, positions, cfg_json)

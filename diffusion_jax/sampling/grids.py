@@ -1,4 +1,4 @@
-"""Sample grids written during training (tiling and PNG files)."""
+"""Sample grids (tiling and PNG files): the sampling job's and the training loops'."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
 
 
 def write_png(path: epath.PathLike, image: np.ndarray) -> None:
-    """Writes a uint8 [H, W, 3] image as PNG, atomically (`files.atomic_write`)."""
+    """Writes a uint8 [H, W, C] image (C = 3, or 1: grey) as PNG, atomically."""
     from PIL import Image
 
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_write(path, "wb") as f:
-        Image.fromarray(image).save(f, format="PNG")
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
