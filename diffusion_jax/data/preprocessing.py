@@ -60,15 +60,26 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
         raise UnreadableImageError(f"cannot decode image {name}: {e}") from e
 
 
-def _resize_short_side(pil_image: Image.Image, short_side: int) -> Image.Image:
+def _resize_short_side(
+    pil_image: Image.Image, short_side: int, resample=Image.BICUBIC, halve: bool = True
+) -> Image.Image:
+    if short_side <= 0:
+        raise ValueError(f"image_size must be a positive number of pixels, got {short_side}.")
     # Halving with BOX first is what PIL's `reducing_gap` would do; the paper code does
     # it by hand (its PIL predates the argument), so we do too, to match its pixels.
-    while min(*pil_image.size) >= 2 * short_side:
+    while halve and min(*pil_image.size) >= 2 * short_side:
         pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
     scale = short_side / min(*pil_image.size)
     # Python's round() (banker's rounding) as in the paper code, not np.round/int().
     new_size = tuple(round(s * scale) for s in pil_image.size)
-    return pil_image.resize(new_size, resample=Image.BICUBIC)
+    return pil_image.resize(new_size, resample=resample)
+
+
+def _central_square(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """The central `image_size` square (offsets rounded down), uint8 [S, S, C]."""
+    arr = np.asarray(pil_image)  # [H, W, C]
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return np.array(arr[top : top + image_size, left : left + image_size])
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -83,12 +94,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     Returns:
       uint8 array [image_size, image_size, 3].
     """
-    if image_size <= 0:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
-    arr = np.asarray(_resize_short_side(pil_image, image_size))  # [H, W, C]
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return np.array(arr[top : top + image_size, left : left + image_size])
+    return _central_square(_resize_short_side(pil_image, image_size), image_size)
 
 
 def lsun_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -107,16 +113,8 @@ def lsun_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     Returns:
       uint8 array [image_size, image_size, 3].
     """
-    if image_size <= 0:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
-    width, height = pil_image.size
-    scale = image_size / min(width, height)
-    # Python's round() (banker's rounding on exact halves), as the paper script.
-    new_size = (round(scale * width), round(scale * height))
-    arr = np.asarray(pil_image.resize(new_size, resample=Image.BOX))  # [H', W', C]
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return np.array(arr[top : top + image_size, left : left + image_size])
+    resized = _resize_short_side(pil_image, image_size, Image.BOX, halve=False)
+    return _central_square(resized, image_size)
 
 
 def random_crop_arr(

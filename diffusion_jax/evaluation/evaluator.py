@@ -38,7 +38,6 @@ from diffusion_jax.evaluation.npz_io import (
 )
 from diffusion_jax.files import atomic_write
 
-CACHE_SUFFIX = ".inception.npz"  # Inception's; each feature network has its `cache_suffix`
 _HASHED_BYTES = 1 << 20
 
 

@@ -220,11 +220,7 @@ def create_model(model_config: Any) -> UNet:
       An unbound `UNet` / `SuperResUNet`; call `module.apply({'params': p}, x, t, y=...)`
       or `module.apply(p, ...)` (upsamplers also take `low_res=`).
     """
-    settings = validate_model_config(model_config)
-    spec = model_spec(settings["kind"])
-    if spec.trainer != "diffusion":
-        raise ValueError(f"model.kind is {spec.kind!r}: use create_classifier(model_config).")
-    return spec.build(settings)
+    return _build(model_config, "diffusion", "use create_classifier(model_config).")
 
 
 def create_classifier(model_config: Any) -> EncoderUNet:
@@ -239,12 +235,16 @@ def create_classifier(model_config: Any) -> EncoderUNet:
       An unbound `EncoderUNet`; call `module.apply({'params': p}, x, t)` (or `apply(p, ...)`) for
       logits.
     """
+    advice = (
+        "create_classifier needs a classifier config (model.kind='classifier', e.g. "
+        "configs/classifier256.py); use create_model for diffusion models."
+    )
+    return _build(model_config, "classifier", advice)
+
+
+def _build(model_config: Any, trainer: str, advice: str):
     settings = validate_model_config(model_config)
     spec = model_spec(settings["kind"])
-    if spec.trainer != "classifier":
-        raise ValueError(
-            f"model.kind is {spec.kind!r}: create_classifier needs a classifier config "
-            "(model.kind='classifier', e.g. configs/classifier256.py); use create_model "
-            "for diffusion models."
-        )
+    if spec.trainer != trainer:
+        raise ValueError(f"model.kind is {spec.kind!r}: {advice}")
     return spec.build(settings)

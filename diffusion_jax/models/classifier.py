@@ -3,28 +3,23 @@
 Mirrors the paper code's EncoderUNetModel; submodule names follow its state-dict keys.
 """
 
-import functools
-from collections.abc import Sequence
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models.attention import AttentionPool2d
-from diffusion_jax.models.layers import (
-    BlockSequence,
-    GroupNorm32,
-    ParamsTreeApply,
-    conv,
-    dense,
+from diffusion_jax.models.layers import BlockSequence, GroupNorm32, conv, dense
+from diffusion_jax.models.unet import (
+    Encoder,
+    block_factories,
+    encoder_blocks,
+    middle_block,
+    time_embedding,
 )
-from diffusion_jax.models.unet import block_factories, encoder_blocks, time_embedding
 
-Dtype = Any
 POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
 
 
-class EncoderUNet(ParamsTreeApply):
+class EncoderUNet(Encoder):
     """Timestep-conditioned image classifier p(y | x_t).
 
     Called as `module.apply(variables, x, t, train=False)` with x [B, H, W, C] and
@@ -37,24 +32,7 @@ class EncoderUNet(ParamsTreeApply):
     + 1x1 conv), 'spatial' / 'spatial_v2' (MLP on the spatial means of every block).
     """
 
-    image_size: int
-    in_channels: int
-    model_channels: int
-    out_channels: int
-    num_res_blocks: int
-    attention_resolutions: Sequence[int]
-    channel_mult: Sequence[float]
-    dropout: float = 0.0
-    conv_resample: bool = True
-    num_heads: int = 1
-    num_head_channels: int = -1
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
-    use_new_attention_order: bool = False
     pool: str = "attention"
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-    norm_groups: int = 32
 
     @nn.compact
     def __call__(
@@ -86,12 +64,7 @@ class EncoderUNet(ParamsTreeApply):
             h = run(layers, f"input_blocks_{i}", h)
         ch = blocks[-1][1]
         res_px = self.image_size // 2 ** (len(self.channel_mult) - 1)
-        middle = [
-            functools.partial(res, ch, ch),
-            functools.partial(attn, ch),
-            functools.partial(res, ch, ch),
-        ]
-        h = run(middle, "middle_block", h)
+        h = run(middle_block(res, attn, ch), "middle_block", h)
 
         if spatial:
             h = jnp.concatenate(means, axis=-1)  # [B, sum of block widths]

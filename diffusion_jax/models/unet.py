@@ -150,6 +150,39 @@ def time_embedding(t: jnp.ndarray, model_channels: int) -> jnp.ndarray:
     return dense(4 * model_channels, name="time_embed_2", dtype=jnp.float32)(nn.silu(emb))
 
 
+class Encoder(ParamsTreeApply):
+    """The settings of the encoder half (the paper code's flags), shared by the UNet and
+    the classifier; `attention_resolutions` are feature-map sizes in pixels and
+    `channel_mult` is already resolved (no empty default here)."""
+
+    image_size: int
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]
+    channel_mult: Sequence[float]
+    dropout: float = 0.0
+    conv_resample: bool = True
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+    norm_groups: int = 32
+
+
+def middle_block(res, attn, ch: int) -> tuple:
+    """The middle block's layer factories: ResBlock, attention, ResBlock at `ch` channels."""
+    return (
+        functools.partial(res, ch, ch),
+        functools.partial(attn, ch),
+        functools.partial(res, ch, ch),
+    )
+
+
 def encoder_blocks(module: nn.Module, res, attn) -> list[tuple[tuple, int]]:
     """The encoder half's blocks: [(layer factories of input_blocks_i, out channels)].
 
@@ -178,11 +211,11 @@ def encoder_blocks(module: nn.Module, res, attn) -> list[tuple[tuple, int]]:
     return blocks
 
 
-class UNet(ParamsTreeApply):
+class UNet(Encoder):
     """The ADM UNet (Dhariwal & Nichol 2021), optionally class-conditional.
 
-    Attributes mirror the paper code's flags; `attention_resolutions` are feature-map
-    sizes in pixels and `channel_mult` is already resolved (no empty default here).
+    Attributes mirror the paper code's flags (`Encoder`'s, plus num_classes, null_class
+    and num_heads_upsample).
     Called as `module.apply(variables, x, t, y=None, train=False)` with x [B, H, W, C]
     in [-1, 1] and t [B] (int or float); returns [B, H, W, out_channels] in float32.
     With `null_class` (a model trained with label dropout for classifier-free
@@ -190,26 +223,9 @@ class UNet(ParamsTreeApply):
     "no label".
     """
 
-    image_size: int
-    in_channels: int
-    model_channels: int
-    out_channels: int
-    num_res_blocks: int
-    attention_resolutions: Sequence[int]
-    channel_mult: Sequence[float]
-    dropout: float = 0.0
-    conv_resample: bool = True
     num_classes: int | None = None
     null_class: bool = False
-    num_heads: int = 1
-    num_head_channels: int = -1
     num_heads_upsample: int = -1
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
-    use_new_attention_order: bool = False
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-    norm_groups: int = 32
 
     @nn.compact
     def __call__(
@@ -254,13 +270,7 @@ class UNet(ParamsTreeApply):
             skips.append(h)
             skip_channels.append(ch)
         res_px = self.image_size // 2 ** (len(self.channel_mult) - 1)
-
-        middle = (
-            functools.partial(res, ch, ch),
-            functools.partial(attn, ch),
-            functools.partial(res, ch, ch),
-        )
-        h = BlockSequence(middle, name="middle_block")(h, emb)
+        h = BlockSequence(middle_block(res, attn, ch), name="middle_block")(h, emb)
 
         block = 0
         for level, mult in reversed(list(enumerate(self.channel_mult))):

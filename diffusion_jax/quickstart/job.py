@@ -174,7 +174,7 @@ def _write_npz(path: epath.Path, images: np.ndarray, labels: np.ndarray) -> None
         np.savez(f, arr_0=images, arr_1=labels)
 
 
-def _paper_metrics(workdir: epath.Path, outputs: dict, test: tuple, train: tuple) -> dict:
+def _paper_metrics(net, workdir: epath.Path, outputs: dict, test: tuple, train: tuple) -> dict:
     """FD / precision / recall / IS of each sample set on the clean classifier's features.
 
     Against the held-out test digits; the floor is the test digits themselves scored
@@ -183,15 +183,13 @@ def _paper_metrics(workdir: epath.Path, outputs: dict, test: tuple, train: tuple
     """
     from diffusion_jax import evaluation
 
-    net = evaluation.load_classifier_features(workdir / "clean_classifier")
     refs = {"test": workdir / "reference_test.npz", "train": workdir / "reference_train.npz"}
     _write_npz(refs["test"], *test)
     _write_npz(refs["train"], *train)
 
     def score(ref, sample) -> dict:
-        with epath.Path(sample).open("rb") as f, np.load(f, allow_pickle=False) as data:
-            n = len(data["arr_0"])
         # One IS split over the whole set (the paper's 5000-image splits need 5000).
+        n = evaluation.open_image_npz(sample).num_images
         r = evaluation.evaluate_npz(ref, sample, net, split_size=n)
         return {
             "fd": float(r.fid),
@@ -330,20 +328,10 @@ def _to_model_input(images: np.ndarray) -> jnp.ndarray:
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
-def _clean_classifier(config, workdir, batch: int = 250):
-    """`classify(uint8 images) -> predicted classes` by the clean classifier (at t = 0)."""
-    model = models.create_classifier(phase_config(config, "clean_classifier").model)
-    params, _ = restore_params(workdir / "clean_classifier")
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.zeros((x.shape[0],), jnp.int32)))
-
-    def classify(images: np.ndarray) -> np.ndarray:
-        preds = []
-        for s in range(0, len(images), batch):
-            logits = apply(params, _to_model_input(images[s : s + batch]))
-            preds.append(np.asarray(jnp.argmax(logits, axis=-1)))
-        return np.concatenate(preds)
-
-    return classify
+def _classify(net: Any, images: np.ndarray, batch: int = 250) -> np.ndarray:
+    """The classes the clean classifier's feature network (at t = 0) predicts."""
+    logits = [net(images[s : s + batch])["logits"] for s in range(0, len(images), batch)]
+    return np.concatenate([np.asarray(jnp.argmax(x, axis=-1)) for x in logits])
 
 
 def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -498,16 +486,21 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
     bpd = _bpd_phase(config, workdir, steps, state, test)
     times["bpd"] = bpd["seconds"]
     logging.info("[6/6] judging the samples with the clean classifier; writing the report")
-    classify = _clean_classifier(config, workdir)
+    from diffusion_jax import evaluation
+
+    net = evaluation.load_classifier_features(workdir / "clean_classifier")
     samples = {name: _read_npz(path) for name, path in outputs.items()}
     recognised = {
-        name: {"accuracy": float(np.mean(classify(images) == labels)), "num_samples": len(labels)}
+        name: {
+            "accuracy": float(np.mean(_classify(net, images) == labels)),
+            "num_samples": len(labels),
+        }
         for name, (images, labels) in samples.items()
     }
-    clean_test_acc = float(np.mean(classify(test[0]) == test[1]))
+    clean_test_acc = float(np.mean(_classify(net, test[0]) == test[1]))
     colour = {name: image_statistics(images) for name, (images, _) in samples.items()}
     colour["data (test)"] = image_statistics(test[0])
-    metrics = _paper_metrics(workdir, outputs, test, _split_images(config, config.data.split))
+    metrics = _paper_metrics(net, workdir, outputs, test, _split_images(config, config.data.split))
     study = _guidance_study(config, workdir, steps) if config.quickstart.guidance_study else {}
     figures = {
         "steps": steps,

@@ -22,7 +22,23 @@ from etils import epath
 METRICS_FILE = "metrics.jsonl"
 
 
-class JsonlWriter:
+class _ScalarWriter:
+    """clu's writer interface with nothing to do but `write_scalars` (the subclass's)."""
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        del step, images
+
+    def write_hparams(self, hparams: dict[str, Any]) -> None:
+        del hparams
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlWriter(_ScalarWriter):
     """Appends `{"step": s, name: value, ...}` lines to DIR/metrics.jsonl."""
 
     def __init__(self, workdir: epath.Path):
@@ -39,18 +55,6 @@ class JsonlWriter:
                 text = "\n" + text
         with self.path.open("a") as f:
             f.write(text)
-
-    def write_images(self, step: int, images: dict[str, Any]) -> None:
-        del step, images
-
-    def write_hparams(self, hparams: dict[str, Any]) -> None:
-        del hparams
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def read_metrics(workdir: epath.PathLike) -> list[dict]:
@@ -75,7 +79,7 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
     return records
 
 
-class LoggingWriter:
+class LoggingWriter(_ScalarWriter):
     """Scalars as log lines (clu's LoggingWriter format) when clu cannot be imported."""
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
@@ -85,15 +89,6 @@ class LoggingWriter:
     def write_images(self, step: int, images: dict[str, Any]) -> None:
         for name, value in images.items():
             logging.info("[%d] image %s %s", step, name, np.shape(value))
-
-    def write_hparams(self, hparams: dict[str, Any]) -> None:
-        del hparams
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class _Multi:
