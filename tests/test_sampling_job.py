@@ -227,7 +227,7 @@ def _workdir(directory: pathlib.Path, config, params, ema) -> str:
     """A training workdir as launch.train writes it (params, EMA copy, config)."""
     import orbax.checkpoint as ocp
 
-    from diffusion_jax.checkpoints.workdir import create_manager, ema_key
+    from diffusion_jax.checkpoints.workdir import array_save, create_manager, ema_key
 
     config.training.ema_rates = (0.9999,)
     (directory).mkdir(parents=True)
@@ -236,8 +236,8 @@ def _workdir(directory: pathlib.Path, config, params, ema) -> str:
     manager.save(
         5,
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            ema=ocp.args.StandardSave({ema_key(0.9999): ema}),
+            params=array_save(params),
+            ema=array_save({ema_key(0.9999): ema}),
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         ),
     )

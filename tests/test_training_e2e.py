@@ -19,7 +19,12 @@ import pytest
 
 from configs import imagenet64
 from diffusion_jax.checkpoints import restore_params
-from diffusion_jax.checkpoints.workdir import CHECKPOINTS_DIR, create_manager, saved_target
+from diffusion_jax.checkpoints.workdir import (
+    CHECKPOINTS_DIR,
+    array_restore,
+    create_manager,
+    saved_target,
+)
 from diffusion_jax.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,9 +97,7 @@ def read_state(workdir, step=None):
     manager = create_manager(workdir, keep=0, read_only=True)
     step = manager.latest_step() if step is None else step
     items = ("params", "ema", "opt_state", "extra")
-    args = ocp.args.Composite(
-        **{k: ocp.args.StandardRestore(saved_target(manager, step, k)) for k in items}
-    )
+    args = ocp.args.Composite(**{k: array_restore(saved_target(manager, step, k)) for k in items})
     restored = manager.restore(step, args=args)
     manager.close()
     return step, jax.device_get({k: restored[k] for k in items})

@@ -169,8 +169,12 @@ def test_a_failed_save_raises_one_line_at_once_and_leaves_no_thread(tmp_path):
     assert isinstance(info.value, OSError)  # launchers print it as one line
     checkpointing.abandon(manager, timeout_s=30)
     assert time.time() - start < 60
+    # A closed event loop's executor threads exit on their own shortly after: give them
+    # 10 s (a thread that would keep the process alive at exit never ends).
     left = [t for t in threading.enumerate() if t not in threads and not t.daemon]
-    assert not left, left
+    for thread in left:
+        thread.join(10)
+    assert not [t for t in left if t.is_alive()], left
 
 
 # ----- the workdir lock -----------------------------------------------------------------

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -23,6 +25,13 @@ CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("params", "ema", "opt_state", "extra", "data", "config")
 JSON_ITEMS = ("data", "config")
 _T = TypeVar("_T")
+# Orbax writes a replicated array cooperatively, a slice from each replica, so that the
+# hosts of a pod share the writing. It pays for large arrays only: every slice is an
+# eagerly dispatched (and, per shape, compiled) program, and on one host of 8 devices a
+# tiny model's first save took 10 s, mostly compiling slices (bench/RESULTS.md, "The
+# suite's compile flags"). Arrays are split over replicas only where each slice holds at
+# least this much.
+REPLICA_SLICE_MIN_BYTES = 1 << 20
 
 
 class DamagedCheckpointError(OSError):
@@ -102,12 +111,40 @@ def create_manager(
         create=not read_only,
         read_only=read_only,
     )
-    handlers = {
-        name: ocp.JsonCheckpointHandler() if name in JSON_ITEMS else ocp.StandardCheckpointHandler()
-        for name in ITEMS
-    }
+    arrays = functools.partial(ocp.PyTreeCheckpointHandler, type_handler_registry=_type_handlers())
+    handlers = {n: ocp.JsonCheckpointHandler() if n in JSON_ITEMS else arrays() for n in ITEMS}
     return ocp.CheckpointManager(
         epath.Path(workdir) / CHECKPOINTS_DIR, options=options, item_handlers=handlers
+    )
+
+
+@functools.cache
+def _type_handlers() -> Any:
+    """Orbax's type handlers, its jax.Array one splitting over replicas only in slices of
+    `REPLICA_SLICE_MIN_BYTES` (a registry of this module's own: nothing global changes)."""
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        *((t, th.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str))
+    )
+    default = th.get_type_handler(jax.Array)
+    array = th.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=REPLICA_SLICE_MIN_BYTES,
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+    )
+    registry.add(jax.Array, array)
+    return registry
+
+
+def array_save(tree: Any) -> ocp.args.CheckpointArgs:
+    """The args that save a tree of arrays as a workdir item (the same files as Orbax's
+    `StandardSave`)."""
+    return ocp.args.PyTreeSave(tree)
+
+
+def array_restore(abstract: Any) -> ocp.args.CheckpointArgs:
+    """The args that restore a workdir item onto `abstract`'s shapes, dtypes, shardings."""
+    return ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
     )
 
 
@@ -117,7 +154,6 @@ def saved_target(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
     Restoring with it works whatever topology wrote the checkpoint (a pod's workdir
     read on one GPU); the arrays land on one local device.
     """
-    import jax
 
     metadata = manager.item_metadata(step)[item]
     if metadata is None:
@@ -201,9 +237,9 @@ def _restore_params(
 
     def read():
         abstract = saved_target(manager, step, item) if wrap is None else wrap
-        return manager.restore(
-            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
-        )[item]
+        return manager.restore(step, args=ocp.args.Composite(**{item: array_restore(abstract)}))[
+            item
+        ]
 
     restored = read_step(directory, step, read)
     params = restored if ema_rate is None else restored[ema_key(ema_rate)]

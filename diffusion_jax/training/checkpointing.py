@@ -28,7 +28,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import resumable
-from diffusion_jax.checkpoints.workdir import read_step, restore_newest_readable
+from diffusion_jax.checkpoints.workdir import (
+    array_restore,
+    array_save,
+    read_step,
+    restore_newest_readable,
+)
 from diffusion_jax.training.state import TrainState
 
 
@@ -96,7 +101,7 @@ def save(
         naming the directory and the cause.
     """
     step = int(jax.device_get(state.step))
-    items = {name: ocp.args.StandardSave(value) for name, value in _split(state).items()}
+    items = {name: array_save(value) for name, value in _split(state).items()}
     items["data"] = ocp.args.JsonSave(
         {"process_count": len(data_positions), "processes": data_positions}
     )
@@ -201,9 +206,7 @@ def restore(
     if check_config is not None:
         check_config(saved["config"], step)
     abstract = _split(abstract_state)
-    args = {
-        name: ocp.args.StandardRestore(abstract[name]) for name in _ARRAY_ITEMS if name in abstract
-    }
+    args = {name: array_restore(abstract[name]) for name in _ARRAY_ITEMS if name in abstract}
     restored = read_step(
         directory, step, lambda: manager.restore(step, args=ocp.args.Composite(**args))
     )
