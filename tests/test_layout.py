@@ -1,7 +1,7 @@
 """The floors of the library: a module imports only from its own floor or below.
 
-0: diffusion, models, parallel, files, locks, resumable, aot (the math, the networks, the mesh,
-   file I/O, the resumable-job layer, ahead-of-time compiles)
+0: diffusion, models, parallel, files, locks, resumable, aot, progress (the math, the networks,
+   the mesh, file I/O, the resumable-job layer, ahead-of-time compiles, rate and ETA lines)
 1: data, checkpoints, evaluation
 2: sampling, training (training may use the sampling engine, not the reverse)
 3: jobs, quickstart (jobs that compose the library)
@@ -14,6 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_jax"
 FLOOR = {
     "diffusion": 0, "models": 0, "parallel": 0, "files": 0, "locks": 0, "resumable": 0, "aot": 0,
+    "progress": 0,
     "data": 1, "checkpoints": 1, "evaluation": 1,
     "sampling": 2, "training": 2.5,
     "jobs": 3, "quickstart": 3,

@@ -59,48 +59,21 @@ class Diffusion(GaussianDiffusion, SamplingLoops):
 
     # --- Single steps. --------------------------------------------------------------
 
-    def p_sample(
-        self,
-        model_fn: ModelFn,
-        x,
-        t,
-        rng=None,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-    ):
-        """One ancestral step; see samplers.p_sample (rng: one key or [B] keys)."""
+    def _step(self, step, model_fn, x, t, rng=None, *, clip_denoised=True, denoised_fn=None,
+              cond_fn=None, model_kwargs=None, cond_kwargs=None, **extra):  # fmt: skip
+        """`step` (a `samplers` step) with the paper code's keywords (`extra`: noise, eta)."""
         cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
         rng, clip = keys.as_key(rng), clip_denoised
-        return samplers.p_sample(
-            self, model_fn, x, t, rng, noise=noise, clip_denoised=clip, cond=cond
-        )
+        return step(self, model_fn, x, t, rng, clip_denoised=clip, cond=cond, **extra)
 
-    def ddim_sample(
-        self,
-        model_fn: ModelFn,
-        x,
-        t,
-        rng=None,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        eta=0.0,
-    ):
-        """One DDIM step; see samplers.ddim_sample (rng: one key or [B] keys)."""
-        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        rng, clip = keys.as_key(rng), clip_denoised
-        return samplers.ddim_sample(
-            self, model_fn, x, t, rng, noise=noise, clip_denoised=clip, cond=cond, eta=eta
-        )
+    def p_sample(self, model_fn: ModelFn, x, t, rng=None, **kwargs):
+        """One ancestral step; see samplers.p_sample (rng: one key or [B] keys; keywords
+        noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, cond_kwargs)."""
+        return self._step(samplers.p_sample, model_fn, x, t, rng, **kwargs)
+
+    def ddim_sample(self, model_fn: ModelFn, x, t, rng=None, **kwargs):
+        """One DDIM step; see samplers.ddim_sample (keywords as `p_sample`'s, plus eta)."""
+        return self._step(samplers.ddim_sample, model_fn, x, t, rng, **kwargs)
 
     def ddim_reverse_sample(
         self,

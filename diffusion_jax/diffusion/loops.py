@@ -67,27 +67,18 @@ class SamplingLoops:
         cond = Conditioning() if cond is None else cond
         return samplers.run_loop(self, options, model_fn, noise, sample_rngs, cond)
 
-    def _keyword_loop(self, model_fn, shape, rng, noise, cond, **options):
-        """`sample_loop` for the keyword loops: the samples, or the dict if asked for."""
-        options = SamplerOptions(**options)
+    def _keyword_loop(self, kind, model_fn, shape, rng, *, noise=None, clip_denoised=True,
+                      denoised_fn=None, cond_fn=None, model_kwargs=None, cond_kwargs=None,
+                      keep_intermediates=False, **options):  # fmt: skip
+        """`sample_loop` for the keyword loops (the paper code's keywords; `options`: progress,
+        eta, steps): the samples, or the dict if asked for."""
+        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
+        keep, clip = keep_intermediates, clip_denoised
+        options = SamplerOptions(kind, clip_denoised=clip, keep_intermediates=keep, **options)
         out = self.sample_loop(model_fn, shape, rng, options, noise=noise, cond=cond)
-        return out if options.keep_intermediates else out["sample"]
+        return out if keep else out["sample"]
 
-    def p_sample_loop(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        progress=False,
-        keep_intermediates=False,
-    ):
+    def p_sample_loop(self, model_fn: ModelFn, shape, rng, **kwargs):
         """Ancestral sampling from x_T ~ N(0, I) to x_0, as one compiled scan.
 
         Args:
@@ -118,10 +109,7 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples (or the dict).
         """
-        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        keep, clip = keep_intermediates, clip_denoised
-        options = dict(clip_denoised=clip, keep_intermediates=keep, progress=progress)
-        return self._keyword_loop(model_fn, shape, rng, noise, cond, kind="ancestral", **options)
+        return self._keyword_loop("ancestral", model_fn, shape, rng, **kwargs)
 
     def p_sample_loop_progressive(self, model_fn: ModelFn, shape, rng, **kwargs):
         """`p_sample_loop` (same keywords) also returning every step's output.
@@ -132,22 +120,7 @@ class SamplingLoops:
         """
         return self.p_sample_loop(model_fn, shape, rng, keep_intermediates=True, **kwargs)
 
-    def ddim_sample_loop(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        eta=0.0,
-        progress=False,
-        keep_intermediates=False,
-    ):
+    def ddim_sample_loop(self, model_fn: ModelFn, shape, rng, *, eta=0.0, **kwargs):
         """DDIM sampling (guided by Algorithm 2 with cond_fn), as one compiled scan.
 
         Args as `p_sample_loop` (rng: one key or [B] per-sample keys; cond_kwargs:
@@ -158,31 +131,13 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples (or the dict of `ddim_sample_loop_progressive`).
         """
-        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        keep, clip = keep_intermediates, clip_denoised
-        options = dict(clip_denoised=clip, keep_intermediates=keep, progress=progress, eta=eta)
-        return self._keyword_loop(model_fn, shape, rng, noise, cond, kind="ddim", **options)
+        return self._keyword_loop("ddim", model_fn, shape, rng, eta=eta, **kwargs)
 
     def ddim_sample_loop_progressive(self, model_fn: ModelFn, shape, rng, **kwargs):
         """`ddim_sample_loop` also returning every step's output (see the ancestral one)."""
         return self.ddim_sample_loop(model_fn, shape, rng, keep_intermediates=True, **kwargs)
 
-    def dpm_solver_sample_loop(
-        self,
-        model_fn: ModelFn,
-        shape,
-        rng,
-        *,
-        steps=20,
-        noise=None,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        cond_kwargs=None,
-        progress=False,
-        keep_intermediates=False,
-    ):
+    def dpm_solver_sample_loop(self, model_fn: ModelFn, shape, rng, *, steps=20, **kwargs):
         """DPM-Solver++ (2M) from x_T to x_0 in `steps` model evaluations, one compiled scan.
 
         The model is evaluated at `steps` of this diffusion's timesteps, evenly spaced
@@ -212,10 +167,7 @@ class SamplingLoops:
         Returns:
           [B, H, W, C] samples (or the dict).
         """
-        cond = Conditioning(model_kwargs, cond_fn, cond_kwargs, denoised_fn)
-        keep, clip = keep_intermediates, clip_denoised
-        options = dict(clip_denoised=clip, keep_intermediates=keep, progress=progress, steps=steps)
-        return self._keyword_loop(model_fn, shape, rng, noise, cond, kind="dpm_solver++", **options)
+        return self._keyword_loop("dpm_solver++", model_fn, shape, rng, steps=steps, **kwargs)
 
     def ddim_reverse_sample_loop(
         self,

@@ -20,19 +20,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import time
 from collections.abc import Iterable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
 from diffusion_jax import models, parallel
 from diffusion_jax.evaluation import inception, inception_weights, multihost
+from diffusion_jax.progress import Progress
 
 FEATURE_KEYS = ("pool", "spatial", "logits")
 # Bump when a change to the preprocessing or the network changes the features, so that
@@ -325,25 +324,6 @@ def _next_chunk(chunks: Iterator[np.ndarray]) -> tuple[np.ndarray | None, Except
         return None, e
 
 
-class _Progress:
-    """Logs images/s and the ETA every `every_s` seconds during long feature passes."""
-
-    def __init__(self, total: int | None, every_s: float = 30.0):
-        self.total, self.every_s = total, every_s
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = f", ETA {(self.total - self.done) / rate:.0f}s" if self.total else ""
-        logging.info("Inception features: %d images, %.1f images/s%s", self.done, rate, eta)
-
-
 def compute_features(
     images: np.ndarray | Iterable[np.ndarray],
     inception_model: FeatureNetwork,
@@ -421,7 +401,8 @@ def compute_features(
         if not counts.any():
             break
         if progress is None:
-            progress = _Progress(int(header[:, 4].sum()) if (header[:, 4] >= 0).all() else None)
+            everyone = int(header[:, 4].sum()) if (header[:, 4] >= 0).all() else None
+            progress = Progress("Inception features", everyone, every_s=30.0)
         sizes = sorted({(int(h), int(w)) for n, h, w in header[:, :3] if n})
         if len(sizes) > 1:
             raise ValueError(

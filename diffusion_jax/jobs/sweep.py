@@ -40,12 +40,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
 from diffusion_jax import evaluation, files, locks, parallel, resumable
 from diffusion_jax.checkpoints import workdir as workdir_lib
+from diffusion_jax.progress import Progress
 from diffusion_jax.sampling.job import check_sampling_job, run_sampling_job
 
 SCALE_FIELDS = ("classifier_scale", "cfg_scale")
@@ -218,14 +218,6 @@ def _describe(point: GridPoint, scale_field: str) -> str:
     return f"{point.method}, {point.steps} steps, {scale_field}={point.scale:g}"
 
 
-def _eta(seconds: list[float], remaining: int) -> str:
-    if not remaining:
-        return "done"
-    if not seconds:
-        return "ETA unknown"
-    return f"ETA {np.mean(seconds) * remaining:.0f} s"
-
-
 def run_sweep(
     config: Any,
     settings: SweepSettings,
@@ -296,7 +288,8 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
         batch_size=batch,
         split_size=split,
     )
-    records, computed, seconds = [], [], []
+    todo = sum(_finished(samples_dir / f"{p.slug}.json", p, evaluator.key) is None for p in points)
+    records, computed, meter = [], [], Progress("sweep", todo, unit="points", quiet=True)
     for i, point in enumerate(points):
         done_path = samples_dir / f"{point.slug}.json"
         record = _read_record(done_path, point, evaluator.key)
@@ -326,18 +319,14 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
             }
             _write(done_path, json.dumps(record, indent=2))
             computed.append(point.slug)
-            seconds.append(time.perf_counter() - start)
-            status = f"FID {record['metrics']['fid']:.2f} ({seconds[-1]:.0f} s)"
+            meter.update()
+            status = f"FID {record['metrics']['fid']:.2f} ({time.perf_counter() - start:.0f} s)"
         else:
             status = "done earlier"
         records.append(record)
-        remaining = sum(
-            _finished(samples_dir / f"{p.slug}.json", p, evaluator.key) is None
-            for p in points[i + 1 :]
-        )
         say(
             f"[{i + 1}/{len(points)}] {_describe(point, settings.scale_field)}: {status}; "
-            f"{_eta(seconds, remaining)}"
+            f"{meter.eta()}"
         )
     markdown, csv_text = format_table(records, settings, num_samples)
     _write(workdir / "sweep.md", markdown)

@@ -25,6 +25,7 @@ from diffusion_jax import files, locks, models, parallel
 from diffusion_jax.checkpoints import restore_params
 from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.diffusion import create_diffusion
+from diffusion_jax.progress import Progress
 from diffusion_jax.quickstart import baseline, report
 from diffusion_jax.training import checks
 from diffusion_jax.training.loop import config_json
@@ -391,7 +392,7 @@ def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     model_fn = jax.tree_util.Partial(model.apply, {"params": params})
     base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), _BPD_PURPOSE)
     batch = int(job.bpd_batch_size)
-    totals, start = [], time.time()
+    totals, start, progress = [], time.time(), Progress("bits/dim", len(pick))
     logging.info(
         "[5/6] bits/dim of %d test images (%d steps each, %d per batch)",
         len(pick), diffusion.num_timesteps, batch,
@@ -406,12 +407,7 @@ def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
             model_kwargs={"y": jnp.asarray(test_y[idx], jnp.int32)},
         )
         totals.append(np.asarray(out["total_bpd"]))
-        done = s + len(idx)
-        rate_s = done / (time.time() - start)
-        logging.info(
-            "bits/dim: %d/%d images, %.2f images/s, ETA %.0f s",
-            done, len(pick), rate_s, (len(pick) - done) / rate_s,
-        )  # fmt: skip
+        progress.update(len(idx))
     total = np.concatenate(totals)
     result = {
         "bpd": float(total.mean()),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import time
 import zipfile
 from typing import Any
 
@@ -39,6 +38,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import files, locks, models, parallel, resumable
 from diffusion_jax.diffusion import SamplerOptions
+from diffusion_jax.progress import Progress
 from diffusion_jax.sampling import grids, inputs
 from diffusion_jax.sampling.sharded import (
     ShardedSampler,
@@ -257,34 +257,6 @@ def _first_unfinished(plan: _Plan, num_batches: int) -> int:
     return resumable.min_over_processes(start)
 
 
-class _Progress:
-    """Process 0's bar: images done, images/s and ETA."""
-
-    def __init__(self, total: int, done: int):
-        self._bar = None
-        if jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, initial=done, unit="img", desc="sampling")
-        self._start, self._done, self._total = time.time(), done, total
-        self._first = done
-
-    def update(self, n: int) -> None:
-        self._done += n
-        if self._bar is None:
-            return
-        self._bar.update(n)
-        rate = (self._done - self._first) / max(time.time() - self._start, 1e-9)
-        eta = (self._total - self._done) / rate if rate else float("inf")
-        logging.info(
-            "sampled %d/%d images, %.2f images/s, ETA %.0f s", self._done, self._total, rate, eta
-        )
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def _assemble(plan: _Plan, num_batches: int, image_shape: tuple) -> None:
     """Streams every process's parts into OUTPUT on process 0 (one batch in memory)."""
     parts = _parts_dir(plan)
@@ -495,20 +467,18 @@ def _create_sampler(plan: _Plan, checkpoint: str, mesh: Mesh) -> ShardedSampler:
 
 def _sample_batches(plan: _Plan, sampler: ShardedSampler, start: int, num_batches: int) -> None:
     parts = _parts_dir(plan)
-    progress = _Progress(plan.num_samples, min(start * plan.batch_size, plan.num_samples))
-    try:
-        for b in range(start, num_batches):
-            # The last batch runs past num_samples: those rows are drawn and dropped.
-            indices = np.arange(b * plan.batch_size, (b + 1) * plan.batch_size)
-            safe = np.minimum(indices, plan.num_samples - 1)  # padded rows reuse inputs
-            labels = None if plan.labels is None else plan.labels[safe]
-            low_res = None if plan.low_res is None else plan.low_res[safe]
-            images, rows = sampler.sample(indices, labels, low_res)
-            with files.atomic_write(_part_path(parts, b), "wb") as f:
-                np.savez(f, images=images, indices=rows)
-            progress.update(int(min(indices[-1] + 1, plan.num_samples) - indices[0]))
-    finally:
-        progress.close()
+    done, quiet = min(start * plan.batch_size, plan.num_samples), jax.process_index() > 0
+    progress = Progress("sampling", plan.num_samples, done=done, quiet=quiet)
+    for b in range(start, num_batches):
+        # The last batch runs past num_samples: those rows are drawn and dropped.
+        indices = np.arange(b * plan.batch_size, (b + 1) * plan.batch_size)
+        safe = np.minimum(indices, plan.num_samples - 1)  # padded rows reuse inputs
+        labels = None if plan.labels is None else plan.labels[safe]
+        low_res = None if plan.low_res is None else plan.low_res[safe]
+        images, rows = sampler.sample(indices, labels, low_res)
+        with files.atomic_write(_part_path(parts, b), "wb") as f:
+            np.savez(f, images=images, indices=rows)
+        progress.update(int(min(indices[-1] + 1, plan.num_samples) - indices[0]))
 
 
 __all__ = ["check_sampling_job", "run_sampling_job"]

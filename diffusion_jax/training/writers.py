@@ -11,13 +11,14 @@ loss curves and users' scripts read without TensorFlow. Only process 0 writes fi
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
+
+from diffusion_jax.progress import Progress
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -124,49 +125,23 @@ def create_writer(workdir: epath.Path) -> Any:
     return _Multi([base, JsonlWriter(workdir)] if primary else [base])
 
 
-class _ProgressLog:
-    """steps/s, images/s and ETA as log lines (without clu)."""
-
-    def __init__(self, num_steps: int, every: int, batch_size: int):
-        self.num_steps, self.every, self.batch = num_steps, every, batch_size
-        self.last = None
-
-    def __call__(self, step: int) -> None:
-        now = time.time()
-        if self.last is None:
-            self.last = (now, step)
-            return
-        if step % self.every and step != self.num_steps:
-            return
-        t0, s0 = self.last
-        rate = (step - s0) / max(now - t0, 1e-9)
-        eta = (self.num_steps - step) / max(rate, 1e-9)
-        logging.info(
-            "step %d/%d: %.3g steps/s, %.3g images/s, ETA %s",
-            step,
-            self.num_steps,
-            rate,
-            rate * self.batch,
-            time.strftime("%H:%M:%S", time.gmtime(eta)),
-        )
-        self.last = (now, step)
-
-
 def progress_actions(config: Any, workdir: epath.Path, writer: Any) -> list:
     """Periodic actions called after every step: progress report (+ profiler)."""
     training = config.training
+    meter = Progress("training", training.num_steps, unit="steps", every_n=training.log_every,
+                     also=(training.batch_size, "images"), untimed_first=True)  # fmt: skip
+    actions = [meter.at]
     _, periodic_actions = _clu()
     if periodic_actions is None:
-        return [_ProgressLog(training.num_steps, training.log_every, training.batch_size)]
-    actions = [
+        return actions
+    actions.append(
         periodic_actions.ReportProgress(
             num_train_steps=training.num_steps,
             writer=writer,
             every_steps=training.log_every,
             every_secs=None,
-        ),
-        _ProgressLog(training.num_steps, training.log_every, training.batch_size),
-    ]
+        )
+    )
     if training.profile_steps and jax.process_index() == 0:
         actions.append(
             periodic_actions.Profile(
