@@ -21,7 +21,7 @@ def lines(caplog):
 
 def test_rate_counts_only_this_runs_work_and_the_eta_follows(clock, caplog):
     meter = progress_lib.Progress("sampling", 100, done=40)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         clock[0] += 4.0
         meter.update(20)  # 20 images in 4 s: 5 images/s, 40 left
         clock[0] += 4.0
@@ -36,7 +36,7 @@ def test_every_n_and_the_total_and_a_second_rate_with_an_untimed_first_step(cloc
     meter = progress_lib.Progress(
         "training", 7, unit="steps", also=(32, "images"), every_n=3, untimed_first=True
     )
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         for step in range(1, 8):
             clock[0] += 60.0 if step == 1 else 0.5  # the first step compiles: not timed
             meter.at(step)
@@ -51,7 +51,7 @@ def test_every_s_an_unknown_total_and_a_quiet_meter(clock, caplog):
     meter = progress_lib.Progress("Inception features", None, every_s=30.0)
     quiet = progress_lib.Progress("sweep", 4, unit="points", quiet=True)
     assert quiet.eta() == "ETA unknown"
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         for _ in range(4):
             clock[0] += 10.0
             meter.update(100)

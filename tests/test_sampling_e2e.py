@@ -90,7 +90,7 @@ def test_killed_and_restarted_job_equals_uninterrupted(ck, in_process, tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     # The restarted run continued after the finished batches (its first report).
-    first = re.search(r"sampled (\d+)/36 images", stderr)
+    first = re.search(r"sampling: (\d+)/36 images", stderr)
     assert first and int(first.group(1)) == 8 * (len(done) + 1), stderr[-2000:]
     assert_same(sm.read_npz(out), in_process)
 
