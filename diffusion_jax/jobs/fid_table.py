@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -193,9 +194,8 @@ def _checkpoint(name: str, settings: TableSettings) -> str:
         )
     source = {"pt": str(pt), "identity": resumable.path_identity(pt), "variant": settings.variant}
     if (converted / inputs.CONFIG_FILE).exists():
-        record = converted / SOURCE_FILE
-        saved = files.read_json(record) if record.exists() else None
-        if saved is not None and not resumable.differences(saved, source):
+        saved, diffs = resumable.read_record(converted / SOURCE_FILE, source)
+        if saved is not None and not diffs:
             return str(converted)
         logging.warning("%s was converted from another file: converting %s again.", converted, pt)
         converted.rmtree()
@@ -267,11 +267,11 @@ def row_identity(row: Row, settings: TableSettings) -> dict:
 def _row_result(row: Row, settings: TableSettings) -> dict:
     done = epath.Path(settings.workdir) / "results" / f"{row.slug}.json"
     identity = row_identity(row, settings)
-    if done.exists():
-        record = files.read_json(done, hint="Delete it to compute the row again.")
-        diffs = resumable.differences(record.get("identity", {}), identity)
-        if not diffs:
-            return record
+    hint = "Delete it to compute the row again."
+    record, diffs = resumable.read_record(done, {"identity": identity}, hint=hint)
+    if record is not None and not diffs:
+        return record
+    if record is not None:
         logging.warning("row %s: computing again, its inputs changed (%s).", row.label,
                         resumable.summarise(diffs))  # fmt: skip
     samples = _sample_row(row, settings)
@@ -284,11 +284,7 @@ def _row_result(row: Row, settings: TableSettings) -> dict:
         "ours": values,
         "identity": identity,
     }
-    import jax
-
-    if jax.process_index() == 0:
-        done.parent.mkdir(parents=True, exist_ok=True)
-        files.write_json_atomic(done, record, indent=2)
+    resumable.write_text(done, json.dumps(record, indent=2))
     return record
 
 
@@ -357,12 +353,8 @@ def _write_table(table: str, rows: list[Row], results: list[dict], settings) -> 
         + ": NOT comparable with the paper's 50,000-sample figures."
     )
     markdown, csv_text = format_table(table, rows, results, note)
-    import jax
-
-    if jax.process_index() == 0:
-        out = epath.Path(settings.workdir)
-        files.write_text_atomic(out / f"{table}.md", markdown)
-        files.write_text_atomic(out / f"{table}.csv", csv_text)
+    resumable.write_text(epath.Path(settings.workdir) / f"{table}.md", markdown)
+    resumable.write_text(epath.Path(settings.workdir) / f"{table}.csv", csv_text)
     return markdown
 
 

@@ -43,7 +43,7 @@ import jax
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import evaluation, files, locks, parallel, resumable
+from diffusion_jax import evaluation, locks, parallel, resumable
 from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.progress import Progress
 from diffusion_jax.sampling.job import check_sampling_job, run_sampling_job
@@ -195,23 +195,10 @@ def _check_workdir(workdir: epath.Path, identity: dict) -> None:
 
 def _finished(path: epath.Path, point: GridPoint, key: str) -> dict | None:
     """The point's record if it was evaluated against `key`, else None."""
-    record = (
-        files.read_json(path, hint="Delete it to evaluate the point again.")
-        if (path.exists())
-        else None
-    )
-    ok = record is not None and record.get("point") == dataclasses.asdict(point)
-    return record if ok and record.get("evaluated_against") == key else None
-
-
-def _read_record(path: epath.Path, point: GridPoint, key: str) -> dict | None:
-    record = _finished(path, point, key)
-    return record if resumable.agree(record is not None) else None
-
-
-def _write(path: epath.Path, text: str) -> None:
-    if jax.process_index() == 0:
-        files.write_text_atomic(path, text)
+    expected = {"point": dataclasses.asdict(point), "evaluated_against": key}
+    hint = "Delete it to evaluate the point again."
+    record, diffs = resumable.read_record(path, expected, hint=hint)
+    return None if diffs else record
 
 
 def _describe(point: GridPoint, scale_field: str) -> str:
@@ -292,8 +279,8 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
     records, computed, meter = [], [], Progress("sweep", todo, unit="points", quiet=True)
     for i, point in enumerate(points):
         done_path = samples_dir / f"{point.slug}.json"
-        record = _read_record(done_path, point, evaluator.key)
-        if record is None:
+        record = _finished(done_path, point, evaluator.key)
+        if not resumable.agree(record is not None):  # process 0's view
             start = time.perf_counter()
             samples = run_sampling_job(
                 point_config(config, point, settings.scale_field),
@@ -317,7 +304,7 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
                 "evaluated_against": evaluator.key,
                 "metrics": {m: float(getattr(result, m)) for m in METRICS},
             }
-            _write(done_path, json.dumps(record, indent=2))
+            resumable.write_text(done_path, json.dumps(record, indent=2))
             computed.append(point.slug)
             meter.update()
             status = f"FID {record['metrics']['fid']:.2f} ({time.perf_counter() - start:.0f} s)"
@@ -329,8 +316,8 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
             f"{meter.eta()}"
         )
     markdown, csv_text = format_table(records, settings, num_samples)
-    _write(workdir / "sweep.md", markdown)
-    _write(workdir / "sweep.csv", csv_text)
+    resumable.write_text(workdir / "sweep.md", markdown)
+    resumable.write_text(workdir / "sweep.csv", csv_text)
     if jax.process_index() == 0:
         write_plots(records, workdir, settings.scale_field)
     return SweepResult(markdown, tuple(records), tuple(computed), evaluator.computed_reference)

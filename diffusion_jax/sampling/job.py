@@ -196,13 +196,6 @@ def _part_path(parts: epath.Path, batch: int) -> epath.Path:
     return parts / f"{batch:06d}.p{jax.process_index():04d}.npz"
 
 
-def _read_manifest(parts: epath.Path) -> dict | None:
-    path = parts / MANIFEST
-    if not path.exists():
-        return None
-    return files.read_json(path, hint=f"Delete {parts} to start the job again.")
-
-
 def _check_manifest(plan: _Plan, saved: dict | None, redo_changed: bool) -> dict | None:
     """The saved manifest if it is this job's; refuses (or discards) another job's parts."""
     if saved is None:
@@ -368,7 +361,8 @@ def _run_job(*args, redo_changed: bool, step: int | None) -> epath.Path | int:
         return older[-1] if older else None
 
     with locks.exclusive_workdir(parts, job=f"the sampling job of {plan.output.name}"):
-        saved = _read_manifest(parts)
+        hint = f"Delete {parts} to start the job again."
+        saved, _ = resumable.read_record(parts / MANIFEST, {}, hint=hint)
         # Process 0's view (a slow process must not read the manifest a fast one just wrote).
         saved = saved if resumable.agree(saved is not None) else None
         try:
