@@ -31,7 +31,6 @@ runs: a second sweep on it is refused naming the holder.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import re
@@ -45,6 +44,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import evaluation, locks, parallel, resumable
 from diffusion_jax.checkpoints import workdir as workdir_lib
+from diffusion_jax.jobs import tables
 from diffusion_jax.progress import Progress
 from diffusion_jax.sampling.job import check_sampling_job, run_sampling_job
 
@@ -201,10 +201,6 @@ def _finished(path: epath.Path, point: GridPoint, key: str) -> dict | None:
     return None if diffs else record
 
 
-def _describe(point: GridPoint, scale_field: str) -> str:
-    return f"{point.method}, {point.steps} steps, {scale_field}={point.scale:g}"
-
-
 def run_sweep(
     config: Any,
     settings: SweepSettings,
@@ -312,8 +308,8 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
             status = "done earlier"
         records.append(record)
         say(
-            f"[{i + 1}/{len(points)}] {_describe(point, settings.scale_field)}: {status}; "
-            f"{meter.eta()}"
+            f"[{i + 1}/{len(points)}] {point.method}, {point.steps} steps, "
+            f"{settings.scale_field}={point.scale:g}: {status}; {meter.eta()}"
         )
     markdown, csv_text = format_table(records, settings, num_samples)
     resumable.write_text(workdir / "sweep.md", markdown)
@@ -325,31 +321,22 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
 
 def format_table(records: list[dict], settings: SweepSettings, num_samples: int) -> tuple[str, str]:
     """(markdown, csv) of the points' metrics, one row per point."""
-    import csv
-
     field = settings.scale_field
     note = f"{num_samples} samples per point against {settings.reference}" + (
         ": NOT comparable with the paper's 50,000-sample figures."
         if num_samples < _PAPER_NUM_SAMPLES
         else "."
     )
-    head = ["method", "steps", field, *_HEADERS, "samples", "seconds"]
-    lines = [f"### Sweep of {field}", "", note, "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]  # fmt: skip
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "steps", field, *METRICS, "samples", "seconds"])
+    rows, csv_rows = [], [["method", "steps", field, *METRICS, "samples", "seconds"]]
     for r in records:
         p, m = r["point"], r["metrics"]
-        name = epath.Path(r["samples"]).name
-        cells = [p["method"], str(p["steps"]), f"{p['scale']:g}"]
-        cells += [f"{m[k]:.3f}" for k in METRICS] + [name, f"{r['seconds']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-        writer.writerow(
-            [p["method"], p["steps"], p["scale"], *(repr(m[k]) for k in METRICS),
-             r["samples"], f"{r['seconds']:.3f}"]
-        )  # fmt: skip
-    return "\n".join(lines) + "\n", buf.getvalue()
+        rows.append([p["method"], p["steps"], f"{p['scale']:g}", *(f"{m[k]:.3f}" for k in METRICS),
+                     epath.Path(r["samples"]).name, f"{r['seconds']:.1f}"])  # fmt: skip
+        csv_rows.append([p["method"], p["steps"], p["scale"], *(repr(m[k]) for k in METRICS),
+                         r["samples"], f"{r['seconds']:.3f}"])  # fmt: skip
+    head = ["method", "steps", field, *_HEADERS, "samples", "seconds"]
+    lines = [f"### Sweep of {field}", "", note, "", *tables.markdown(head, rows)]
+    return "\n".join(lines) + "\n", tables.csv_text(csv_rows, lineterminator="\n")
 
 
 def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> None:
@@ -362,10 +349,6 @@ def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> N
         for r in records:
             out.setdefault(by(r["point"]), []).append(r)
         return {k: sorted(v, key=lambda r: r["point"][order]) for k, v in out.items()}
-
-    def save(fig, name: str) -> None:
-        with (workdir / name).open("wb") as f:
-            fig.savefig(f, format="png", dpi=120)
 
     by_run = series(lambda p: (p["method"], p["steps"]), "scale")
     for name, (x, y), (xlabel, ylabel) in (
@@ -383,7 +366,7 @@ def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> N
                             xytext=(4, 4), fontsize=8)  # fmt: skip
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} vs {xlabel} (labels: {scale_field})")
         ax.legend(fontsize=8)
-        save(fig, name)
+        tables.save_png(fig, workdir / name, dpi=120)
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for (method, scale), rs in series(lambda p: (p["method"], p["scale"]), "steps").items():
@@ -392,7 +375,7 @@ def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> N
                 label=f"{method}, {scale_field}={scale:g}")  # fmt: skip
     ax.set(xlabel="sampling steps", ylabel="FID", title="FID vs sampling steps")
     ax.legend(fontsize=8)
-    save(fig, PLOTS[2])
+    tables.save_png(fig, workdir / PLOTS[2], dpi=120)
 
 
 __all__ = [
