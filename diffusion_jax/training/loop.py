@@ -368,9 +368,7 @@ def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
     step_fn = functools.partial(
         steps.diffusion_train_step, settings=settings, diffusion=diffusion, sampler=sampler
     )
-    on_log = (
-        None if workdir is None else in_training_eval.diffusion_hooks(config, model, mesh, workdir)
-    )
+    on_log = None if workdir is None else in_training_eval.diffusion_hooks(config, mesh, workdir)
     return _Task(model, _init_inputs(config), step_fn, sampler.init_state(), on_log)
 
 
