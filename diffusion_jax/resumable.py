@@ -13,7 +13,9 @@ Each mechanism has this one home:
   modification times; no data read), so a checkpoint that training advanced, a reference
   batch that was replaced or other feature weights are told from the ones a result was
   made from.
-- `mark_complete` / `is_complete`: completion markers.
+- `mark_complete` / `is_complete`: completion markers; `write_text`: a result file
+  written atomically by process 0; `read_record(path, expected)`: a saved record and
+  the fields in which it departs from `expected` (is this row / point finished?).
 - `agree`, `min_over_processes`, `any_process`, `gather_rows`: the cross-process
   agreement every multi-process job needs (process 0's answer, the smallest count, a
   refusal anywhere, every process's rows), one small collective each; no-ops in a
@@ -116,9 +118,26 @@ def check_fingerprint(
 
 def record_fingerprint(path: str | epath.PathLike, fingerprint: dict) -> None:
     """Writes `fingerprint` to `path` atomically (process 0 only)."""
+    write_text(path, json.dumps(normalise(fingerprint), indent=2, sort_keys=True))
+
+
+def write_text(path: str | epath.PathLike, text: str) -> None:
+    """Writes `text` to `path` atomically, making its directory (process 0 only)."""
     if _process_index() == 0:
         epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        files.write_json_atomic(path, normalise(fingerprint), indent=2, sort_keys=True)
+        files.write_text_atomic(path, text)
+
+
+def read_record(
+    path: str | epath.PathLike, expected: dict, *, hint: str = ""
+) -> tuple[dict | None, list[str]]:
+    """The JSON record in `path` (None: none) and the `differences` of its values of
+    `expected`'s fields from `expected` (empty: a record of these inputs); a damaged file
+    is a ValueError naming it, then `hint`."""
+    if not epath.Path(path).exists():
+        return None, []
+    record = files.read_json(path, hint=hint)
+    return record, differences({k: record.get(k) for k in expected}, expected)
 
 
 def path_identity(path: str | epath.PathLike | None) -> str | None:
@@ -152,8 +171,7 @@ def path_identity(path: str | epath.PathLike | None) -> str | None:
 
 def mark_complete(directory: str | epath.PathLike, name: str = COMPLETE) -> None:
     """Writes the completion marker `directory/name` (process 0 only)."""
-    if _process_index() == 0:
-        files.write_text_atomic(epath.Path(directory) / name, "")
+    write_text(epath.Path(directory) / name, "")
 
 
 def is_complete(directory: str | epath.PathLike, name: str = COMPLETE) -> bool:
@@ -231,6 +249,8 @@ __all__ = [
     "min_over_processes",
     "normalise",
     "path_identity",
+    "read_record",
     "record_fingerprint",
     "summarise",
+    "write_text",
 ]

@@ -16,6 +16,7 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import queue
 import threading
 import weakref
@@ -44,6 +45,7 @@ _ORDER_STREAM = 0
 _AUGMENT_STREAM = 1
 
 
+@dataclasses.dataclass(eq=False)
 class _BatchProducer:
     """Makes this host's batches from a position; runs in the background thread.
 
@@ -51,44 +53,28 @@ class _BatchProducer:
     an abandoned pipeline can then be garbage-collected, which stops the thread.
     """
 
-    def __init__(
-        self,
-        source: ImageSource,
-        *,
-        image_size: int,
-        batch_size: int,
-        seed: int,
-        class_cond: bool,
-        random_crop: bool,
-        random_flip: bool,
-        shuffle: bool,
-        low_res_size: int,
-        preprocessing: str,
-        process_index: int,
-        process_count: int,
-        num_threads: int,
-        num_classes: int | None = None,
-    ):
-        self.source = source
-        self.num_classes = num_classes
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.seed = seed
-        self.class_cond = class_cond
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        self.shuffle = shuffle
-        self.low_res_size = low_res_size
-        self.preprocessing = preprocessing  # resolved: 'standard' or 'lsun'
-        self.process_index = process_index
-        self.process_count = process_count
-        self.num_threads = num_threads
+    source: ImageSource
+    image_size: int
+    batch_size: int
+    seed: int
+    class_cond: bool
+    random_crop: bool
+    random_flip: bool
+    shuffle: bool
+    low_res_size: int
+    preprocessing: str  # resolved: 'standard' or 'lsun'
+    process_index: int
+    process_count: int
+    num_threads: int
+    num_classes: int | None = None
+
+    def __post_init__(self):
         # Each epoch, the seeded order is cut into global batches of
         # batch_size * process_count records (a partial last one is dropped) and host p
         # reads the p-th block of batch_size records of each: the global batch is then
         # the same records in the same order whatever the process count.
-        global_batch = batch_size * process_count
-        self.records_per_epoch = (len(source) // global_batch) * batch_size  # per host
+        global_batch = self.batch_size * self.process_count
+        self.records_per_epoch = (len(self.source) // global_batch) * self.batch_size  # per host
 
     # ----- order and examples (pure functions of seed, epoch, index) ----------------
 

@@ -20,9 +20,8 @@ table runs: a second table on it is refused naming the holder.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from etils import epath
 
 from diffusion_jax import files, locks, resumable
 from diffusion_jax.checkpoints import workdir as workdir_lib
+from diffusion_jax.jobs import tables
 from diffusion_jax.sampling import inputs
 from diffusion_jax.sampling.job import run_sampling_job
 
@@ -172,11 +172,15 @@ class TableSettings:
     feature_weights: str | None = None
 
 
-def _config(name: str, settings: TableSettings):
-    spec = f"{settings.configs_dir}/{name}.py" + (
+def _spec(name: str, settings: TableSettings) -> str:
+    """configs/<name>.py[:variant]."""
+    return f"{settings.configs_dir}/{name}.py" + (
         f":{settings.variant}" if settings.variant else ""
     )
-    return inputs.load_config_spec(spec, f"the config of {name}")
+
+
+def _config(name: str, settings: TableSettings):
+    return inputs.load_config_spec(_spec(name, settings), f"the config of {name}")
 
 
 def _checkpoint(name: str, settings: TableSettings) -> str:
@@ -193,9 +197,8 @@ def _checkpoint(name: str, settings: TableSettings) -> str:
         )
     source = {"pt": str(pt), "identity": resumable.path_identity(pt), "variant": settings.variant}
     if (converted / inputs.CONFIG_FILE).exists():
-        record = converted / SOURCE_FILE
-        saved = files.read_json(record) if record.exists() else None
-        if saved is not None and not resumable.differences(saved, source):
+        saved, diffs = resumable.read_record(converted / SOURCE_FILE, source)
+        if saved is not None and not diffs:
             return str(converted)
         logging.warning("%s was converted from another file: converting %s again.", converted, pt)
         converted.rmtree()
@@ -215,8 +218,7 @@ def _sample_row(row: Row, settings: TableSettings) -> str:
     config = _config(row.config, settings)
     sampling = dict(row.sampling)
     if row.classifier:
-        spec = f"{settings.configs_dir}/{row.classifier}.py"
-        sampling["classifier_config"] = spec + (f":{settings.variant}" if settings.variant else "")
+        sampling["classifier_config"] = _spec(row.classifier, settings)
         sampling["classifier_checkpoint"] = _checkpoint(row.classifier, settings)
     if settings.num_samples:
         sampling["num_samples"] = settings.num_samples
@@ -267,11 +269,11 @@ def row_identity(row: Row, settings: TableSettings) -> dict:
 def _row_result(row: Row, settings: TableSettings) -> dict:
     done = epath.Path(settings.workdir) / "results" / f"{row.slug}.json"
     identity = row_identity(row, settings)
-    if done.exists():
-        record = files.read_json(done, hint="Delete it to compute the row again.")
-        diffs = resumable.differences(record.get("identity", {}), identity)
-        if not diffs:
-            return record
+    hint = "Delete it to compute the row again."
+    record, diffs = resumable.read_record(done, {"identity": identity}, hint=hint)
+    if record is not None and not diffs:
+        return record
+    if record is not None:
         logging.warning("row %s: computing again, its inputs changed (%s).", row.label,
                         resumable.summarise(diffs))  # fmt: skip
     samples = _sample_row(row, settings)
@@ -284,35 +286,26 @@ def _row_result(row: Row, settings: TableSettings) -> dict:
         "ours": values,
         "identity": identity,
     }
-    import jax
-
-    if jax.process_index() == 0:
-        done.parent.mkdir(parents=True, exist_ok=True)
-        files.write_json_atomic(done, record, indent=2)
+    resumable.write_text(done, json.dumps(record, indent=2))
     return record
 
 
 def format_table(table: str, rows: list[Row], results: list[dict], note: str) -> tuple[str, str]:
     """(markdown, csv) of our figures beside the paper's."""
     head = ["row", "config"] + [f"{_HEADERS[m]} ours / paper" for m in METRICS]
-    lines = [f"### {table}", "", note, "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]  # fmt: skip
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(
-        ["row", "config", *(f"{m}_{who}" for m in METRICS for who in ("ours", "paper"))]
+    cells, csv_rows = (
+        [],
+        [["row", "config", *(f"{m}_{w}" for m in METRICS for w in ("ours", "paper"))]],
     )
     for row, result in zip(rows, results, strict=True):
-        paper = dict(row.paper)
-        cells = []
-        for m in METRICS:
-            ours = result["ours"][m]
-            theirs = f"{paper[m]:.2f}" if m in paper else "-"
-            cells.append(f"{ours:.2f} / {theirs}")
-        lines.append(f"| {row.label} | {row.config} | " + " | ".join(cells) + " |")
-        pairs = [v for m in METRICS for v in (result["ours"][m], paper.get(m, ""))]
-        writer.writerow([row.label, row.config, *pairs])
-    return "\n".join(lines) + "\n", buf.getvalue()
+        paper, ours = dict(row.paper), result["ours"]
+        theirs = {m: f"{paper[m]:.2f}" if m in paper else "-" for m in METRICS}
+        cells.append([row.label, row.config, *(f"{ours[m]:.2f} / {theirs[m]}" for m in METRICS)])
+        csv_rows.append(
+            [row.label, row.config, *(v for m in METRICS for v in (ours[m], paper.get(m, "")))]
+        )
+    lines = [f"### {table}", "", note, "", *tables.markdown(head, cells)]
+    return "\n".join(lines) + "\n", tables.csv_text(csv_rows)
 
 
 def run_table(table: str, settings: TableSettings) -> str:
@@ -357,12 +350,8 @@ def _write_table(table: str, rows: list[Row], results: list[dict], settings) -> 
         + ": NOT comparable with the paper's 50,000-sample figures."
     )
     markdown, csv_text = format_table(table, rows, results, note)
-    import jax
-
-    if jax.process_index() == 0:
-        out = epath.Path(settings.workdir)
-        files.write_text_atomic(out / f"{table}.md", markdown)
-        files.write_text_atomic(out / f"{table}.csv", csv_text)
+    resumable.write_text(epath.Path(settings.workdir) / f"{table}.md", markdown)
+    resumable.write_text(epath.Path(settings.workdir) / f"{table}.csv", csv_text)
     return markdown
 
 

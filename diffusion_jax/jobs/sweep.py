@@ -31,7 +31,6 @@ runs: a second sweep on it is refused naming the holder.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import re
@@ -43,8 +42,9 @@ import jax
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import evaluation, files, locks, parallel, resumable
+from diffusion_jax import evaluation, locks, parallel, resumable
 from diffusion_jax.checkpoints import workdir as workdir_lib
+from diffusion_jax.jobs import tables
 from diffusion_jax.progress import Progress
 from diffusion_jax.sampling.job import check_sampling_job, run_sampling_job
 
@@ -195,27 +195,10 @@ def _check_workdir(workdir: epath.Path, identity: dict) -> None:
 
 def _finished(path: epath.Path, point: GridPoint, key: str) -> dict | None:
     """The point's record if it was evaluated against `key`, else None."""
-    record = (
-        files.read_json(path, hint="Delete it to evaluate the point again.")
-        if (path.exists())
-        else None
-    )
-    ok = record is not None and record.get("point") == dataclasses.asdict(point)
-    return record if ok and record.get("evaluated_against") == key else None
-
-
-def _read_record(path: epath.Path, point: GridPoint, key: str) -> dict | None:
-    record = _finished(path, point, key)
-    return record if resumable.agree(record is not None) else None
-
-
-def _write(path: epath.Path, text: str) -> None:
-    if jax.process_index() == 0:
-        files.write_text_atomic(path, text)
-
-
-def _describe(point: GridPoint, scale_field: str) -> str:
-    return f"{point.method}, {point.steps} steps, {scale_field}={point.scale:g}"
+    expected = {"point": dataclasses.asdict(point), "evaluated_against": key}
+    hint = "Delete it to evaluate the point again."
+    record, diffs = resumable.read_record(path, expected, hint=hint)
+    return None if diffs else record
 
 
 def run_sweep(
@@ -292,8 +275,8 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
     records, computed, meter = [], [], Progress("sweep", todo, unit="points", quiet=True)
     for i, point in enumerate(points):
         done_path = samples_dir / f"{point.slug}.json"
-        record = _read_record(done_path, point, evaluator.key)
-        if record is None:
+        record = _finished(done_path, point, evaluator.key)
+        if not resumable.agree(record is not None):  # process 0's view
             start = time.perf_counter()
             samples = run_sampling_job(
                 point_config(config, point, settings.scale_field),
@@ -317,7 +300,7 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
                 "evaluated_against": evaluator.key,
                 "metrics": {m: float(getattr(result, m)) for m in METRICS},
             }
-            _write(done_path, json.dumps(record, indent=2))
+            resumable.write_text(done_path, json.dumps(record, indent=2))
             computed.append(point.slug)
             meter.update()
             status = f"FID {record['metrics']['fid']:.2f} ({time.perf_counter() - start:.0f} s)"
@@ -325,12 +308,12 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
             status = "done earlier"
         records.append(record)
         say(
-            f"[{i + 1}/{len(points)}] {_describe(point, settings.scale_field)}: {status}; "
-            f"{meter.eta()}"
+            f"[{i + 1}/{len(points)}] {point.method}, {point.steps} steps, "
+            f"{settings.scale_field}={point.scale:g}: {status}; {meter.eta()}"
         )
     markdown, csv_text = format_table(records, settings, num_samples)
-    _write(workdir / "sweep.md", markdown)
-    _write(workdir / "sweep.csv", csv_text)
+    resumable.write_text(workdir / "sweep.md", markdown)
+    resumable.write_text(workdir / "sweep.csv", csv_text)
     if jax.process_index() == 0:
         write_plots(records, workdir, settings.scale_field)
     return SweepResult(markdown, tuple(records), tuple(computed), evaluator.computed_reference)
@@ -338,31 +321,22 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
 
 def format_table(records: list[dict], settings: SweepSettings, num_samples: int) -> tuple[str, str]:
     """(markdown, csv) of the points' metrics, one row per point."""
-    import csv
-
     field = settings.scale_field
     note = f"{num_samples} samples per point against {settings.reference}" + (
         ": NOT comparable with the paper's 50,000-sample figures."
         if num_samples < _PAPER_NUM_SAMPLES
         else "."
     )
-    head = ["method", "steps", field, *_HEADERS, "samples", "seconds"]
-    lines = [f"### Sweep of {field}", "", note, "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]  # fmt: skip
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "steps", field, *METRICS, "samples", "seconds"])
+    rows, csv_rows = [], [["method", "steps", field, *METRICS, "samples", "seconds"]]
     for r in records:
         p, m = r["point"], r["metrics"]
-        name = epath.Path(r["samples"]).name
-        cells = [p["method"], str(p["steps"]), f"{p['scale']:g}"]
-        cells += [f"{m[k]:.3f}" for k in METRICS] + [name, f"{r['seconds']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-        writer.writerow(
-            [p["method"], p["steps"], p["scale"], *(repr(m[k]) for k in METRICS),
-             r["samples"], f"{r['seconds']:.3f}"]
-        )  # fmt: skip
-    return "\n".join(lines) + "\n", buf.getvalue()
+        rows.append([p["method"], p["steps"], f"{p['scale']:g}", *(f"{m[k]:.3f}" for k in METRICS),
+                     epath.Path(r["samples"]).name, f"{r['seconds']:.1f}"])  # fmt: skip
+        csv_rows.append([p["method"], p["steps"], p["scale"], *(repr(m[k]) for k in METRICS),
+                         r["samples"], f"{r['seconds']:.3f}"])  # fmt: skip
+    head = ["method", "steps", field, *_HEADERS, "samples", "seconds"]
+    lines = [f"### Sweep of {field}", "", note, "", *tables.markdown(head, rows)]
+    return "\n".join(lines) + "\n", tables.csv_text(csv_rows, lineterminator="\n")
 
 
 def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> None:
@@ -375,10 +349,6 @@ def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> N
         for r in records:
             out.setdefault(by(r["point"]), []).append(r)
         return {k: sorted(v, key=lambda r: r["point"][order]) for k, v in out.items()}
-
-    def save(fig, name: str) -> None:
-        with (workdir / name).open("wb") as f:
-            fig.savefig(f, format="png", dpi=120)
 
     by_run = series(lambda p: (p["method"], p["steps"]), "scale")
     for name, (x, y), (xlabel, ylabel) in (
@@ -396,7 +366,7 @@ def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> N
                             xytext=(4, 4), fontsize=8)  # fmt: skip
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} vs {xlabel} (labels: {scale_field})")
         ax.legend(fontsize=8)
-        save(fig, name)
+        tables.save_png(fig, workdir / name, dpi=120)
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for (method, scale), rs in series(lambda p: (p["method"], p["scale"]), "steps").items():
@@ -405,7 +375,7 @@ def write_plots(records: list[dict], workdir: epath.Path, scale_field: str) -> N
                 label=f"{method}, {scale_field}={scale:g}")  # fmt: skip
     ax.set(xlabel="sampling steps", ylabel="FID", title="FID vs sampling steps")
     ax.legend(fontsize=8)
-    save(fig, PLOTS[2])
+    tables.save_png(fig, workdir / PLOTS[2], dpi=120)
 
 
 __all__ = [

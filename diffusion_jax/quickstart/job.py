@@ -80,11 +80,7 @@ def phase_config(config: Any, phase: str) -> ml_collections.ConfigDict:
 def _latest_step(directory: epath.Path) -> int | None:
     if not workdir_lib.is_workdir(directory):
         return None
-    manager = workdir_lib.create_manager(directory, keep=0, read_only=True)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    return max(workdir_lib.complete_steps(directory), default=None)
 
 
 def _check_workdir(config: Any, workdir: epath.Path) -> None:
@@ -468,14 +464,11 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
         t0 = time.time()
         before = _latest_step(workdir / phase)
         steps[phase] = _train_phase(config, workdir, phase, index)
+        seconds = state.setdefault("train_seconds", {})
         if before != steps[phase]:  # trained now (else: the time of the run that did)
-            state.setdefault("train_seconds", {})[phase] = (
-                state.get("train_seconds", {}).get(phase, 0.0) * (before is not None)
-                + time.time()
-                - t0
-            )
+            seconds[phase] = seconds.get(phase, 0.0) * (before is not None) + time.time() - t0
             _write_state(workdir, state)
-        times[phase] = state.get("train_seconds", {}).get(phase, time.time() - t0)
+        times[phase] = seconds.get(phase, time.time() - t0)
     outputs = _sample_phase(config, workdir, steps, state)
     times["sampling"] = sum(state.get("sample_seconds", {}).get(n, 0.0) for n in outputs)
     test = _split_images(config, config.data.eval_split)

@@ -8,6 +8,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import files
+from diffusion_jax.jobs import tables
 from diffusion_jax.training.writers import read_metrics
 
 GRID_FILE = "samples_grid.png"
@@ -18,15 +19,6 @@ _TITLES = {
     "guided": "classifier guidance",
     "cfg": "classifier-free guidance",
 }
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def class_rows(images: np.ndarray, labels: np.ndarray, columns: int = 10) -> np.ndarray:
@@ -48,9 +40,10 @@ def write_grid(path: epath.Path, panels: list[tuple[str, np.ndarray, np.ndarray]
       path: the PNG to write.
       panels: (title, uint8 images [N, H, W, C], labels [N]) per sample set.
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
-    for ax, (title, images, labels) in zip(axes[0], panels):
+    from matplotlib.figure import Figure  # lazy: only the report draws
+
+    fig = Figure(figsize=(4.2 * len(panels), 4.6), layout="tight")
+    for ax, (title, images, labels) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         grid = class_rows(images, labels)
         ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray")
         h = images.shape[1]
@@ -58,22 +51,20 @@ def write_grid(path: epath.Path, panels: list[tuple[str, np.ndarray, np.ndarray]
         ax.set_yticks((np.arange(len(classes)) + 0.5) * h, [str(k) for k in classes])
         ax.set_xticks([])
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with files.atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    tables.save_png(fig, path, dpi=110)
 
 
 def write_curves(path: epath.Path, workdir: epath.Path) -> None:
     """Training curves of the three runs from their metrics.jsonl."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     runs = [
         ("diffusion", ("loss", "mse", "vb"), "diffusion model (hybrid loss)"),
         ("classifier", ("loss", "acc@1"), "noise-aware classifier"),
         ("clean_classifier", ("loss", "acc@1"), "clean classifier"),
     ]
-    fig, axes = plt.subplots(1, len(runs), figsize=(13, 3.6))
-    for ax, (name, keys, title) in zip(axes, runs):
+    fig = Figure(figsize=(13, 3.6), layout="tight")
+    for ax, (name, keys, title) in zip(fig.subplots(1, len(runs)), runs):
         records = read_metrics(workdir / name)
         for key in keys:
             points = [(r["step"], r[key]) for r in records if key in r]
@@ -85,10 +76,7 @@ def write_curves(path: epath.Path, workdir: epath.Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with files.atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    tables.save_png(fig, path, dpi=110)
 
 
 def write_report(
@@ -134,6 +122,12 @@ def tradeoff_statement(rows: list[dict]) -> str:
     return f"from scale {lo['scale']:g} to {hi['scale']:g}: {detail}: {verdict}"
 
 
+def _scores(m: dict, fd: str) -> list[str]:
+    """The FD (under key `fd`), precision, recall and IS cells of a metrics table."""
+    return [f"{m[fd]:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}",
+            f"{m['inception_score']:.2f}"]  # fmt: skip
+
+
 def _colour_and_metric_lines(figures: dict) -> list[str]:
     """The colour statistics and the paper's metrics (clean-classifier features)."""
     lines = []
@@ -144,14 +138,13 @@ def _colour_and_metric_lines(figures: dict) -> list[str]:
             "Colour statistics (0-255; the digits are grey on black): the median pixel "
             "(the background) and the mean difference between channels.",
             "",
-            "| images | median background | channel difference |",
-            "|---|---:|---:|",
-        ]
-        for name, c in colour.items():
-            lines.append(
-                f"| {_TITLES.get(name, name)} | {c['median_background']:.1f} | "
-                f"{c['channel_difference']:.2f} |"
-            )
+            *tables.markdown(
+                ["images", "median background", "channel difference"],
+                [[_TITLES.get(name, name), f"{c['median_background']:.1f}",
+                  f"{c['channel_difference']:.2f}"] for name, c in colour.items()],
+                "|---|---:|---:|",
+            ),
+        ]  # fmt: skip
     if metrics:
         lines += [
             "",
@@ -160,15 +153,13 @@ def _colour_and_metric_lines(figures: dict) -> list[str]:
             "for the Inception-Score analogue IS), against the held-out test digits. The "
             "floor: the test digits themselves scored against the training digits.",
             "",
-            "| samples | FD | precision | recall | IS |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, m in metrics.items():
-            label = "floor (test vs train digits)" if name == "floor" else _TITLES.get(name, name)
-            lines.append(
-                f"| {label} | {m['fd']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                f"{m['inception_score']:.2f} |"
-            )
+            *tables.markdown(
+                ["samples", "FD", "precision", "recall", "IS"],
+                [["floor (test vs train digits)" if name == "floor" else _TITLES.get(name, name),
+                  *_scores(m, "fd")] for name, m in metrics.items()],
+                "|---|---:|---:|---:|---:|",
+            ),
+        ]  # fmt: skip
     for field, study in (figures.get("study") or {}).items():
         name = "Classifier guidance" if field == "classifier_scale" else "Classifier-free guidance"
         lines += [
@@ -176,15 +167,15 @@ def _colour_and_metric_lines(figures: dict) -> list[str]:
             f"{name} study (`{study['workdir']}`: sweep.md and the FD-vs-IS and "
             "precision-recall plots), clean-classifier features against the test digits:",
             "",
-            "| scale | FD | precision | recall | IS |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for r in sorted(study["rows"], key=lambda r: r["scale"]):
-            lines.append(
-                f"| {r['scale']:g} | {r['fid']:.3f} | {r['precision']:.3f} | "
-                f"{r['recall']:.3f} | {r['inception_score']:.2f} |"
-            )
-        lines += ["", f"Measured {tradeoff_statement(study['rows'])}."]
+            *tables.markdown(
+                ["scale", "FD", "precision", "recall", "IS"],
+                [[f"{r['scale']:g}", *_scores(r, "fid")]
+                 for r in sorted(study["rows"], key=lambda r: r["scale"])],
+                "|---:|---:|---:|---:|---:|",
+            ),
+            "",
+            f"Measured {tradeoff_statement(study['rows'])}.",
+        ]  # fmt: skip
     return lines
 
 
@@ -224,16 +215,15 @@ def summary_markdown(config: Any, workdir: epath.Path, figures: dict, outputs: d
         "predicts the requested digit; chance is "
         f"{1 / k:.0%}.",
         "",
-        "| samples | classifier scale | cfg scale | recognised as requested | file |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for name, scale, cfg in figures["runs"]:
-        acc = figures["recognised"][name]["accuracy"]
-        lines.append(
-            f"| {_TITLES.get(name, name)} | {scale:g} | {cfg:g} | {acc:.1%} | "
-            f"`{outputs[name].name}` |"
-        )
-    lines += _colour_and_metric_lines(figures)
+        *tables.markdown(
+            ["samples", "classifier scale", "cfg scale", "recognised as requested", "file"],
+            [[_TITLES.get(name, name), f"{scale:g}", f"{cfg:g}",
+              f"{figures['recognised'][name]['accuracy']:.1%}", f"`{outputs[name].name}`"]
+             for name, scale, cfg in figures["runs"]],
+            "|---|---:|---:|---:|---|",
+        ),
+        *_colour_and_metric_lines(figures),
+    ]  # fmt: skip
     lines += [
         "",
         f"Negative log-likelihood on {bpd['num_images']} held-out test images "
@@ -245,15 +235,16 @@ def summary_markdown(config: Any, workdir: epath.Path, figures: dict, outputs: d
         "",
     ]
     if ev:
-        quart = " | ".join(f"{ev.get(f'eval_acc@1_q{i}', float('nan')):.1%}" for i in range(4))
+        keys = ["eval_acc@1", *(f"eval_acc@1_q{i}" for i in range(4)), "eval_clean_acc@1"]
         lines += [
             "Noise-aware classifier, held-out accuracy per t-quartile "
             "(q0 = least noise, at uniformly drawn t):",
             "",
-            "| overall | q0 | q1 | q2 | q3 | clean (t=0) |",
-            "|---:|---:|---:|---:|---:|---:|",
-            f"| {ev.get('eval_acc@1', float('nan')):.1%} | {quart} | "
-            f"{ev.get('eval_clean_acc@1', float('nan')):.1%} |",
+            *tables.markdown(
+                ["overall", "q0", "q1", "q2", "q3", "clean (t=0)"],
+                [[f"{ev.get(k, float('nan')):.1%}" for k in keys]],
+                "|" + "---:|" * 6,
+            ),
             "",
         ]
     lines += [

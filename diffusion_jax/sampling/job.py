@@ -91,9 +91,10 @@ def _plan(
             f"--checkpoint={checkpoint} has no null class: set sampling.cfg_scale=1.0."
         )
     inputs.check_diffusion_matches(saved.get("diffusion"), config.diffusion, "--checkpoint")
+    from diffusion_jax.checkpoints import workdir as workdir_lib  # second floor
+
     ema_rate = None
-    is_workdir = (epath.Path(checkpoint) / "checkpoints").is_dir()
-    if is_workdir and sampling.get("use_ema", True):
+    if workdir_lib.is_workdir(checkpoint) and sampling.get("use_ema", True):
         rates = tuple(saved.get("training", {}).get("ema_rates", ()))
         if not rates:
             raise ValueError(
@@ -153,8 +154,6 @@ def _plan(
         labels = inputs.job_labels(labels_spec, num_classes, n, int(config.seed))
     elif labels is None and labels_spec != "random":
         inputs.job_labels(labels_spec, None, n, 0)  # raises: nothing to condition on
-    from diffusion_jax.checkpoints import workdir as workdir_lib  # second floor
-
     checkpoint_identity = workdir_lib.checkpoint_identity(checkpoint, step)
     fingerprint = {
         "sampling": config.sampling.to_dict(),
@@ -194,13 +193,6 @@ def _parts_dir(plan: _Plan) -> epath.Path:
 
 def _part_path(parts: epath.Path, batch: int) -> epath.Path:
     return parts / f"{batch:06d}.p{jax.process_index():04d}.npz"
-
-
-def _read_manifest(parts: epath.Path) -> dict | None:
-    path = parts / MANIFEST
-    if not path.exists():
-        return None
-    return files.read_json(path, hint=f"Delete {parts} to start the job again.")
 
 
 def _check_manifest(plan: _Plan, saved: dict | None, redo_changed: bool) -> dict | None:
@@ -357,18 +349,25 @@ def _run_job(*args, redo_changed: bool, step: int | None) -> epath.Path | int:
     parts = _parts_dir(plan)
     num_batches = -(-plan.num_samples // plan.batch_size)
 
-    def older_step(error: Exception) -> int | None:
-        """The step before a damaged newest step of a training workdir (as training's restore)."""
-        damaged = epath.Path(checkpoint) / workdir_lib.CHECKPOINTS_DIR / str(plan.checkpoint_step)
-        if plan.checkpoint_step is None or f"{damaged} is damaged" not in str(error):
-            return None  # a converted directory's, or the classifier's
-        older = [s for s in workdir_lib.complete_steps(checkpoint) if s < plan.checkpoint_step]
-        if older:
+    def sampler_or_older_step() -> ShardedSampler | int:
+        """The sampler; or, when the newest step of a training workdir is damaged, the step
+        before it (as training's restore)."""
+        try:
+            return _create_sampler(plan, checkpoint, mesh)
+        except workdir_lib.DamagedCheckpointError as error:
+            newest = plan.checkpoint_step
+            damaged = epath.Path(checkpoint) / workdir_lib.CHECKPOINTS_DIR / str(newest)
+            if newest is None or f"{damaged} is damaged" not in str(error):
+                raise  # a converted directory's, or the classifier's
+            older = [s for s in workdir_lib.complete_steps(checkpoint) if s < newest]
+            if not older:
+                raise
             logging.warning("%s; sampling from step %d, instead.", error, older[-1])
-        return older[-1] if older else None
+            return older[-1]
 
     with locks.exclusive_workdir(parts, job=f"the sampling job of {plan.output.name}"):
-        saved = _read_manifest(parts)
+        hint = f"Delete {parts} to start the job again."
+        saved, _ = resumable.read_record(parts / MANIFEST, {}, hint=hint)
         # Process 0's view (a slow process must not read the manifest a fast one just wrote).
         saved = saved if resumable.agree(saved is not None) else None
         try:
@@ -376,12 +375,7 @@ def _run_job(*args, redo_changed: bool, step: int | None) -> epath.Path | int:
         except ValueError as changed:  # the newest step: advanced, or damaged since?
             if step is not None or saved.get("checkpoint_identity", {}).get("step") is None:
                 raise
-            try:
-                _create_sampler(plan, checkpoint, mesh)
-            except workdir_lib.DamagedCheckpointError as e:
-                fallback = older_step(e)
-                if fallback is None:
-                    raise
+            if isinstance(fallback := sampler_or_older_step(), int):
                 return fallback
             raise changed
         complete = saved is not None and resumable.is_complete(parts)
@@ -394,13 +388,9 @@ def _run_job(*args, redo_changed: bool, step: int | None) -> epath.Path | int:
             logging.warning("%s was split over other processes: drawing again.", parts)
             _discard(plan)
             saved = None
-        try:  # the last checks: parameters
-            sampler = _create_sampler(plan, checkpoint, mesh)
-        except workdir_lib.DamagedCheckpointError as e:
-            fallback = older_step(e)
-            if fallback is None:
-                raise
-            return fallback
+        sampler = sampler_or_older_step()  # the last checks: parameters
+        if isinstance(sampler, int):
+            return sampler
         if saved is None:  # bookkeeping, once every input passed its checks
             layout = {"processes": jax.process_count(), "devices": int(mesh.devices.size)}
             resumable.record_fingerprint(parts / MANIFEST, {**plan.fingerprint, **layout})

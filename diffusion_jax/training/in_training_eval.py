@@ -54,13 +54,13 @@ def _draw(program, config, key, params, indices, labels=None, low_res=None) -> n
     return resumable.gather_rows(sampler.sample(indices, labels, low_res)[0])
 
 
-def diffusion_hooks(config: Any, model: Any, mesh: Mesh, workdir: epath.Path):
+def diffusion_hooks(config: Any, mesh: Mesh, workdir: epath.Path):
     """Sample grids every `training.sample_every` steps and FID every `eval_every`.
 
     Both draw with the configured sampler (`config.sampling`, the sampling job's
-    program); grids use `training.sample_steps` as the step count when set.
+    program, which builds the model from config.model); grids use `training.sample_steps`
+    as the step count when set.
     """
-    del model  # the program builds it from config.model
     training = config.training
     num_classes = config.model.num_classes
     ema_rates = tuple(float(r) for r in training.ema_rates)

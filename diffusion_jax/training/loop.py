@@ -29,7 +29,7 @@ from diffusion_jax.checkpoints.workdir import create_manager
 from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.diffusion.resample import create_schedule_sampler
-from diffusion_jax.files import read_json, write_text_atomic
+from diffusion_jax.files import read_json
 from diffusion_jax.models import (
     create_classifier,
     create_model,
@@ -65,9 +65,7 @@ def _prepare_workdir(config: Any, workdir: epath.Path) -> None:
 
 def _write_config(config: Any, workdir: epath.Path) -> None:
     """Writes DIR/config.json once every input check has passed (process 0)."""
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(workdir / CONFIG_FILE, config_json(config))
+    resumable.write_text(workdir / CONFIG_FILE, config_json(config))
 
 
 @contextlib.contextmanager
@@ -370,9 +368,7 @@ def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
     step_fn = functools.partial(
         steps.diffusion_train_step, settings=settings, diffusion=diffusion, sampler=sampler
     )
-    on_log = (
-        None if workdir is None else in_training_eval.diffusion_hooks(config, model, mesh, workdir)
-    )
+    on_log = None if workdir is None else in_training_eval.diffusion_hooks(config, mesh, workdir)
     return _Task(model, _init_inputs(config), step_fn, sampler.init_state(), on_log)
 
 
