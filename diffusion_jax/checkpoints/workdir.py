@@ -28,8 +28,8 @@ _T = TypeVar("_T")
 # Orbax writes a replicated array cooperatively, a slice from each replica, so that the
 # hosts of a pod share the writing. It pays for large arrays only: every slice is an
 # eagerly dispatched (and, per shape, compiled) program, and on one host of 8 devices a
-# tiny model's first save took 10 s, mostly compiling slices (bench/RESULTS.md, "The
-# suite's compile flags"). Arrays are split over replicas only where each slice holds at
+# tiny model's first save took 10 s, mostly compiling slices (bench/RESULTS.md,
+# "Checkpoint saves"). Arrays are split over replicas only where each slice holds at
 # least this much.
 REPLICA_SLICE_MIN_BYTES = 1 << 20
 
