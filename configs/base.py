@@ -99,6 +99,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3
     training.schedule_sampler = "uniform"  # 'uniform' | 'loss-second-moment'
+    # With 'uniform': the share of examples trained at t = 0, the decoder term L_0 (not in
+    # the paper's code; 0 = the paper's uniform t). Only bits/dim uses what it trains.
+    training.decoder_share = 0.0
     # Classifier-free guidance (Ho & Salimans): each label is replaced by the null class
     # model.num_classes with this probability (linked: model.label_dropout).
     training.label_dropout = label_dropout

@@ -149,6 +149,35 @@ def test_uniform_sampler():
     assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, other)
 
 
+def test_decoder_share_draws_t0_that_often_and_leaves_the_rest_uniform():
+    """p_0 = share + (1 - share) / T, every other t (1 - share) / T; weights stay 1, and
+    share 0 draws exactly the paper's uniform t (the same key, the same timesteps)."""
+    num_timesteps, share, draws = 20, 0.25, 40_000
+    sampler = resample.create_schedule_sampler("uniform", num_timesteps, decoder_share=share)
+    state = sampler.init_state()
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    expected = np.full(num_timesteps, (1 - share) / num_timesteps)
+    expected[0] += share
+    np.testing.assert_allclose(p, expected, rtol=1e-6)
+    t, w = jax.jit(sampler.sample, static_argnums=2)(state, jax.random.key(3), draws)
+    np.testing.assert_array_equal(w, np.ones(draws))
+    observed = np.bincount(np.asarray(t), minlength=num_timesteps)
+    # Each count within 5 binomial standard deviations of draws * p.
+    np.testing.assert_array_less(np.abs(observed - draws * p), 5 * np.sqrt(draws * p * (1 - p)))
+    plain = resample.create_schedule_sampler("uniform", num_timesteps)
+    assert plain == resample.create_schedule_sampler("uniform", num_timesteps, decoder_share=0.0)
+    assert plain != sampler
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(
+        plain.sample(state, key, 64)[0],
+        jax.random.randint(key, (64,), 0, num_timesteps, jnp.int32),
+    )
+    with pytest.raises(ValueError, match=r"training\.decoder_share must be in \[0, 1\)"):
+        resample.create_schedule_sampler("uniform", 10, decoder_share=1.0)
+    with pytest.raises(ValueError, match=r"needs training\.schedule_sampler='uniform'"):
+        resample.create_schedule_sampler("loss-second-moment", 10, decoder_share=0.1)
+
+
 def test_state_is_float32_and_int32_also_under_x64(x64):
     """The state's dtypes do not follow the x64 switch (checkpoints stay the same)."""
     sampler = resample.create_schedule_sampler("loss-second-moment", 5, history_per_term=2)

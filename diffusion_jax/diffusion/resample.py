@@ -129,15 +129,33 @@ class ScheduleSampler(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class UniformSampler(ScheduleSampler):
-    """t uniform over [0, T), every importance weight 1."""
+    """t uniform over [0, T), every importance weight 1.
+
+    Attributes:
+      decoder_share: with this probability an example's t is 0 instead (unweighted: the
+        objective leans towards t = 0 on purpose). At t = 0 the loss's vb term is the
+        decoder's NLL L_0, the only term that trains the learned variance there; no
+        sampler uses that variance (the last step adds no noise), only bits/dim does.
+        Uniform t reaches it once in T examples: 58 times in the quickstart's whole run,
+        whose L_0 was then over half its bits/dim (bench/RESULTS.md). 0 = the paper.
+    """
+
+    decoder_share: float = 0.0
 
     def weights(self, state: SamplerState) -> jax.Array:
         self._check_state(state)
-        return jnp.ones((self.num_timesteps,), jnp.float32)
+        w = jnp.ones((self.num_timesteps,), jnp.float32)
+        if self.decoder_share:  # p_0 = share + (1 - share) / T, any other t (1 - share) / T
+            w = w.at[0].add(self.decoder_share * self.num_timesteps / (1.0 - self.decoder_share))
+        return w
 
     def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
         self._check_state(state)
+        if self.decoder_share:
+            rng, pick = jax.random.split(rng)
         t = jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, jnp.int32)
+        if self.decoder_share:
+            t = jnp.where(jax.random.uniform(pick, (batch_size,)) < self.decoder_share, 0, t)
         return t, jnp.ones((batch_size,), jnp.float32)
 
     def update(self, state: SamplerState, t, losses) -> SamplerState:
@@ -209,7 +227,12 @@ class LossSecondMomentResampler(ScheduleSampler):
 
 
 def create_schedule_sampler(
-    name: str, num_timesteps: int, *, history_per_term: int = 10, uniform_prob: float = 0.001
+    name: str,
+    num_timesteps: int,
+    *,
+    history_per_term: int = 10,
+    uniform_prob: float = 0.001,
+    decoder_share: float = 0.0,
 ) -> ScheduleSampler:
     """Builds a timestep sampler by name (paper: create_named_schedule_sampler).
 
@@ -218,6 +241,7 @@ def create_schedule_sampler(
       num_timesteps: T, the number of timesteps of the diffusion being trained.
       history_per_term: losses kept per timestep (loss-second-moment).
       uniform_prob: share of the uniform distribution mixed in (loss-second-moment).
+      decoder_share: share of examples at t = 0 (uniform; `training.decoder_share`).
 
     Returns:
       A frozen, hashable `ScheduleSampler`.
@@ -246,8 +270,19 @@ def create_schedule_sampler(
         or not 0.0 <= uniform_prob <= 1.0
     ):
         raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
+    if (
+        isinstance(decoder_share, bool)
+        or not isinstance(decoder_share, int | float | np.integer | np.floating)
+        or not 0.0 <= decoder_share < 1.0
+    ):
+        raise ValueError(f"training.decoder_share must be in [0, 1), got {decoder_share!r}")
+    if decoder_share and name != "uniform":
+        raise ValueError(
+            f"training.decoder_share={decoder_share} needs training.schedule_sampler='uniform' "
+            f"(got {name!r}, whose importance weights assume its own distribution)."
+        )
     if name == "uniform":
-        return UniformSampler(int(num_timesteps), int(history_per_term))
+        return UniformSampler(int(num_timesteps), int(history_per_term), float(decoder_share))
     return LossSecondMomentResampler(int(num_timesteps), int(history_per_term), float(uniform_prob))
 
 

@@ -62,7 +62,11 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
 
     validate_model_config(model)  # architecture fields, before anything is written
     diffusion = create_diffusion(config.diffusion)
-    create_schedule_sampler(training.schedule_sampler, diffusion.num_timesteps)
+    create_schedule_sampler(
+        training.schedule_sampler,
+        diffusion.num_timesteps,
+        decoder_share=training.get("decoder_share", 0.0),
+    )
     if trainer == "diffusion" and bool(data.class_cond) != (model.num_classes is not None):
         raise ValueError(
             f"data.class_cond={data.class_cond} disagrees with model.num_classes="

@@ -357,7 +357,11 @@ def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
 
     model = create_model(config.model)
     diffusion = create_diffusion(config.diffusion)
-    sampler = create_schedule_sampler(config.training.schedule_sampler, diffusion.num_timesteps)
+    sampler = create_schedule_sampler(
+        config.training.schedule_sampler,
+        diffusion.num_timesteps,
+        decoder_share=float(config.training.get("decoder_share", 0.0)),
+    )
     settings = steps.StepSettings(
         apply_fn=model.apply,
         num_timesteps=diffusion.num_timesteps,
