@@ -21,15 +21,10 @@ def _is_array(leaf) -> bool:
 
 
 def split_callables(fns) -> tuple[Any, list]:
-    """Splits a pytree of callables into a hashable static key and array leaves.
+    """Splits a pytree (e.g. a tuple) of callables and None into (static_key, arrays).
 
-    Args:
-      fns: a pytree (e.g. a tuple) of callables and None.
-
-    Returns:
-      (static_key, arrays): static_key identifies the compiled program (a jit static
-      argument); arrays are the traced inputs. `merge_callables(static_key, arrays)`
-      rebuilds `fns`.
+    static_key identifies the compiled program (a jit static argument); arrays are the
+    traced inputs. `merge_callables(static_key, arrays)` rebuilds `fns`.
 
     Raises:
       ValueError: if a callable (or a non-array argument bound in it) is unhashable.

@@ -64,9 +64,8 @@ class Conditioning:
         """Raises a ValueError naming an input whose leading axis is not x's batch."""
         zero_t = jax.numpy.zeros((x.shape[0],), jax.numpy.int32)
         diffusion.check_batch(x, zero_t, self.model_kwargs, x_name="noise")
-        diffusion.check_batch(
-            x, zero_t, self.guidance_kwargs, x_name="noise", kwargs_name="cond_kwargs"
-        )
+        kw = dict(x_name="noise", kwargs_name="cond_kwargs")
+        diffusion.check_batch(x, zero_t, self.guidance_kwargs, **kw)
 
 
 jax.tree_util.register_dataclass(

@@ -53,11 +53,8 @@ def solver_timesteps(alphas_cumprod: np.ndarray, steps: int | None) -> np.ndarra
     The K indices whose lambda is nearest to K values evenly spaced in lambda from the
     noisiest index T-1 to index 0 (both kept), made strictly decreasing where the
     rounding to integer timesteps would repeat one (near t = 0, where lambda changes
-    fastest per step).
-
-    Args:
-      alphas_cumprod: the (respaced) diffusion's alpha_bar table, [T].
-      steps: K model evaluations (None = all T).
+    fastest per step). `alphas_cumprod` is the (respaced) diffusion's [T] table and
+    `steps` = K (None = all T).
 
     Returns:
       int [K] strictly decreasing indices, from T-1 down to 0.

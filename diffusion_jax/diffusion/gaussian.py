@@ -124,11 +124,7 @@ class GaussianDiffusion:
             "fixed_large_log_variance": np.log(large_variance),
         }
         set_(self, "tables", tables)
-        set_(self, "_value", self._value_key())
-        set_(self, "_hash", hash(self._value))
-
-    def _value_key(self) -> tuple:
-        return (
+        value = (
             self.betas.tobytes(),
             self.model_mean_type,
             self.model_var_type,
@@ -137,11 +133,11 @@ class GaussianDiffusion:
             self.timestep_map.tobytes(),
             self.original_num_steps,
         )
+        set_(self, "_value", value)
+        set_(self, "_hash", hash(value))
 
     def __eq__(self, other) -> bool:
-        if self is other:
-            return True
-        return type(other) is type(self) and other._value == self._value
+        return self is other or (type(other) is type(self) and other._value == self._value)
 
     def __hash__(self) -> int:
         return self._hash
@@ -169,23 +165,13 @@ class GaussianDiffusion:
     def check_batch(
         self, x: jnp.ndarray, t: jnp.ndarray, model_kwargs=None, *, x_name="x", kwargs_name=None
     ):
-        """Checks that x, t and labels describe the same batch, and t's range.
+        """Checks that x, t (int [B]) and model_kwargs['y'] describe the same batch.
 
         The range 0 <= t < num_timesteps is checked only when t is concrete; under
         jit (t a tracer) out-of-range values cannot be seen here and would index the
-        schedule tables clamped, so jitted callers must pass valid timesteps.
-
-        Args:
-          x: [B, ...] array.
-          t: timesteps, must be int [B] indices into this (respaced) process.
-          model_kwargs: model inputs; 'y' must have a leading axis of B.
-          x_name: how error messages call x.
-          kwargs_name: how error messages call model_kwargs (default 'model_kwargs').
-
-        Raises:
-          ValueError: naming the argument whose shape, dtype or range is wrong.
+        schedule tables clamped, so jitted callers must pass valid timesteps. Error
+        messages call the arguments `x_name` and `kwargs_name`.
         """
-        kwargs_name = kwargs_name or "model_kwargs"
         if x.ndim < 2:
             raise ValueError(f"{x_name} must be batched [B, ...], got shape {x.shape}")
         batch = x.shape[0]
@@ -216,20 +202,15 @@ class GaussianDiffusion:
             shape = np.shape(value)
             if key == "y" and (len(shape) == 0 or shape[0] != batch):
                 raise ValueError(
-                    f"{kwargs_name}['y'] must have a leading batch axis of {batch} to match "
-                    f"{x_name} of shape {x.shape}, got shape {shape}"
+                    f"{kwargs_name or 'model_kwargs'}['y'] must have a leading batch axis of "
+                    f"{batch} to match {x_name} of shape {x.shape}, got shape {shape}"
                 )
 
     def model_timesteps(self, t: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
         """The timesteps the model (and cond_fn) sees for this process's indices t.
 
-        Args:
-          t: int [B] indices into this process.
-          dtype: float dtype of the rescaled timesteps.
-
-        Returns:
-          Original-process indices (int32), or with rescale_timesteps their values
-          scaled to [0, 1000) as `dtype`.
+        Original-process indices (int32), or with rescale_timesteps their values scaled
+        to [0, 1000) as `dtype`.
         """
         mapped = jnp.asarray(self.timestep_map)[t]
         if self.rescale_timesteps:
@@ -237,20 +218,11 @@ class GaussianDiffusion:
         return mapped
 
     def call_model(self, model_fn: ModelFn, x, t, model_kwargs=None) -> jnp.ndarray:
-        """Applies model_fn at this process's t (mapped to the original timesteps).
-
-        Args:
-          model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-          x: [B, H, W, C] input.
-          t: int [B] timesteps of this process.
-          model_kwargs: extra model inputs.
-
-        Returns:
-          The output, [B, H, W, C] or [B, H, W, 2C] with learned variance, in the
-          compute dtype of x.
+        """model_fn(x, t mapped to the original timesteps) in x's compute dtype.
 
         Raises:
-          ValueError: if the output shape does not fit model_var_type.
+          ValueError: if the output shape ([B, H, W, C], or [B, H, W, 2C] with learned
+            variance) does not fit model_var_type.
         """
         out = model_fn(x, self.model_timesteps(t, compute_dtype(x.dtype)), **(model_kwargs or {}))
         channels = x.shape[-1]
@@ -267,15 +239,7 @@ class GaussianDiffusion:
     # --- The forward process q. -----------------------------------------------------
 
     def q_mean_variance(self, x_start, t):
-        """The forward marginal q(x_t | x_0).
-
-        Args:
-          x_start: [B, H, W, C] clean data.
-          t: int [B] timesteps.
-
-        Returns:
-          (mean, variance, log_variance), each shaped like x_start.
-        """
+        """The forward marginal q(x_t | x_0): (mean, variance, log_variance) like x_start."""
         self.check_batch(x_start, t, x_name="x_start")
         mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
         variance = jnp.broadcast_to(
@@ -287,16 +251,7 @@ class GaussianDiffusion:
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise):
-        """Draws x_t ~ q(x_t | x_0) with the given standard normal noise.
-
-        Args:
-          x_start: [B, H, W, C] clean data.
-          t: int [B] timesteps.
-          noise: standard normal noise shaped like x_start.
-
-        Returns:
-          x_t, shaped like x_start.
-        """
+        """Draws x_t ~ q(x_t | x_0) with the given standard normal noise (like x_start)."""
         self.check_batch(x_start, t, x_name="x_start")
         if noise.shape != x_start.shape:
             raise ValueError(f"noise must have x_start's shape {x_start.shape}, got {noise.shape}")
@@ -306,16 +261,10 @@ class GaussianDiffusion:
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
-        """The forward-process posterior q(x_{t-1} | x_t, x_0).
+        """The forward-process posterior q(x_{t-1} | x_t, x_0), x_start possibly predicted.
 
-        Args:
-          x_start: [B, H, W, C] x_0 (or a prediction of it).
-          x_t: [B, H, W, C] diffused data at t.
-          t: int [B] timesteps.
-
-        Returns:
-          (mean, variance, log_variance_clipped), each shaped like x_t; the log
-          variance at t=0 (where the variance is 0) takes the t=1 value.
+        Returns (mean, variance, log_variance_clipped), each like x_t; the log variance
+        at t=0 (where the variance is 0) takes the t=1 value.
         """
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {x_start.shape} and x_t {x_t.shape} must share a shape")
@@ -333,47 +282,20 @@ class GaussianDiffusion:
     # --- Conversions between parameterisations. -------------------------------------
 
     def predict_xstart_from_eps(self, x_t, t, eps):
-        """x_0 implied by x_t and the noise eps.
-
-        Args:
-          x_t: [B, H, W, C] diffused data.
-          t: int [B] timesteps.
-          eps: predicted noise like x_t.
-
-        Returns:
-          The x_0 prediction, like x_t.
-        """
+        """x_0 implied by x_t and the noise eps."""
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def predict_xstart_from_xprev(self, x_t, t, xprev):
-        """x_0 implied by x_t and the posterior mean x_{t-1} (inverts the posterior).
-
-        Args:
-          x_t: [B, H, W, C] diffused data.
-          t: int [B] timesteps.
-          xprev: predicted posterior mean like x_t.
-
-        Returns:
-          The x_0 prediction, like x_t.
-        """
+        """x_0 implied by x_t and the posterior mean x_{t-1} (inverts the posterior)."""
         coef1 = self._extract("posterior_mean_coef1", t, x_t)
         coef2 = self._extract("posterior_mean_coef2", t, x_t)
         return (xprev - coef2 * x_t) / coef1
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        """The noise eps implied by x_t and a prediction of x_0.
-
-        Args:
-          x_t: [B, H, W, C] diffused data.
-          t: int [B] timesteps.
-          pred_xstart: x_0 prediction like x_t.
-
-        Returns:
-          The implied eps, like x_t.
-        """
+        """The noise eps implied by x_t and a prediction of x_0."""
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
         ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
@@ -454,18 +376,9 @@ class GaussianDiffusion:
         denoised_fn: Callable | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
     ) -> dict[str, jnp.ndarray]:
-        """Applies the model to get p(x_{t-1} | x_t) and the x_0 prediction.
+        """Applies the pure `model_fn(x, t_model, **model_kwargs)` to get p(x_{t-1} | x_t).
 
-        Args:
-          model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-          x: [B, H, W, C] x_t.
-          t: int [B] timesteps of this process.
-          clip_denoised: clip the x_0 prediction to [-1, 1].
-          denoised_fn: applied to the x_0 prediction before clipping.
-          model_kwargs: extra model inputs (e.g. {'y': labels}).
-
-        Returns:
-          dict with 'mean', 'variance', 'log_variance', 'pred_xstart', each like x.
+        Returns as `p_mean_variance_from_output`.
         """
         self.check_batch(x, t, model_kwargs)
         output = self.call_model(model_fn, x, t, model_kwargs)
@@ -486,18 +399,10 @@ class GaussianDiffusion:
         return gradient.astype(compute_dtype(x.dtype))
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """Algorithm 1: shifts the mean by Sigma * s * grad log p(y | x_t).
+        """Algorithm 1: the mean shifted by Sigma * s * grad log p(y | x_t).
 
-        Args:
-          cond_fn: `cond_fn(x, t_model, **model_kwargs)` -> scaled gradient like x.
-          p_mean_var: output of p_mean_variance.
-          x: [B, H, W, C] x_t.
-          t: int [B] timesteps.
-          model_kwargs: cond_fn's inputs (it reads the labels 'y'); the samplers pass
-            their cond_kwargs here.
-
-        Returns:
-          The guided mean, like x.
+        `cond_fn(x, t_model, **model_kwargs)` returns the scaled gradient like x; the
+        samplers pass their cond_kwargs as model_kwargs.
         """
         gradient = self._guidance_gradient(cond_fn, x, t, model_kwargs)
         return p_mean_var["mean"] + p_mean_var["variance"] * gradient
@@ -505,16 +410,8 @@ class GaussianDiffusion:
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Algorithm 2: eps <- eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | x_t).
 
-        Args:
-          cond_fn: `cond_fn(x, t_model, **model_kwargs)` -> scaled gradient like x.
-          p_mean_var: output of p_mean_variance.
-          x: [B, H, W, C] x_t.
-          t: int [B] timesteps.
-          model_kwargs: cond_fn's inputs; the samplers pass their cond_kwargs here.
-
-        Returns:
-          A copy of p_mean_var with 'pred_xstart' and 'mean' recomputed from the
-          guided eps.
+        Returns a copy of p_mean_var with 'pred_xstart' and 'mean' recomputed from the
+        guided eps (cond_fn as `condition_mean`'s).
         """
         alpha_bar = self._extract("alphas_cumprod", t, x)
         gradient = self._guidance_gradient(cond_fn, x, t, model_kwargs)

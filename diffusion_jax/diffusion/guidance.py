@@ -78,12 +78,8 @@ def _classifier_free(model_fn, scale, null_label, x, t, y=None, **model_kwargs):
     null = jnp.full_like(y, null_label)
     # One call on the doubled batch [conditional | unconditional]: one program, the
     # model's batch dimension shared (sharded over the same devices).
-    out = model_fn(
-        twice(x),
-        twice(t),
-        y=jnp.concatenate([y, null], axis=0),
-        **{k: twice(v) for k, v in model_kwargs.items()},
-    )
+    doubled = {k: twice(v) for k, v in model_kwargs.items()}
+    out = model_fn(twice(x), twice(t), y=jnp.concatenate([y, null], axis=0), **doubled)
     out = out.astype(jnp.promote_types(out.dtype, jnp.float32))
     cond, uncond = out[:batch], out[batch:]
     scale = jnp.asarray(scale).astype(out.dtype)
@@ -106,16 +102,9 @@ def classifier_free_model_fn(model_fn: Callable, scale, null_label: int) -> Call
     A `jax.tree_util.Partial`: model_fn's parameters and the scale are traced inputs of
     the compiled loops, so a new scale does not recompile.
 
-    Args:
-      model_fn: `model_fn(x, t, y=labels, **model_kwargs)` of a class-conditional model
-        trained with label dropout (`training.label_dropout > 0`), so it knows the null
-        class.
-      scale: the guidance scale s.
-      null_label: the null class index (the model's num_classes; see
-        `diffusion_jax.models.null_label`).
-
-    Returns:
-      `guided(x, t, y, **model_kwargs)` -> output shaped like model_fn's.
+    `model_fn(x, t, y=labels, **model_kwargs)` must be a class-conditional model trained
+    with label dropout (`training.label_dropout > 0`), so it knows the null class
+    `null_label` (the model's num_classes; see `diffusion_jax.models.null_label`).
     """
     if not callable(model_fn):
         raise ValueError(f"model_fn must be callable, got {type(model_fn)}")

@@ -12,19 +12,10 @@ import jax.numpy as jnp
 
 
 def per_sample_keys(rng, batch: int, name: str = "rng"):
-    """One key per sample: [B] typed keys.
+    """One key per sample: [B] typed keys (B = batch).
 
-    Args:
-      rng: None, one typed key (shape ()) or a batch of typed keys of shape [B].
-      batch: B.
-      name: how error messages call rng.
-
-    Returns:
-      None for None; `fold_in(rng, i)` for i < B when rng is one key; rng itself when
-      it already holds B keys.
-
-    Raises:
-      ValueError: naming `name` when rng holds neither one key nor B keys.
+    None for None; `fold_in(rng, i)` for i < B when rng is one typed key (shape ());
+    rng itself when it already holds B keys; else a ValueError calling rng `name`.
     """
     if rng is None:
         return None

@@ -33,16 +33,9 @@ class SamplingLoops:
     ):
         """Runs the sampling loop `options` describes from x_T to x_0.
 
-        Args:
-          model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`, hashable.
-          shape: sample shape [B, H, W, C].
-          rng: one key (sample i uses fold_in(rng, i)), [B] per-sample keys, or None
-            (only for a deterministic loop given noise).
-          options: `SamplerOptions` (kind 'ancestral', 'ddim' or 'dpm_solver++', eta,
-            steps, clipping, ...).
-          noise: fixed x_T of `shape`; by default drawn per sample inside the program
-            (see `initial_noise`).
-          cond: the `Conditioning` (labels, model inputs, guidance); None = none.
+        Args as `p_sample_loop`'s (rng may be None only for a deterministic loop given
+        noise), with the settings in `options` and labels, model inputs and guidance in
+        `cond` (a `Conditioning`; None = none).
 
         Returns:
           dict with 'sample' [B, H, W, C] (and the intermediates if asked for).
@@ -146,26 +139,11 @@ class SamplingLoops:
         and the final step (the data prediction at timestep 0). Deterministic given
         x_T. Learned-variance models contribute their mean channels only.
 
-        Args:
-          model_fn: pure `model_fn(x, t_model, **model_kwargs)`, hashable (e.g. from
-            `classifier_free_model_fn` for classifier-free guidance).
-          shape: sample shape [B, H, W, C].
-          rng: one key or [B] per-sample keys (only draws x_T), or None with noise.
-          steps: model evaluations, in [2, num_timesteps]; None = every timestep of
-            this (respaced) diffusion.
-          noise: fixed x_T of `shape`.
-          clip_denoised: clip (threshold) the x_0 predictions to [-1, 1].
-          denoised_fn: applied to x_0 predictions before clipping.
-          cond_fn: classifier guidance `cond_fn(x, t_model, **cond_kwargs)`; shifts
-            eps by -sqrt(1 - alpha_bar_t) * gradient, as DDIM's Algorithm 2.
-          model_kwargs: extra model inputs.
-          cond_kwargs: cond_fn's inputs; None = model_kwargs.
-          progress: host-side progress bar.
-          keep_intermediates: return a dict with 'samples'/'pred_xstarts' [steps, ...]
-            (row i: after the model evaluation i) instead of the samples.
-
-        Returns:
-          [B, H, W, C] samples (or the dict).
+        Args as `p_sample_loop` (rng only draws x_T, and may be None given noise;
+        cond_fn shifts eps by -sqrt(1 - alpha_bar_t) * gradient, as DDIM's Algorithm 2),
+        plus steps: model evaluations, in [2, num_timesteps]; None = every timestep of
+        this (respaced) diffusion. With keep_intermediates, 'samples'/'pred_xstarts'
+        are [steps, ...] (row i: after the model evaluation i).
         """
         return self._keyword_loop("dpm_solver++", model_fn, shape, rng, steps=steps, **kwargs)
 
@@ -182,15 +160,8 @@ class SamplingLoops:
     ):
         """DDIM inversion: runs the reverse ODE from x_0 up to x_T, one compiled scan.
 
-        Args:
-          model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-          x_start: [B, H, W, C] images in [-1, 1].
-          clip_denoised: clip x_0 predictions.
-          denoised_fn: applied to x_0 predictions before clipping.
-          model_kwargs: extra model inputs.
-          progress: host-side progress bar.
-          keep_intermediates: return a dict with 'samples'/'pred_xstarts' [T, ...]
-            (row i is the step from timestep i) instead of just x_T.
+        Args as `p_sample_loop`'s, x_start being [B, H, W, C] images in [-1, 1]; with
+        keep_intermediates row i of 'samples'/'pred_xstarts' is the step from timestep i.
 
         Returns:
           x_T [B, H, W, C] (feed it to ddim_sample_loop as noise), or the dict.

@@ -6,29 +6,12 @@ import jax.numpy as jnp
 
 
 def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
-    """Mean over every axis but the batch axis.
-
-    Args:
-      x: [B, ...] array.
-
-    Returns:
-      [B] means.
-    """
+    """[B] means of a [B, ...] array over every axis but the batch axis."""
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jnp.ndarray:
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
-
-    Args:
-      mean1: mean of the first Gaussian (broadcastable).
-      logvar1: log variance of the first Gaussian.
-      mean2: mean of the second Gaussian.
-      logvar2: log variance of the second Gaussian.
-
-    Returns:
-      The broadcast elementwise KL.
-    """
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise (broadcast), in nats."""
     return 0.5 * (
         -1.0
         + logvar2
@@ -42,12 +25,6 @@ def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
     """The tanh approximation of the standard normal CDF used by the paper code.
 
     Kept instead of the exact erf so likelihoods are comparable with published bits/dim.
-
-    Args:
-      x: any array.
-
-    Returns:
-      Approximate Phi(x), like x.
     """
     return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
@@ -55,16 +32,9 @@ def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
 def discretized_gaussian_log_likelihood(
     x: jnp.ndarray, *, means: jnp.ndarray, log_scales: jnp.ndarray
 ) -> jnp.ndarray:
-    """Log-probability of 8-bit images under a Gaussian discretised to 256 bins.
-
-    Args:
-      x: targets in [-1, 1] that were uint8 values rescaled, any shape.
-      means: Gaussian means, same shape as x.
-      log_scales: log standard deviations, same shape as x.
-
-    Returns:
-      Elementwise log-probabilities in nats, shape of x. The edge bins at -1 and 1
-      extend to -inf and +inf.
+    """Elementwise log-probability (nats) of 8-bit images under a Gaussian discretised to
+    256 bins: x are uint8 values rescaled to [-1, 1], means and log standard deviations
+    `log_scales` share its shape. The edge bins at -1 and 1 extend to -inf and +inf.
     """
     if not x.shape == means.shape == log_scales.shape:
         raise ValueError(

@@ -34,15 +34,8 @@ def stop_gradient_mean(model_output: jnp.ndarray, channels: int) -> jnp.ndarray:
 def vb_terms_bpd_from_output(
     diffusion: GaussianDiffusion, model_output, x_start, x_t, t, *, clip_denoised: bool = True
 ) -> dict[str, jnp.ndarray]:
-    """One term of the variational bound, in bits per dimension.
-
-    Args:
-      diffusion: the process.
-      model_output: model output at (x_t, t), [B, H, W, C or 2C].
-      x_start: [B, H, W, C] data in [-1, 1].
-      x_t: [B, H, W, C] diffused data.
-      t: int [B] timesteps.
-      clip_denoised: clip the x_0 prediction.
+    """One term of the variational bound in bits per dimension, from the model output at
+    (x_t, t), [B, H, W, C or 2C].
 
     Returns:
       dict: 'output' [B], the decoder NLL where t == 0 and
@@ -101,9 +94,6 @@ def training_losses(
     (times T for rescaled_kl).
 
     Args:
-      diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-      x_start: [B, H, W, C] data in [-1, 1].
       t: int [B] timesteps of this process (range-checked when concrete).
       rng: one key for the whole batch's noise when `noise` is None. Unlike the
         samplers this takes no per-sample keys: a training step draws for a fixed
@@ -111,7 +101,6 @@ def training_losses(
         is already independent of how that batch is sharded over devices; t is an
         input, not drawn here.
       noise: fixed standard normal noise like x_start.
-      model_kwargs: extra model inputs.
 
     Returns:
       dict of [B] arrays: 'loss', 'mse' and, with learned variance or a KL loss, 'vb'.
@@ -168,15 +157,7 @@ _BPD_BAR = "calc_bpd_loop"
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _bpd_program(
-    diffusion,
-    fn_key,
-    clip_denoised,
-    show_progress,
-    fn_arrays,
-    x_start,
-    sample_rngs,
-    noise,
-    model_kwargs,
+    diffusion, fn_key, clip_denoised, show_progress, fn_arrays, x_start, sample_rngs, noise, kwargs
 ):
     # diffusion, fn_key and the flags are static hashable values: jax.jit's cache holds
     # one program per (settings, model_fn, flags, shapes), shared by equal diffusions.
@@ -194,13 +175,7 @@ def _bpd_program(
             step_noise = noise[t_value]
         x_t = diffusion.q_sample(x_start, t, step_noise)
         out = vb_terms_bpd(
-            diffusion,
-            model_fn,
-            x_start,
-            x_t,
-            t,
-            clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
+            diffusion, model_fn, x_start, x_t, t, clip_denoised=clip_denoised, model_kwargs=kwargs
         )
         eps = diffusion.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
         if show_progress:
@@ -214,13 +189,8 @@ def _bpd_program(
     _, (vb, xstart_mse, mse) = jax.lax.scan(body, None, jnp.arange(num_steps))  # each [T, B]
     prior = prior_bpd(diffusion, x_start)
     vb, xstart_mse, mse = vb.T, xstart_mse.T, mse.T  # [B, T]
-    return {
-        "total_bpd": jnp.sum(vb, axis=1) + prior,
-        "prior_bpd": prior,
-        "vb": vb,
-        "xstart_mse": xstart_mse,
-        "mse": mse,
-    }
+    total = jnp.sum(vb, axis=1) + prior
+    return {"total_bpd": total, "prior_bpd": prior, "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
 def calc_bpd_loop(
@@ -237,16 +207,10 @@ def calc_bpd_loop(
     """The full variational bound in bits/dim, as one compiled scan over all T steps.
 
     Args:
-      diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **model_kwargs)`.
-      x_start: [B, H, W, C] data in [-1, 1].
       rng: one key, image i then using key_i = fold_in(rng, i), or [B] keys key_i;
         image i's q_sample noise at timestep t is `normal(fold_in(key_i, t),
         x_start.shape[1:])`, so its bits/dim do not depend on the rest of the batch.
       noise: optional fixed noise [T, B, H, W, C]; noise[t] is used at timestep t.
-      clip_denoised: clip x_0 predictions.
-      model_kwargs: extra model inputs.
-      progress: show a host-side progress bar.
 
     Returns:
       dict: 'total_bpd' [B] (prior + sum of VLB terms), 'prior_bpd' [B], and [B, T]
@@ -268,14 +232,5 @@ def calc_bpd_loop(
             f"got {tuple(noise.shape)}"
         )
     fn_key, fn_arrays = callables.split_callables((model_fn,))
-    return _bpd_program(
-        diffusion,
-        fn_key,
-        bool(clip_denoised),
-        bool(progress),
-        fn_arrays,
-        x_start,
-        rng,
-        noise,
-        model_kwargs,
-    )
+    flags = bool(clip_denoised), bool(progress)
+    return _bpd_program(diffusion, fn_key, *flags, fn_arrays, x_start, rng, noise, model_kwargs)

@@ -89,30 +89,16 @@ class ScheduleSampler(abc.ABC):
 
     @abc.abstractmethod
     def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
-        """Importance-samples timesteps for a batch.
+        """Importance-samples timesteps for a batch of B = batch_size (static under jit).
 
-        Args:
-          state: this sampler's state.
-          rng: a jax.random key.
-          batch_size: B, a Python int (static under jit).
-
-        Returns:
-          (t, weights): t int32 [B] in [0, T); weights float32 [B], 1 / (T p_t), by
-          which each example's loss is multiplied so the mean loss stays unbiased.
+        Returns (t, weights): t int32 [B] in [0, T); weights float32 [B], 1 / (T p_t), by
+        which each example's loss is multiplied so the mean loss stays unbiased.
         """
 
     @abc.abstractmethod
     def update(self, state: SamplerState, t, losses) -> SamplerState:
-        """Records the losses of a batch (paper: update_with_all_losses).
-
-        Args:
-          state: this sampler's state.
-          t: int [B], the global batch's timesteps.
-          losses: float [B], its per-example (unweighted) losses, in the order of t.
-
-        Returns:
-          The new state.
-        """
+        """The state after the global batch's t (int [B]) and its per-example unweighted
+        losses (float [B], in the order of t) (paper: update_with_all_losses)."""
 
     def _check_state(self, state: SamplerState) -> None:
         # Shapes are static under jit, so a state from another config (a checkpoint of
@@ -234,47 +220,31 @@ def create_schedule_sampler(
     uniform_prob: float = 0.001,
     decoder_share: float = 0.0,
 ) -> ScheduleSampler:
-    """Builds a timestep sampler by name (paper: create_named_schedule_sampler).
+    """A frozen, hashable `ScheduleSampler` by name (paper: create_named_schedule_sampler).
 
-    Args:
-      name: 'uniform' or 'loss-second-moment' (`config.training.schedule_sampler`).
-      num_timesteps: T, the number of timesteps of the diffusion being trained.
-      history_per_term: losses kept per timestep (loss-second-moment).
-      uniform_prob: share of the uniform distribution mixed in (loss-second-moment).
-      decoder_share: share of examples at t = 0 (uniform; `training.decoder_share`).
-
-    Returns:
-      A frozen, hashable `ScheduleSampler`.
-
-    Raises:
-      ValueError: naming the offending setting.
+    `name` is `config.training.schedule_sampler`; history_per_term and uniform_prob
+    apply to 'loss-second-moment', decoder_share (`training.decoder_share`: the share
+    of examples at t = 0) to 'uniform'. Raises ValueError naming the offending setting.
     """
     if name not in SCHEDULE_SAMPLERS:
         raise ValueError(
             f"training.schedule_sampler must be one of {', '.join(map(repr, SCHEDULE_SAMPLERS))}, "
             f"got {name!r}"
         )
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int | np.integer):
+
+    def is_a(value, types) -> bool:
+        return isinstance(value, types) and not isinstance(value, bool)
+
+    if not is_a(num_timesteps, int | np.integer):
         raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}")
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
-    if (
-        isinstance(history_per_term, bool)
-        or not isinstance(history_per_term, int | np.integer)
-        or history_per_term < 1
-    ):
+    if not is_a(history_per_term, int | np.integer) or history_per_term < 1:
         raise ValueError(f"history_per_term must be an int >= 1, got {history_per_term!r}")
-    if (
-        isinstance(uniform_prob, bool)
-        or not isinstance(uniform_prob, int | float | np.integer | np.floating)
-        or not 0.0 <= uniform_prob <= 1.0
-    ):
+    real = int | float | np.integer | np.floating
+    if not is_a(uniform_prob, real) or not 0 <= uniform_prob <= 1:
         raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
-    if (
-        isinstance(decoder_share, bool)
-        or not isinstance(decoder_share, int | float | np.integer | np.floating)
-        or not 0.0 <= decoder_share < 1.0
-    ):
+    if not is_a(decoder_share, real) or not 0 <= decoder_share < 1:
         raise ValueError(f"training.decoder_share must be in [0, 1), got {decoder_share!r}")
     if decoder_share and name != "uniform":
         raise ValueError(

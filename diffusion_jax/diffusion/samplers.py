@@ -4,12 +4,8 @@ Each sampler kind is one `options.SamplerKind` entry owning its loop; this modul
 registers ancestral, DDIM and DDIM inversion (`dpm_solver` registers DPM-Solver++) and
 `run_loop` dispatches through the registry.
 
-Randomness is per sample, so a sample never depends on the batch it was drawn in
-(its size, its other members, how it is sharded over devices). `rng` is either one
-typed key, and then sample i of the batch uses `key_i = fold_in(rng, i)`, or a batch
-of B keys `key_i` (e.g. `fold_in(job_key, global_sample_index)` from a sharded,
-resumable sampling job). In a loop, the step at timestep t draws sample i's noise as
-`normal(fold_in(key_i, t), x.shape[1:])` and x_T (when not given) is
+Randomness is per sample (see `keys`): in a loop, the step at timestep t draws sample
+i's noise as `normal(fold_in(key_i, t), x.shape[1:])` and x_T (when not given) is
 `normal(fold_in(key_i, T), x.shape[1:])`, T = num_timesteps.
 """
 
@@ -80,15 +76,9 @@ def p_sample(
     """One ancestral step x_t -> x_{t-1}, optionally classifier-guided (Algorithm 1).
 
     Args:
-      diffusion: the process.
-      model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`.
-      x: [B, H, W, C] x_t.
-      t: int [B] timesteps.
       rng: one key (sample i's noise is `normal(fold_in(rng, i), x.shape[1:])`) or
         [B] keys (sample i's noise is `normal(rng[i], x.shape[1:])`); unused when
-        noise is given.
-      noise: fixed standard normal noise like x.
-      clip_denoised: clip the x_0 prediction to [-1, 1].
+        noise (fixed standard normal noise like x) is given.
       cond: labels, model inputs and guidance (`Conditioning`).
 
     Returns:
@@ -284,13 +274,9 @@ def run_loop(
     Callable inside an outer `jax.jit` too (the sharded sampling jobs do).
 
     Args:
-      diffusion: the process (hashable value: equal settings share programs).
-      options: the loop's kind, eta, steps, clipping, intermediates and progress bar.
-      model_fn: pure `model_fn(x, t_model, **cond.model_kwargs)`.
       x_init: [B, H, W, C] starting point (x_T, or x_0 for the reverse loop).
       sample_rngs: [B] keys, one per sample (step t of sample i draws from
         fold_in(sample_rngs[i], t)), or None for a deterministic loop.
-      cond: labels, model inputs and guidance (its arrays traced).
 
     Returns:
       dict with 'sample' [B, H, W, C]; with keep_intermediates also 'samples' and

@@ -31,18 +31,8 @@ def _check_steps(num_steps) -> int:
 def betas_for_alpha_bar(
     num_steps: int, alpha_bar: Callable[[np.ndarray], np.ndarray], max_beta: float = _MAX_BETA
 ) -> np.ndarray:
-    """Discretises a continuous alpha_bar(t), t in [0, 1], into per-step betas.
-
-    Args:
-      num_steps: number of diffusion steps T.
-      alpha_bar: vectorised function giving the cumulative product of (1 - beta) at
-        fractional time t.
-      max_beta: upper bound on every beta, keeping alpha_bar away from 0.
-
-    Returns:
-      float64 array [T] of betas, beta_i = min(1 - alpha_bar((i+1)/T) /
-      alpha_bar(i/T), max_beta).
-    """
+    """Discretises a vectorised alpha_bar(t), t in [0, 1], into float64 [T] betas,
+    beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta)."""
     num_steps = _check_steps(num_steps)
     i = np.arange(num_steps, dtype=np.float64)
     ratio = alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps)
@@ -55,14 +45,7 @@ def _cosine_alpha_bar(t: np.ndarray) -> np.ndarray:
 
 
 def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
-    """Returns the betas of a named schedule.
-
-    Args:
-      name: 'linear' or 'cosine'.
-      num_steps: number of diffusion steps T (>= 2).
-
-    Returns:
-      float64 array [T] of betas in (0, 1).
+    """float64 [T] betas in (0, 1) of the schedule 'linear' or 'cosine', T = num_steps >= 2.
 
     Raises:
       ValueError: if the name is unknown or num_steps is not an int >= 2.
