@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from flax import traverse_util
 
 from diffusion_jax import models
 from diffusion_jax.checkpoints import torch_files
@@ -128,12 +129,7 @@ def read_torch_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
 
     The file is read by `diffusion_jax.checkpoints.torch_files`, which admits only a plain state
     dict of tensors (as strict as `torch.load(weights_only=True)`) and needs no torch.
-
-    Args:
-      path: local or remote (`gs://...`) path of the `.pt` file.
-
-    Returns:
-      {state-dict key: float32 array in PyTorch layout}.
+    `path` may be remote (`gs://...`). Returns {key: float32 array in PyTorch layout}.
 
     Raises:
       FileNotFoundError: if `path` does not exist.
@@ -149,14 +145,8 @@ def read_torch_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict:
-    """Converts a guided-diffusion state dict to Flax params for `model_config`.
-
-    Args:
-      state_dict: {key: tensor/array} in PyTorch layout.
-      model_config: the `config.model` section describing the same architecture.
-
-    Returns:
-      The Flax params tree (float32 numpy arrays).
+    """Converts a guided-diffusion state dict ({key: tensor/array} in PyTorch layout) to the
+    Flax params tree (float32 numpy) of `model_config`, the same architecture's `config.model`.
 
     Raises:
       ValueError: on missing, unexpected or mis-shaped keys, naming each key and the
@@ -183,13 +173,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict
             continue
         value = _as_numpy(state_dict[key])
         if tuple(value.shape) != shape:
-            problems.append(
-                (
-                    key,
-                    f"{key} has shape {list(value.shape)} but the config gives {list(shape)}: "
-                    f"check {_hint(key, spec)}",
-                )
-            )
+            given = f"{key} has shape {list(value.shape)} but the config gives {list(shape)}"
+            problems.append((key, f"{given}: check {_hint(key, spec)}"))
             continue
         converted[flax_path] = _to_flax(flax_path, value)
     if problems:
@@ -203,13 +188,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> dict
             f"missing, extra or mis-shaped (the config expects {len(expected)}):\n  "
             + "\n  ".join(listed)
         )
-    params: dict = {}
-    for flax_path, value in converted.items():
-        node = params
-        for name in flax_path[:-1]:
-            node = node.setdefault(name, {})
-        node[flax_path[-1]] = value
-    return params
+    return traverse_util.unflatten_dict(converted)
 
 
 def load_openai_checkpoint(
@@ -247,15 +226,8 @@ def load_openai_checkpoint(
 def convert_to_orbax(
     torch_checkpoint: str | epath.PathLike, config: Any, output: str | epath.PathLike
 ) -> epath.Path:
-    """Converts a released `.pt` file into an Orbax params checkpoint plus config.
-
-    Args:
-      torch_checkpoint: path of the guided-diffusion `.pt` file.
-      config: the full config whose `model` section matches the checkpoint.
-      output: directory to write (see `orbax_io.save_params` for the layout).
-
-    Returns:
-      The output directory.
-    """
+    """Converts a released `.pt` file into an Orbax params checkpoint plus the full
+    `config` (whose `model` section matches it) in directory `output` (returned; layout:
+    `orbax_io.save_params`)."""
     params = load_openai_checkpoint(torch_checkpoint, config.model)
     return save_params(output, params, config)

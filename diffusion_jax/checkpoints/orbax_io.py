@@ -26,17 +26,9 @@ CONFIG_FILE = "config.json"
 def save_params(
     directory: str | epath.PathLike, params: Any, config: ml_collections.ConfigDict
 ) -> epath.Path:
-    """Writes `params` and the effective `config` under `directory`.
-
-    Args:
-      directory: output directory (local or `gs://`); created if needed. Its `params`
-        subdirectory must not exist yet.
-      params: the Flax params tree (not the `{'params': ...}` wrapper).
-      config: the effective config the params belong to.
-
-    Returns:
-      The directory, as an `epath.Path`.
-    """
+    """Writes the Flax `params` tree (not the `{'params': ...}` wrapper) and the effective
+    `config` under `directory` (returned as an `epath.Path`; created if needed, its
+    `params` subdirectory must not exist yet)."""
     directory = epath.Path(directory)
     if (directory / PARAMS_DIR).exists():
         raise FileExistsError(
@@ -123,15 +115,11 @@ def restore_params(
 
 
 def check_param_shapes(params: Any, abstract: Any, where: str) -> None:
-    """Checks that `params` has exactly the parameters and shapes of `abstract`.
-
-    Args:
-      params: a restored params tree.
-      abstract: the config's params tree (`jax.ShapeDtypeStruct` leaves).
-      where: what the checkpoint is, to start the message (its flag or directory).
+    """Checks that restored `params` has exactly the parameters and shapes of `abstract`.
 
     Raises:
-      ValueError: naming the first parameter that is missing, mis-shaped or extra.
+      ValueError: starting with `where` (the checkpoint's flag or directory), naming the
+        first parameter that is missing, mis-shaped or extra.
     """
     import jax  # lazy, as Orbax's own import of it
 

@@ -226,12 +226,8 @@ def _load_legacy(file: BinaryIO, file_size: int) -> Any:
 def load(path: str | epath.PathLike) -> Any:
     """Reads a `torch.save` file (zip or legacy format) without torch, refusing code.
 
-    Args:
-      path: local or remote (`gs://...`) path of a `.pt` / `.pth` file.
-
-    Returns:
-      The saved object with every tensor as a numpy array (dicts, lists, tuples,
-      numbers and strings as saved; an OrderedDict stays one).
+    Returns the saved object with every tensor as a numpy array (dicts, lists, tuples,
+    numbers and strings as saved; an OrderedDict stays one). `path` may be remote.
 
     Raises:
       FileNotFoundError: if `path` does not exist.
@@ -294,12 +290,8 @@ def load(path: str | epath.PathLike) -> Any:
 def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     """Reads a flat state dict (`torch.save(model.state_dict(), path)`) without torch.
 
-    Args:
-      path: local or remote path of the `.pt` / `.pth` file.
-
-    Returns:
-      `{key: numpy array}` in the file's order, dtypes as saved (bfloat16 and float8 as
-      `ml_dtypes` types), torch's layout and storage sharing.
+    Returns `{key: numpy array}` in the file's order, dtypes as saved (bfloat16 and
+    float8 as `ml_dtypes` types), torch's layout and storage sharing.
 
     Raises:
       FileNotFoundError: if `path` does not exist.

@@ -178,16 +178,10 @@ def restore_workdir_params(
     ema_rate: float | None = None,
     target: Any = None,
 ) -> tuple[Any, dict, int]:
-    """Parameters (raw or one EMA copy) of a training workdir, without optimiser state.
+    """(params, saved config dict, step) of a training workdir, without optimiser state.
 
-    Args:
-      directory: the workdir.
-      step: which checkpoint; None = the latest complete one.
-      ema_rate: None = the raw parameters; otherwise one of the run's ema_rates.
-      target: optional abstract params tree (shapes/shardings) to restore into.
-
-    Returns:
-      (params, saved config dict, step).
+    The raw parameters (ema_rate None) or one of the run's EMA copies, of `step` (None:
+    the latest complete one), restored into the abstract tree `target` if given.
 
     Raises:
       FileNotFoundError: no complete checkpoint (or not that step).
@@ -216,14 +210,10 @@ def restore_workdir_params(
 def _restore_params(
     manager: ocp.CheckpointManager, directory, ema_rate, target, step: int
 ) -> tuple[Any, dict]:
-    config = read_step(
-        directory,
-        step,
-        lambda: manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())),
-    )["config"]
+    json_args = ocp.args.Composite(config=ocp.args.JsonRestore())
+    config = read_step(directory, step, lambda: manager.restore(step, args=json_args))["config"]
     if ema_rate is None:
-        item = "params"
-        wrap = None if target is None else target
+        item, wrap = "params", target
     else:
         rates = config.get("training", {}).get("ema_rates", [])
         if ema_key(ema_rate) not in {ema_key(r) for r in rates}:
@@ -237,9 +227,8 @@ def _restore_params(
 
     def read():
         abstract = saved_target(manager, step, item) if wrap is None else wrap
-        return manager.restore(step, args=ocp.args.Composite(**{item: array_restore(abstract)}))[
-            item
-        ]
+        args = ocp.args.Composite(**{item: array_restore(abstract)})
+        return manager.restore(step, args=args)[item]
 
     restored = read_step(directory, step, read)
     params = restored if ema_rate is None else restored[ema_key(ema_rate)]
@@ -258,15 +247,11 @@ def complete_steps(directory: str | epath.PathLike) -> list[int]:
 def checkpoint_identity(directory: str | epath.PathLike, step: int | None = None) -> dict:
     """What a result drawn from the checkpoint `directory` was drawn from.
 
-    Args:
-      directory: a training workdir or a `convert_checkpoint` directory.
-      step: a training workdir's step (default: the newest complete one).
-
-    Returns:
-      `{"step": the step (None for a converted directory), "content": a digest of the
-      names, sizes and modification times of that step's (or the directory's) files}`:
-      it changes when training advances or re-saves the workdir, or the directory is
-      converted again. No array is read.
+    `{"step": a training workdir's step (default: the newest complete one; None for a
+    `convert_checkpoint` directory), "content": a digest of the names, sizes and
+    modification times of that step's (or the directory's) files}`: it changes when
+    training advances or re-saves the workdir, or the directory is converted again. No
+    array is read.
 
     Raises:
       FileNotFoundError: no such directory, or a workdir without a complete checkpoint.
