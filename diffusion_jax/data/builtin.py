@@ -56,14 +56,8 @@ def _load_all() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist_5k(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (images uint8 [N, 32, 32, 3], labels int32 [N]) of a split.
-
-    Args:
-      split: 'train' (4,500 images), 'test' (500) or 'all' (5,000).
-
-    Raises:
-      ValueError: for another split name.
-    """
+    """(images uint8 [N, 32, 32, 3], labels int32 [N]) of split 'train' (4,500 images),
+    'test' (500) or 'all' (5,000); another name raises ValueError."""
     images, labels = _load_all()
     rank = np.zeros(len(labels), np.int64)  # position of each digit within its class
     for c in range(NUM_CLASSES):
@@ -91,11 +85,7 @@ class Mnist5kSource:
     num_classes = NUM_CLASSES
 
     def __init__(self, split: str = "train"):
-        """Loads a split (a few hundred milliseconds; everything stays in memory).
-
-        Args:
-          split: 'train', 'test' or 'all'.
-        """
+        """Loads split 'train', 'test' or 'all' (a few hundred ms; it all stays in memory)."""
         self.images, self.labels = load_mnist_5k(split)
 
     def __len__(self) -> int:

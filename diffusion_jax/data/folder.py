@@ -17,14 +17,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
 
 def list_image_files(root: epath.PathLike) -> list[epath.Path]:
-    """Lists image files under `root`, recursively, in sorted (deterministic) order.
-
-    Args:
-      root: a directory (local or any `etils.epath` filesystem).
-
-    Returns:
-      Paths of the files whose extension is one of `IMAGE_EXTENSIONS` (any case).
-    """
+    """The files under directory `root` (any `etils.epath` filesystem) with one of the
+    `IMAGE_EXTENSIONS` (any case), recursively, in sorted (deterministic) order."""
     root = epath.Path(root)
     files = []
     # Sorted per directory, depth first: the order the paper code lists files in, so
@@ -47,11 +41,7 @@ class ImageFolderSource:
     """
 
     def __init__(self, root: epath.PathLike, *, class_cond: bool = False):
-        """Lists the folder.
-
-        Args:
-          root: the image directory.
-          class_cond: derive labels from file-name prefixes.
+        """Lists the folder; `class_cond` derives labels from file-name prefixes.
 
         Raises:
           FileNotFoundError: if `root` is not a directory or holds no images.

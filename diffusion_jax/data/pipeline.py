@@ -215,24 +215,16 @@ class InputPipeline:
 
         Args:
           source: a random-access source (`open_source`).
-          image_size: output side in pixels.
           batch_size: this process's examples per batch.
           seed: fixes the order and the augmentation.
-          class_cond: include `label`.
-          random_crop: the paper's random-crop augmentation instead of a center crop.
-          random_flip: random horizontal flips.
           shuffle: reshuffle every epoch; False reads records in dataset order.
           low_res_size: if > 0, add `low_res`, the area-downsampled image.
-          preprocessing: 'standard' (the paper's loader on the source images), 'lsun'
-            (the paper's LSUN preparation, `lsun_crop_arr`, first) or 'auto' ('lsun'
-            for a tfds LSUN source, else 'standard'); see `resolve_preprocessing`.
+          preprocessing: 'standard', 'lsun' or 'auto' ('lsun' for a tfds LSUN source);
+            see `resolve_preprocessing`.
           process_index: this host's index (multi-host); tests simulate hosts with it.
-          process_count: number of hosts.
-          mesh: if given, batches become global arrays split over its devices
-            (`parallel.data_sharding`).
+          mesh: if given, batches become global arrays split over its devices.
           prefetch: host batches prepared ahead in the background thread.
           device_prefetch: batches transferred to devices ahead of use (with a mesh).
-          num_threads: image decoding threads.
           num_classes: the model's class count (`model.num_classes`): a labelled source
             with more classes is refused here, and every batch's labels are checked to
             lie in [0, num_classes) before they reach a device (a label equal to
@@ -300,11 +292,6 @@ class InputPipeline:
     def preprocessing(self) -> str:
         """The route taken: 'standard' or 'lsun' (`resolve_preprocessing`)."""
         return self._producer.preprocessing
-
-    @property
-    def batch_size(self) -> int:
-        """This process's examples per batch."""
-        return self._producer.batch_size
 
     @property
     def records_per_epoch(self) -> int:
@@ -380,11 +367,7 @@ class InputPipeline:
         if missing:
             raise ValueError(f"pipeline state {state} lacks {sorted(missing)}; use get_state().")
         self.close()
-        self._state = {
-            "epoch": int(state["epoch"]),
-            "position": int(state["position"]),
-            "skipped": int(state.get("skipped", 0)),
-        }
+        self._state = {k: int(state.get(k, 0)) for k in ("epoch", "position", "skipped")}
 
     @property
     def num_skipped(self) -> int:
@@ -433,12 +416,9 @@ def create_input_pipeline(
       global_batch_size: `config.training.batch_size`, over all hosts.
       seed: `config.seed`.
       mesh: yields global sharded arrays on it; None yields this host's numpy share.
-      process_index: this host (default `jax.process_index()`).
-      process_count: number of hosts (default `jax.process_count()`).
+      process_index, process_count: default `jax.process_index()` / `process_count()`.
       low_res_size: overrides `data_config.low_res_size` (super-resolution input side).
-      num_threads: image decoding threads.
-      num_classes: the model's class count: labels are checked against it (see
-        `InputPipeline`); None: no check.
+      num_classes: labels are checked against it (see `InputPipeline`).
 
     Returns:
       An `InputPipeline` (iterator with `get_state` / `set_state` / `close`); use it as

@@ -53,42 +53,21 @@ _LAUNCHER = "python -m launch.prepare_data"
 
 
 def prepare_command(name: str, data_dir: str | None = None) -> str:
-    """Returns the shell command that prepares tfds dataset `name` as ArrayRecord.
-
-    Args:
-      name: tfds name, e.g. 'imagenet2012', 'lsun/bedroom'.
-      data_dir: the target data_dir; None writes the literal text DATA_DIR for the user to fill in.
-
-    Returns:
-      A `python -m launch.prepare_data ...` command line.
-    """
+    """The `python -m launch.prepare_data ...` command that prepares tfds dataset `name`
+    (e.g. 'lsun/bedroom') as ArrayRecord; data_dir None writes the literal text DATA_DIR."""
     manual = " --manual_dir=MANUAL_DIR" if name.split("/")[0] == "imagenet2012" else ""
     return f"{_LAUNCHER} --dataset={name}{manual} --data_dir={data_dir or 'DATA_DIR'}"
 
 
 def convert_command(name: str, source_data_dir: str, data_dir: str) -> str:
-    """Returns the shell command that converts a TFRecord-prepared dataset to ArrayRecord.
-
-    Args:
-      name: tfds name.
-      source_data_dir: the data_dir holding the TFRecord version.
-      data_dir: the data_dir to write the ArrayRecord version into.
-
-    Returns:
-      A `python -m launch.prepare_data --convert_existing=...` command line.
-    """
+    """The command that converts a TFRecord-prepared dataset to ArrayRecord in data_dir."""
     return (
         f"{_LAUNCHER} --dataset={name} --convert_existing={source_data_dir} --data_dir={data_dir}"
     )
 
 
 def prepare_hint(name: str, data_dir: str | None = None) -> str:
-    """Returns how to prepare tfds dataset `name` for the pipeline, as a sentence.
-
-    Args:
-      name: tfds name.
-      data_dir: where the data should go (None: the literal text DATA_DIR).
-    """
+    """How to prepare tfds dataset `name` for the pipeline, as a sentence (`prepare_command`)."""
     command = prepare_command(name, data_dir)
     if name.split("/")[0] == "imagenet2012":
         return (
@@ -113,17 +92,8 @@ def _did_you_mean(name: str, candidates: list[str]) -> str:
 def open_builder(
     name: str, data_dir: epath.PathLike | None = None, *, not_found: str | None = None, **kwargs
 ) -> Any:
-    """`tfds.builder(name)`, with one-line errors for an unknown name or config.
-
-    Args:
-      name: tfds name, e.g. 'imagenet2012', 'lsun/bedroom'.
-      data_dir: the data_dir (None = tfds' default).
-      not_found: the sentence for an unknown dataset name, before the close matches
-        (default: "dataset=NAME is not a tfds dataset name").
-      **kwargs: passed to `tfds.builder`.
-
-    Returns:
-      The builder.
+    """`tfds.builder(name, data_dir, **kwargs)`, with one-line errors for an unknown name
+    or config; `not_found` replaces the sentence for an unknown dataset name.
 
     Raises:
       ValueError: for an unknown dataset name or builder config, naming close matches
@@ -259,8 +229,7 @@ def prepare_tfds_dataset(
 
     Args:
       name: tfds name, e.g. 'imagenet2012', 'lsun/bedroom', 'downsampled_imagenet/64x64'.
-      data_dir: where to write; None = tfds' default ($TFDS_DATA_DIR or
-        ~/tensorflow_datasets). Pass the same value as `config.data.data_dir`.
+      data_dir: where to write (`config.data.data_dir`); None = tfds' default.
       manual_dir: the folder holding manually downloaded archives (ImageNet:
         ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar); None = tfds' default
         (`<data_dir>/downloads/manual`).
@@ -385,9 +354,7 @@ def convert_to_array_record(
     dir there is an error.
 
     Args:
-      name: tfds name, e.g. 'imagenet2012', 'lsun/bedroom'.
-      source_data_dir: the data_dir holding the TFRecord version; None = tfds'
-        default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+      source_data_dir: the data_dir holding the TFRecord version; None = tfds' default.
       data_dir: the data_dir to write into (a local path, as ArrayRecordWriter writes
         local files); must differ from the source. Use it as `config.data.data_dir`.
       num_workers: shards converted concurrently.

@@ -38,17 +38,11 @@ class UnreadableImageError(ValueError):
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decodes encoded image bytes (JPEG, PNG, GIF, ...) into an RGB PIL image.
-
-    Args:
-      data: the encoded file contents.
-      name: what to call the image in the error message (a path or record id).
-
-    Returns:
-      The fully loaded image, converted to RGB as the paper code does.
+    """Decodes image bytes (JPEG, PNG, GIF, ...) into a loaded RGB PIL image, as the paper.
 
     Raises:
-      UnreadableImageError: if the bytes are not a complete, decodable image.
+      UnreadableImageError: naming the image `name` (a path or record id) if the bytes
+        are not a complete, decodable image.
     """
     try:
         image = Image.open(io.BytesIO(data))
@@ -83,16 +77,9 @@ def _central_square(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """Resizes the short side to `image_size` and takes the central square.
+    """Resizes the short side to `image_size` and takes the central square, uint8 [S, S, 3].
 
     Pixel-identical to the paper code's `center_crop_arr`.
-
-    Args:
-      pil_image: an RGB PIL image of any size.
-      image_size: side of the output square, in pixels.
-
-    Returns:
-      uint8 array [image_size, image_size, 3].
     """
     return _central_square(_resize_short_side(pil_image, image_size), image_size)
 
@@ -104,14 +91,7 @@ def lsun_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     writing it out as PNG: scale both sides by `image_size / short side`, rounded with
     Python's `round()`, in a single `Image.BOX` resize (no halving steps, no BICUBIC),
     then cut out the central `image_size` square (offsets rounded down). It differs
-    from `center_crop_arr` in most pixels of a typical photograph.
-
-    Args:
-      pil_image: an RGB PIL image of any size.
-      image_size: side of the output square, in pixels.
-
-    Returns:
-      uint8 array [image_size, image_size, 3].
+    from `center_crop_arr` in most pixels of a typical photograph. Returns uint8 [S, S, 3].
     """
     resized = _resize_short_side(pil_image, image_size, Image.BOX, halve=False)
     return _central_square(resized, image_size)
@@ -130,17 +110,8 @@ def random_crop_arr(
     [ceil(image_size / max_crop_frac), ceil(image_size / min_crop_frac)], then a random
     `image_size` square is cut out. Draws are made in the paper code's order (short side,
     then row, then column), each `rng.integers(low, high)` standing for its
-    `random.randrange(low, high)`.
-
-    Args:
-      pil_image: an RGB PIL image of any size.
-      image_size: side of the output square, in pixels.
-      rng: e.g. `numpy.random.default_rng(seed)`.
-      min_crop_frac: smallest crop, as a fraction of the resized short side.
-      max_crop_frac: largest crop, as a fraction of the resized short side.
-
-    Returns:
-      uint8 array [image_size, image_size, 3].
+    `random.randrange(low, high)` (rng: e.g. `numpy.random.default_rng(seed)`).
+    Returns uint8 [image_size, image_size, 3].
     """
     low = math.ceil(image_size / max_crop_frac)
     high = math.ceil(image_size / min_crop_frac)
@@ -163,21 +134,13 @@ def is_lsun_dataset(dataset: str) -> bool:
 
 
 def resolve_preprocessing(preprocessing: str, dataset: str) -> str:
-    """Turns a `config.data.preprocessing` value into the route actually taken.
+    """Turns a `config.data.preprocessing` value into the route taken: 'standard' or 'lsun'.
 
-    Args:
-      preprocessing: 'auto', 'standard' or 'lsun'. 'standard' is the paper's training
-        loader on the source images (ImageNet and any other data); 'lsun' first applies
-        the paper's LSUN preparation (`lsun_crop_arr`) at the target size, then the
-        same loader. 'auto' is 'lsun' for tfds LSUN names ('lsun/<category>') and
-        'standard' otherwise, including folders and 'mnist_5k'.
-      dataset: the dataset name as passed to `open_source` ('folder' for directories).
-
-    Returns:
-      'standard' or 'lsun'.
-
-    Raises:
-      ValueError: for another value.
+    'standard' is the paper's training loader on the source images (ImageNet and any
+    other data); 'lsun' first applies the paper's LSUN preparation (`lsun_crop_arr`) at
+    the target size, then the same loader. 'auto' is 'lsun' for tfds LSUN names
+    ('lsun/<category>', `dataset` as passed to `open_source`) and 'standard' otherwise,
+    including folders and 'mnist_5k'. Another value raises ValueError.
     """
     if preprocessing not in PREPROCESSING_MODES:
         raise ValueError(
@@ -196,18 +159,8 @@ def prepare_source_image(
     For 'lsun' this is the image the paper's `datasets/lsun_bedroom.py` wrote to disk
     (`lsun_crop_arr`, as an RGB image: its PNG round trip is lossless); the training
     crop (`center_crop_arr` or `random_crop_arr`) is then applied to it, as the paper's
-    loader did to those files. For 'standard' the image is returned unchanged.
-
-    Args:
-      pil_image: an RGB PIL image as read from the source.
-      image_size: the training / reference image side.
-      preprocessing: 'standard' or 'lsun' (see `resolve_preprocessing`).
-
-    Returns:
-      The image to crop.
-
-    Raises:
-      ValueError: for a value other than 'standard' or 'lsun'.
+    loader did to those files. For 'standard' the image is returned unchanged; any
+    other (unresolved) value raises ValueError.
     """
     if preprocessing == LSUN:
         return Image.fromarray(lsun_crop_arr(pil_image, image_size))
@@ -237,14 +190,8 @@ def area_downsample(images: np.ndarray, size: int) -> np.ndarray:
 
     The paper code builds the low-resolution conditioning image with
     `F.interpolate(high_res, small_size, mode="area")` on the [-1, 1] float batch after
-    augmentation; this computes the same averages in float32.
-
-    Args:
-      images: float array [B, H, W, C].
-      size: output height and width.
-
-    Returns:
-      float32 array [B, size, size, C].
+    augmentation; this computes the same averages in float32: [B, H, W, C] -> [B, size,
+    size, C].
     """
     if images.ndim != 4:
         raise ValueError(f"images must be NHWC [B, H, W, C], got shape {images.shape}.")

@@ -28,11 +28,7 @@ class ImageSource(Protocol):
 
 
 def open_source(
-    dataset: str,
-    *,
-    data_dir: str | None = None,
-    split: str = "train",
-    class_cond: bool = False,
+    dataset: str, *, data_dir: str | None = None, split: str = "train", class_cond: bool = False
 ) -> ImageSource:
     """Opens a random-access image source.
 
@@ -42,10 +38,6 @@ def open_source(
       data_dir: the folder for 'folder'; for tfds, where the prepared data lives
         (None = tfds' default). Ignored by 'mnist_5k'.
       split: dataset split ('train', 'test', tfds slices); ignored by folders.
-      class_cond: whether labels are needed.
-
-    Returns:
-      The source.
 
     Raises:
       ValueError: for a bad combination (e.g. 'folder' without data_dir).
@@ -67,14 +59,8 @@ def open_source(
 
 
 def resolve_source(source: str, data_dir: str | None = None) -> tuple[str, str | None]:
-    """Maps a free-form source (directory, tfds name, 'mnist_5k') to (dataset, data_dir).
-
-    Args:
-      source: an existing image directory, 'mnist_5k', or a tfds name.
-      data_dir: tfds data directory, used only for tfds names.
-
-    Returns:
-      Arguments for `open_source`.
+    """Maps a free-form source (an existing image directory, a tfds name, 'mnist_5k') to
+    `open_source`'s (dataset, data_dir); data_dir is kept for tfds names only.
 
     Raises:
       FileNotFoundError: if `source` is written as a path but is not a directory.

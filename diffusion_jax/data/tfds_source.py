@@ -30,19 +30,14 @@ from diffusion_jax.data.preprocessing import decode_image
 def _open_data_source(name: str, split: str, data_dir: str | None) -> tuple[Any, Any]:
     import tensorflow_datasets as tfds
 
-    builder = open_builder(
-        name,
-        data_dir,
-        not_found=f"config.data.dataset={name!r} is neither 'mnist_5k', 'folder' nor a tfds "
-        "dataset name",
+    not_found = (
+        f"config.data.dataset={name!r} is neither 'mnist_5k', 'folder' nor a tfds dataset name"
     )
+    builder = open_builder(name, data_dir, not_found=not_found)
     try:
+        decoders = {"image": tfds.decode.SkipDecoding()}
         source = tfds.data_source(
-            name,
-            split=split,
-            data_dir=data_dir,
-            download=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
+            name, split=split, data_dir=data_dir, download=False, decoders=decoders
         )
     except Exception as e:
         root = str(data_dir_root(builder))
@@ -84,14 +79,8 @@ class TfdsSource:
     def __init__(
         self, name: str, *, split: str = "train", data_dir: str | None = None, class_cond=False
     ):
-        """Opens a prepared tfds split.
-
-        Args:
-          name: tfds name, e.g. 'imagenet2012', 'lsun/bedroom',
-            'downsampled_imagenet/64x64'.
-          split: tfds split (slicing syntax such as 'train[:10%]' works).
-          data_dir: where the prepared data lives; None = tfds' default.
-          class_cond: read the 'label' feature.
+        """Opens a prepared tfds split (slicing syntax such as 'train[:10%]' works) in
+        `data_dir` (None = tfds' default); `class_cond` reads the 'label' feature.
 
         Raises:
           FileNotFoundError: if the dataset is not prepared (names where tfds looked).

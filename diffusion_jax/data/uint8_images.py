@@ -39,14 +39,10 @@ def iterate_uint8_images(
 
     Args:
       source: an image directory path, a tfds name ('imagenet2012', 'lsun/bedroom',
-        ...) or 'mnist_5k'.
-      image_size: output side in pixels (`center_crop_arr`).
-      data_dir: for tfds names, where the prepared data lives (None = tfds' default).
-      split: dataset split (ignored for directories).
+        ...) or 'mnist_5k'; data_dir and split as `open_source`'s.
       batch_size: images per yielded batch; only the last batch may be smaller.
       limit: stop after this many images (None = all).
       num_threads: decoding threads (PIL releases the GIL while decoding/resizing).
-      preprocessing: 'auto', 'standard' or 'lsun' (see `resolve_preprocessing`).
 
     Returns:
       A lazy iterator (nothing is opened before the first batch) of uint8 arrays
@@ -105,8 +101,7 @@ def _generate(
             return None
         return center_crop_arr(prepare_source_image(image, image_size, route), image_size)
 
-    skipped = 0
-    emitted = 0
+    skipped = emitted = 0
     pending: list[np.ndarray] = []
     with futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
         start = 0
