@@ -69,10 +69,6 @@ class EvaluationResult:
         ]
 
 
-def _platform(mesh: Mesh | None) -> str:
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-
-
 def _cache_key(
     npz: ImageNpz, inception_model: FeatureNetwork, mesh: Mesh | None
 ) -> dict[str, np.ndarray]:
@@ -87,8 +83,9 @@ def _cache_key(
         if stat.length > 2 * _HASHED_BYTES:
             f.seek(stat.length - _HASHED_BYTES)
         digest.update(f.read())
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     return {
-        "cache_model": np.asarray(f"{inception_model.cache_id}|{_platform(mesh)}"),
+        "cache_model": np.asarray(f"{inception_model.cache_id}|{platform}"),
         "cache_source": np.asarray(f"{stat.length}:{stat.mtime}:{digest.hexdigest()}"),
     }
 
@@ -141,24 +138,15 @@ def _activations(
     keys = inception_model.feature_keys
     if cached is not None and all(k in cached for k in keys):
         logging.info("Using cached activations %s", cache_path)
-        stat_keys = _stat_keys(keys)
+        # pool -> mu, sigma (FID); spatial -> mu_s, sigma_s (sFID), for networks that have it.
+        stat_keys = STAT_KEYS if "spatial" in keys else STAT_KEYS[:2]
         stats = {k: cached[k] for k in stat_keys} if all(k in cached for k in stat_keys) else None
         return _Activations({k: cached[k] for k in keys}, stats, None, key)
     if npz.num_images == 0:  # named here: compute_features knows no file names
         raise ValueError(f"{npz.path} holds no images (arr_0 is empty).")
-    feats = compute_features(
-        npz.iter_batches(batch_size),
-        inception_model,
-        mesh=mesh,
-        batch_size=batch_size,
-        num_images=npz.num_images,
-    )
+    kw = dict(mesh=mesh, batch_size=batch_size, num_images=npz.num_images)
+    feats = compute_features(npz.iter_batches(batch_size), inception_model, **kw)
     return _Activations(feats, None, cache_path if cache else None, key)
-
-
-def _stat_keys(feature_keys) -> tuple[str, ...]:
-    # pool -> mu, sigma (FID); spatial -> mu_s, sigma_s (sFID), for networks that have it.
-    return STAT_KEYS if "spatial" in feature_keys else STAT_KEYS[:2]
 
 
 def _statistics(
@@ -204,9 +192,7 @@ def activations_and_statistics(
 
     Args:
       npz: from `open_image_npz`.
-      inception_model: from `load_inception`.
-      mesh: device mesh for the feature pass (default: all devices).
-      batch_size: global batch size of the feature pass.
+      mesh, batch_size: of the feature pass (default mesh: all devices).
       cache: read/write `<file>.inception.npz` beside the batch file.
       cache_path: the cache file instead (e.g. in a run's workdir, when the batch file
         lives in read-only storage); same key, so a mismatch recomputes and overwrites.
@@ -246,9 +232,8 @@ def evaluate_npz(
     Args:
       ref_path: reference batch (`VIRTUAL_imagenet256_labeled.npz` or from make_reference).
       sample_path: sample batch (`arr_0` uint8 NHWC).
-      inception_model: from `load_inception`.
-      mesh: device mesh for the feature pass.
-      batch_size: global batch size of the feature pass.
+      inception_model: from `load_inception` (or `load_classifier_features`).
+      mesh, batch_size: of the feature pass.
       split_size: Inception Score split (5000 in the paper; the sample count must reach it).
       allow_resolution_mismatch: evaluate files of different image sizes anyway.
       distance_dtype: precision/recall distance precision ("float16" as the reference).
@@ -318,12 +303,9 @@ def _evaluations(
         sfid = metrics.frechet_distance(
             sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]
         )
+    blocks = dict(row_batch_size=pr_batch_size, col_batch_size=pr_batch_size)
     precision, recall = metrics.precision_recall(
-        ref_feats["pool"],
-        sample_feats["pool"],
-        row_batch_size=pr_batch_size,
-        col_batch_size=pr_batch_size,
-        distance_dtype=distance_dtype,
+        ref_feats["pool"], sample_feats["pool"], distance_dtype=distance_dtype, **blocks
     )
     return EvaluationResult(
         inception_score=inception_score, fid=fid, sfid=sfid, precision=precision, recall=recall
@@ -367,15 +349,8 @@ class ReferenceEvaluator:
         distance_dtype: str = "float16",
         pr_batch_size: int = 10000,
     ):
-        """Opens and checks the reference (no Inception pass yet).
-
-        Args:
-          reference: the reference batch (.npz).
-          inception_model: from `load_inception`.
-          cache_path: where the reference's activations are cached (default beside it).
-          mesh, batch_size: of the feature passes.
-          split_size, distance_dtype, pr_batch_size: as `evaluate_npz`'s.
-        """
+        """Opens and checks the reference .npz (no Inception pass yet); `cache_path`: where
+        its activations are cached (default beside it); the rest as `evaluate_npz`'s."""
         self.reference = open_image_npz(reference)
         inception_model.check_resolution(self.reference.resolution)
         self.inception_model = inception_model
@@ -487,9 +462,7 @@ def write_reference_batch(
       image_batches: uint8 `[B, H, W, 3]` batches (e.g. `data.iterate_uint8_images`).
       output_path: the `.npz` to write: `arr_0` images, `mu`/`sigma` (pool features),
         `mu_s`/`sigma_s` (spatial features), all statistics float64.
-      inception_model: from `load_inception`.
-      mesh: device mesh for the feature pass.
-      batch_size: global batch size of the feature pass.
+      inception_model, mesh, batch_size: of the feature pass.
       num_images: expected number of images, if known (e.g. the `limit` given to the
         data source): the buffer is allocated once at that size. Only a hint; any count
         works.

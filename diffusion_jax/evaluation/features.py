@@ -7,11 +7,8 @@ distance and precision/recall), `"logits"` (the Inception Score) and, for Incept
 penultimate features and softmax). Both expose `params`, `apply(params, images)`,
 `feature_keys`, `cache_id`, `cache_suffix` and `stored_statistics`.
 
-`compute_features` is the library entry point for training-time FID and the table
-reproducer: one batched pass over in-memory (or streamed) uint8 images, the batch dimension
-split over the mesh's devices, returning the three feature sets the paper's evaluator
-uses. With several processes each passes its own images and all get every image's
-features (`multihost.PadShardUnpad`). `compute_statistics` turns features into FID
+`compute_features` (training-time FID, the table reproducer) runs one sharded pass over
+in-memory or streamed uint8 images; `compute_statistics` turns features into FID
 statistics.
 """
 
@@ -27,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from diffusion_jax import models, parallel
@@ -40,14 +38,11 @@ FEATURES_VERSION = 1
 
 
 def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
-    """Validates a batch of images for the evaluator and returns it unchanged.
-
-    Args:
-      images: expected `[N, H, W, 3]` uint8 (the paper's sample-file layout).
-      name: how to call the array in error messages (e.g. the npz file and key).
+    """Returns `images` unchanged if `[N, H, W, 3]` uint8 (the paper's sample-file layout).
 
     Raises:
-      ValueError: on a wrong rank, channel count, dtype or value range, saying how to fix.
+      ValueError: calling the array `name` (e.g. the npz file and key), on a wrong rank,
+        channel count, dtype or value range, saying how to fix.
     """
     shape, dtype = getattr(images, "shape", None), getattr(images, "dtype", None)
     if shape is None or len(shape) != 4 or shape[-1] != 3:
@@ -87,11 +82,8 @@ _preprocess = jax.jit(inception.preprocess)
 class Inception:
     """The FID Inception-v3 with its weights: `inception(images_uint8) -> features`.
 
-    Attributes:
-      params: the converted parameter tree (numpy float32, or device arrays).
-      fingerprint: a hash of the weights; with the module's settings it keys cached
-        activations (`cache_id`).
-      module: the Flax network.
+    `fingerprint` (a hash of the weights) and the module's settings key cached
+    activations (`cache_id`).
     """
 
     params: dict
@@ -161,11 +153,8 @@ class ClassifierFeatures:
     reference batch are Inception's, so they are never used: the reference's are
     computed from its images and cached (`cache_suffix`).
 
-    Attributes:
-      params: the classifier's parameters.
-      fingerprint: hash of the parameters and the model config (keys cached activations).
-      module: the `EncoderUNet`.
-      source: where it was loaded from (for messages).
+    `fingerprint` hashes the parameters and the model config (keying cached
+    activations); `source` is where it was loaded from (for messages).
     """
 
     params: dict
@@ -209,13 +198,9 @@ def load_classifier_features(
 ) -> ClassifierFeatures:
     """Loads a classifier checkpoint this project trained as a feature network.
 
-    Args:
-      directory: a `launch.train_classifier` workdir (its latest checkpoint) or a
-        converted / `save_params` directory of a classifier.
-      ema_rate: workdirs only: that EMA copy instead of the raw parameters.
-
-    Returns:
-      A `ClassifierFeatures`, usable wherever the evaluator takes `load_inception`'s result.
+    `directory`: a `launch.train_classifier` workdir (its latest checkpoint, `ema_rate`
+    picking an EMA copy) or a converted / `save_params` directory of a classifier. The
+    result serves wherever the evaluator takes `load_inception`'s.
 
     Raises:
       FileNotFoundError: `directory` is missing or holds no checkpoint.
@@ -254,7 +239,7 @@ def load_classifier_features(
 
 def _fingerprint(params: dict) -> str:
     h = hashlib.sha1()
-    for path, leaf in sorted(inception.flatten_names(params).items()):
+    for path, leaf in sorted(traverse_util.flatten_dict(params).items()):
         h.update("/".join(path).encode())
         h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()[:16]
@@ -272,7 +257,6 @@ def load_inception(
       weights_path: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` or an `.npz`
         from `save_inception_npz`. None: the cached copy in `cache_dir`, downloaded once
         from pytorch-fid's release URL when there is network.
-      cache_dir: where the default weights are cached.
       precision: conv/matmul precision (HIGHEST: float32 as in the TF graph).
 
     Returns:
@@ -351,7 +335,6 @@ def compute_features(
     Args:
       images: this process's `[N, H, W, 3]` uint8 array, or an iterable of such batches
         (any sizes).
-      inception_model: from `load_inception` or `load_classifier_features`.
       mesh: a `parallel.create_mesh` mesh; default all devices of all processes.
       batch_size: global batch size; rounded up to a multiple of the device count.
       num_images: this process's image count, for the progress ETA, when `images` is an
@@ -389,8 +372,7 @@ def compute_features(
         total = -1 if local_total is None else local_total
         # One small exchange a step: [count, height, width, failed, total] of each process.
         header = multihost.allgather_host(
-            np.array([0 if chunk is None else len(chunk), *shape, error is not None, total]),
-            mesh,
+            np.array([0 if chunk is None else len(chunk), *shape, error is not None, total]), mesh
         )
         if header[:, 3].any():
             if error is not None:

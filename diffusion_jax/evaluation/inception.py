@@ -18,8 +18,6 @@ Outputs (the three tensors the evaluator reads):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,13 +38,8 @@ def resize_bilinear_tf1(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
     centres), so the output's first row/column equals the input's and the grid is shifted
     against a plain bilinear resize such as `jax.image.resize`. Arithmetic is float32 in
     the order TF's kernel uses, so results match it to float32 rounding.
-
-    Args:
-      images: `[N, H, W, C]` images, any real dtype (values are not rescaled).
-      size: output height and width.
-
-    Returns:
-      `[N, size, size, C]` float32 images.
+    `[N, H, W, C]` images of any real dtype (values not rescaled) -> `[N, size, size, C]`
+    float32.
     """
     x = jnp.asarray(images, jnp.float32)
 
@@ -225,22 +218,12 @@ class BlockE(nn.Module):
         c = lambda f, k, p, name: ConvBN(f, k, 1, p, self.precision, name=name)  # noqa: E731
         b1 = c(320, (1, 1), 0, "branch1x1")(x)
         b3 = c(384, (1, 1), 0, "branch3x3_1")(x)
-        b3 = jnp.concatenate(
-            [
-                c(384, (1, 3), (0, 1), "branch3x3_2a")(b3),
-                c(384, (3, 1), (1, 0), "branch3x3_2b")(b3),
-            ],
-            axis=-1,
-        )
+        b3a = c(384, (1, 3), (0, 1), "branch3x3_2a")(b3)
+        b3 = jnp.concatenate([b3a, c(384, (3, 1), (1, 0), "branch3x3_2b")(b3)], axis=-1)
         bd = c(448, (1, 1), 0, "branch3x3dbl_1")(x)
         bd = c(384, (3, 3), 1, "branch3x3dbl_2")(bd)
-        bd = jnp.concatenate(
-            [
-                c(384, (1, 3), (0, 1), "branch3x3dbl_3a")(bd),
-                c(384, (3, 1), (1, 0), "branch3x3dbl_3b")(bd),
-            ],
-            axis=-1,
-        )
+        bda = c(384, (1, 3), (0, 1), "branch3x3dbl_3a")(bd)
+        bd = jnp.concatenate([bda, c(384, (3, 1), (1, 0), "branch3x3dbl_3b")(bd)], axis=-1)
         pooled = _max_pool(x, 1, 1) if self.max_pool_branch else _avg_pool_same(x)
         bp = c(192, (1, 1), 0, "branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -290,14 +273,3 @@ def init_params_shapes(module: InceptionV3FID) -> dict:
     """Returns the parameter tree of `module` as `jax.ShapeDtypeStruct`s (no compute)."""
     dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
     return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), dummy)["params"]
-
-
-def flatten_names(tree: dict, prefix: Sequence[str] = ()) -> dict[tuple[str, ...], object]:
-    """Flattens a nested parameter dict into `{path_tuple: leaf}`."""
-    out: dict[tuple[str, ...], object] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten_names(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out

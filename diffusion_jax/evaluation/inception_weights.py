@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import traverse_util
 
 from diffusion_jax.checkpoints import torch_files
 from diffusion_jax.evaluation import inception
@@ -53,13 +54,8 @@ def _check_names(names: list[str], path: epath.Path) -> None:
 
 
 def read_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
-    """Reads a pytorch-fid style state dict from `.pth` or `.npz`, without torch.
-
-    Args:
-      path: the weights file (any name not ending in `.npz` is read as a torch file).
-
-    Returns:
-      `{torch parameter name: float32 numpy array}` in torch layout.
+    """`{torch parameter name: float32 array}` (torch layout) of a pytorch-fid style state
+    dict in a `.npz` or, any other name, a torch file; read without torch.
 
     Raises:
       FileNotFoundError: if `path` does not exist.
@@ -89,12 +85,8 @@ def read_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_inception_npz(state_dict_path: str | epath.PathLike, npz_path: str | epath.PathLike):
-    """Converts pytorch-fid's `.pth` to an `.npz` that loads without torch.
-
-    Args:
-      state_dict_path: the `.pth` (or another `.npz`) weights file.
-      npz_path: where to write the `.npz` (same parameter names, torch layout).
-    """
+    """Converts pytorch-fid's `.pth` (or another `.npz`) to an `.npz` that loads without
+    torch (same parameter names, torch layout)."""
     state = read_state_dict(state_dict_path)
     with atomic_write(npz_path, "wb") as f:
         np.savez(f, **state)
@@ -118,18 +110,13 @@ def _flax_path(torch_name: str) -> tuple[str, ...] | None:
 
 
 def state_dict_to_params(state: dict[str, np.ndarray]) -> dict:
-    """Converts a pytorch-fid FID-Inception state dict into `InceptionV3FID` params.
-
-    Args:
-      state: `{torch name: array}` as returned by `read_state_dict`.
-
-    Returns:
-      The nested float32 parameter dict for `InceptionV3FID().apply({"params": ...})`.
+    """Converts a pytorch-fid FID-Inception state dict (`read_state_dict`'s) into the
+    nested float32 parameters of `InceptionV3FID().apply({"params": ...})`.
 
     Raises:
       ValueError: naming missing, unexpected or wrongly shaped parameters.
     """
-    expected = inception.flatten_names(inception.init_params_shapes(inception.InceptionV3FID()))
+    expected = traverse_util.flatten_dict(inception.init_params_shapes(inception.InceptionV3FID()))
     flat: dict[tuple[str, ...], np.ndarray] = {}
     unexpected = []
     for name, value in state.items():
@@ -157,13 +144,7 @@ def state_dict_to_params(state: dict[str, np.ndarray]) -> dict:
             f"unexpected {sorted(unexpected)[:5]} ({len(unexpected)}). Use "
             f"{FID_WEIGHTS_FILENAME} ({FID_WEIGHTS_URL})."
         )
-    params: dict = {}
-    for path, value in flat.items():
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return params
+    return traverse_util.unflatten_dict(flat)
 
 
 def _download(url: str, dest: epath.Path, timeout_s: float) -> None:
@@ -178,14 +159,8 @@ def fetch_default_weights(
 ) -> epath.Path:
     """Returns the cached standard FID weights, downloading them once if needed.
 
-    Args:
-      cache_dir: where the weights file lives (created if missing).
-      timeout_s: network timeout for the download.
-      download: `(url, dest_path, timeout_s) -> None`; the urllib downloader by default
-        (tests pass one that fails, to check the offline message).
-
-    Returns:
-      The path of `pt_inception-2015-12-05-6726825d.pth`.
+    `download(url, dest_path, timeout_s)` defaults to urllib (tests pass one that fails,
+    to check the offline message).
 
     Raises:
       FileNotFoundError: if the file is not cached and cannot be downloaded (offline);

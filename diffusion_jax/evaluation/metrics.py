@@ -99,12 +99,8 @@ def frechet_distance(
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     """Inception Score of `[N, C]` classifier logits (the unbiased 1008-way head).
 
-    Args:
-      logits: `[N, C]` logits; softmax taken here in float64.
-      split_size: images per split (the reference uses 5000; the last split may be short).
-
-    Returns:
-      Mean over splits of `exp(mean_i KL(p(y|x_i) || mean_i p(y|x_i)))`.
+    The mean over splits of `split_size` images (the reference's 5000; the last split
+    may be short) of `exp(mean_i KL(p(y|x_i) || mean_i p(y|x_i)))`, softmax in float64.
 
     Raises:
       ValueError: if there are fewer than `split_size` images.
@@ -153,15 +149,10 @@ def _distance_block(u: jax.Array, v: jax.Array, half: bool) -> jax.Array:
 
 
 def pairwise_distances(u: np.ndarray, v: np.ndarray, distance_dtype: str = "float16") -> jax.Array:
-    """One block of squared distances as the reference computes it.
+    """`[R, C]` float32 squared distances of `[R, D]` u and `[C, D]` v as the reference.
 
-    Args:
-      u: `[R, D]` features; v: `[C, D]` features.
-      distance_dtype: "float16" (the reference's graph; a block with a non-finite float16
-        result is recomputed in float32, as its `tf.cond` does) or "float32".
-
-    Returns:
-      `[R, C]` float32 squared Euclidean distances.
+    distance_dtype: "float16" (the reference's graph; a block with a non-finite float16
+    result is recomputed in float32, as its `tf.cond` does) or "float32".
     """
     if distance_dtype not in ("float16", "float32"):
         raise ValueError(f"distance_dtype must be 'float16' or 'float32'; got {distance_dtype!r}.")
@@ -189,14 +180,9 @@ def manifold_radii(
 ) -> np.ndarray:
     """Squared distance of each point to its `nhood_size`-th nearest neighbour (self excluded).
 
-    Args:
-      features: `[N, D]` features.
-      nhood_size: k of the k-NN ball (the reference's `nhood_sizes=[3]`).
-      row_batch_size, col_batch_size: block shape of the distance computation.
-      distance_dtype: see `pairwise_distances`.
-
-    Returns:
-      `[N]` float32 radii (squared distances, as the reference compares them).
+    `[N]` float32 radii (squared, as the reference compares them) of `[N, D]` features;
+    nhood_size is the reference's `nhood_sizes=[3]`, row/col_batch_size the block shape
+    of the distance computation.
     """
     features = np.asarray(features, np.float32)
     n = features.shape[0]
@@ -231,17 +217,9 @@ def precision_recall(
     col_batch_size: int = 10000,
     distance_dtype: str = "float16",
 ) -> tuple[float, float]:
-    """k-NN manifold precision and recall of samples against a reference set.
-
-    Args:
-      ref_features: `[N1, D]` reference (real) features, e.g. Inception pool.
-      sample_features: `[N2, D]` sample features.
-      nhood_size, row_batch_size, col_batch_size, distance_dtype: see `manifold_radii`.
-
-    Returns:
-      `(precision, recall)`: fraction of samples within the reference manifold, fraction
-      of reference points within the sample manifold.
-    """
+    """k-NN manifold `(precision, recall)` of `[N2, D]` samples against `[N1, D]` reference
+    features: the fraction of samples within the reference manifold, and of reference
+    points within the sample manifold (keywords: see `manifold_radii`)."""
     ref = np.asarray(ref_features, np.float32)
     sample = np.asarray(sample_features, np.float32)
     if ref.ndim != 2 or sample.ndim != 2 or ref.shape[1] != sample.shape[1]:

@@ -93,7 +93,8 @@ class ImageNpz:
             if header is None or header[1] or header[2].hasobject:
                 # Not a plain C-order buffer we can stream: load the array whole.
                 stack.close()
-                yield from _chunks(self._load_member(IMAGES_KEY), batch_size)
+                x = self._load_member(IMAGES_KEY)
+                yield from (x[i : i + batch_size] for i in range(0, x.shape[0], batch_size))
                 return
             shape, _, dtype = header
             per_image = int(np.prod(shape[1:])) * dtype.itemsize
@@ -151,13 +152,8 @@ def check_finite_statistics(stats: dict[str, np.ndarray], path: str | epath.Path
 def _check_statistics(
     path: epath.Path, members: tuple[str, ...], shapes: dict[str, tuple[int, ...]]
 ) -> bool:
-    """Whether `members` hold FID statistics; raises if only some, or misshapen ones.
-
-    Args:
-      path: the file, for messages.
-      members: its member names (without `.npy`).
-      shapes: shapes read from the members' headers (keys missing here are not checked).
-    """
+    """Whether `members` (names without `.npy`) hold FID statistics; raises, naming `path`,
+    if only some, or ones misshapen in `shapes` (read from the headers; others unchecked)."""
     present = [k for k in STAT_KEYS if k in members]
     if not present:
         return False
@@ -200,19 +196,9 @@ def _member_shape_dtype(path: epath.Path, key: str) -> tuple[tuple[int, ...], np
         return tuple(header[0]), header[2]
 
 
-def _chunks(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, x.shape[0], batch_size):
-        yield x[start : start + batch_size]
-
-
 def open_image_npz(path: str | epath.PathLike) -> ImageNpz:
-    """Opens and validates an image batch file without reading the images.
-
-    Args:
-      path: a `.npz` with `arr_0` uint8 `[N, H, W, 3]` (the paper's sample/reference layout).
-
-    Returns:
-      An `ImageNpz` describing the file.
+    """An `ImageNpz` describing a validated `.npz` with `arr_0` uint8 `[N, H, W, 3]` (the
+    paper's sample/reference layout), without reading the images.
 
     Raises:
       FileNotFoundError: if the file does not exist.
