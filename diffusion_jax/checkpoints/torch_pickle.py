@@ -287,34 +287,38 @@ class Unpickler:
             0x63: lambda: _find_global(self._readline(), self._readline()),  # GLOBAL
             0x68: lambda: self._get(self._unpack("<B")),  # BINGET
             0x6A: lambda: self._get(self._unpack("<I")),  # LONG_BINGET
+            0x32: lambda: self._top(object),  # DUP
+            0x74: lambda: tuple(self._pop_mark()),  # TUPLE
+            0x6C: self._pop_mark,  # LIST
+            0x91: lambda: frozenset(self._pop_mark()),  # FROZENSET
+            0x51: lambda: self._persistent_load(self._pop()),  # BINPERSID
+        }
+        effect_ops = {
+            0x95: lambda: self._unpack("<Q"),  # FRAME: a length hint only
+            0x30: self._pop,  # POP
+            0x31: self._pop_mark,  # POP_MARK
+            0x75: lambda: self._setitems(self._pop_mark()),  # SETITEMS
+            0x62: self._build,  # BUILD
         }
         while True:
             code = self._read(1)[0]
             if code in stack_ops:
-                self._stack.append(stack_ops[code]())
+                value = stack_ops[code]()  # first: popping a mark replaces self._stack
+                self._stack.append(value)
+            elif code in effect_ops:
+                effect_ops[code]()
             elif code == 0x80:  # PROTO
                 if self._unpack("<B") > _MAX_PICKLE_PROTOCOL:
                     raise Corrupt("unknown pickle protocol")
-            elif code == 0x95:  # FRAME: a length hint only
-                self._unpack("<Q")
             elif code == 0x2E:  # STOP
                 return self._pop()
             elif code == 0x28:  # MARK
                 self._marks.append(self._stack)
                 self._stack = []
-            elif code == 0x30:  # POP
-                self._pop()
-            elif code == 0x31:  # POP_MARK
-                self._pop_mark()
-            elif code == 0x32:  # DUP
-                self._stack.append(self._top(object))
             elif code in (0x71, 0x72):  # BINPUT, LONG_BINPUT
                 self._memo[self._unpack("<B" if code == 0x71 else "<I")] = self._top(object)
             elif code == 0x94:  # MEMOIZE
                 self._memo[len(self._memo)] = self._top(object)
-            elif code == 0x74:  # TUPLE (pop the mark first: it replaces self._stack)
-                items = tuple(self._pop_mark())
-                self._stack.append(items)
             elif code in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
                 n = code - 0x84
                 if len(self._stack) < n:
@@ -322,16 +326,10 @@ class Unpickler:
                 items = self._stack[-n:]
                 del self._stack[-n:]
                 self._stack.append(tuple(items))
-            elif code == 0x6C:  # LIST
-                items = self._pop_mark()
-                self._stack.append(items)
             elif code == 0x64:  # DICT
                 items = self._pop_mark()
                 self._stack.append({})
                 self._setitems(items)
-            elif code == 0x91:  # FROZENSET
-                items = frozenset(self._pop_mark())
-                self._stack.append(items)
             elif code == 0x61:  # APPEND
                 value = self._pop()
                 self._top(list).append(value)
@@ -344,20 +342,14 @@ class Unpickler:
             elif code == 0x73:  # SETITEM
                 value, key = self._pop(), self._pop()
                 self._setitems([key, value])
-            elif code == 0x75:  # SETITEMS
-                self._setitems(self._pop_mark())
             elif code == 0x93:  # STACK_GLOBAL
                 name, module = self._pop(), self._pop()
                 if not isinstance(module, str) or not isinstance(name, str):
                     raise Corrupt("STACK_GLOBAL with non-string names")
                 self._stack.append(_find_global(module, name))
-            elif code == 0x51:  # BINPERSID
-                self._stack.append(self._persistent_load(self._pop()))
             elif code == 0x52:  # REDUCE
                 args, func = self._pop(), self._pop()
                 self._stack.append(self._call(func, args))
-            elif code == 0x62:  # BUILD
-                self._build()
             elif _opname(code) in _REFUSED_OPCODES:
                 raise Refused(f"its pickle uses the {_opname(code)} opcode (object creation)")
             else:

@@ -60,9 +60,7 @@ def read_step(directory: str | epath.PathLike, step: int, read: Callable[[], _T]
 
 
 def restore_newest_readable(
-    manager: ocp.CheckpointManager,
-    directory: str | epath.PathLike,
-    restore: Callable[[int], _T],
+    manager: ocp.CheckpointManager, directory: str | epath.PathLike, restore: Callable[[int], _T]
 ) -> tuple[_T, int] | None:
     """`restore(step)` of the newest step that reads; None when there are no steps.
 
