@@ -43,19 +43,11 @@ _AUTO_DTYPE = "auto"
 
 
 def resolve_compute_dtype(dtype_name: str, backend: str | None = None) -> Any:
-    """The compute dtype for `model.dtype`.
+    """The jnp compute dtype for `model.dtype` (parameters stay float32 whatever it is).
 
-    Args:
-      dtype_name: 'float32', 'bfloat16', 'float16', or 'auto': bfloat16 on accelerators
-        (GPU/TPU: bf16 matmuls run at full rate there and need no loss scaling) and
-        float32 on CPU (where bf16 is emulated and slower).
-      backend: the platform to resolve 'auto' for; default `jax.default_backend()`.
-
-    Returns:
-      A jnp dtype. Parameters stay float32 whatever it is.
-
-    Raises:
-      ValueError: for an unknown name.
+    'float32', 'bfloat16', 'float16', or 'auto': bfloat16 on accelerators (GPU/TPU: bf16
+    matmuls run at full rate there and need no loss scaling) and float32 on CPU (where
+    bf16 is emulated and slower), for `backend` (default `jax.default_backend()`).
     """
     if dtype_name == _AUTO_DTYPE:
         backend = jax.default_backend() if backend is None else backend
@@ -73,15 +65,8 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def default_channel_mult(image_size: int, kind: str = "unet") -> tuple[float, ...]:
-    """The paper code's channel_mult for `image_size` when the config leaves it empty.
-
-    Args:
-      image_size: the network's input resolution (the large size for upsamplers).
-      kind: 'unet', 'superres' or 'classifier'.
-
-    Returns:
-      The tuple of channel multipliers.
-    """
+    """The paper code's channel_mult for `image_size` (the large size for upsamplers) and
+    `kind` ('unet', 'superres' or 'classifier') when the config leaves it empty."""
     table = model_spec(kind).channel_mult
     if image_size not in table:
         raise ValueError(
@@ -108,17 +93,11 @@ def null_label(model_config: Any) -> int | None:
 
 
 def validate_model_config(model_config: Any) -> dict[str, Any]:
-    """Checks a `config.model` section and resolves its defaults.
+    """Checks a `config.model` section (ConfigDict or mapping) and resolves its defaults.
 
-    Args:
-      model_config: ConfigDict (or mapping) with the paper code's flag names.
-
-    Returns:
-      A dict of resolved settings: kind, channel_mult (tuple), attention_resolutions
-      (tuple of ints), dtype (a jnp dtype), out_channels and the remaining fields.
-
-    Raises:
-      ValueError: naming the offending field and how to fix it.
+    Returns a dict of resolved settings: kind, channel_mult (tuple), attention_resolutions
+    (tuple of ints), dtype (a jnp dtype), out_channels and the remaining fields. Raises
+    ValueError naming the offending field and how to fix it.
     """
     kind = _get(model_config, "kind", "unet")
     spec = model_spec(kind)
@@ -211,29 +190,19 @@ def validate_model_config(model_config: Any) -> dict[str, Any]:
 
 
 def create_model(model_config: Any) -> UNet:
-    """Builds the diffusion UNet (kind 'unet') or the upsampler (kind 'superres').
-
-    Args:
-      model_config: the `config.model` section.
-
-    Returns:
-      An unbound `UNet` / `SuperResUNet`; call `module.apply({'params': p}, x, t, y=...)`
-      or `module.apply(p, ...)` (upsamplers also take `low_res=`).
-    """
+    """The unbound diffusion UNet (kind 'unet') or upsampler (kind 'superres') of
+    `config.model`; call `module.apply({'params': p}, x, t, y=...)` or `module.apply(p,
+    ...)` (upsamplers also take `low_res=`)."""
     return _build(model_config, "diffusion", "use create_classifier(model_config).")
 
 
 def create_classifier(model_config: Any) -> EncoderUNet:
-    """Builds the noise-aware classifier (the paper code's EncoderUNetModel).
+    """The unbound noise-aware classifier (the paper code's EncoderUNetModel) `EncoderUNet`;
+    `module.apply({'params': p}, x, t)` (or `apply(p, ...)`) gives logits.
 
-    Args:
-      model_config: the `config.model` section of a classifier config: num_channels is
-        the paper's classifier_width, num_res_blocks its classifier_depth, num_classes
-        the number of logits, plus `pool`.
-
-    Returns:
-      An unbound `EncoderUNet`; call `module.apply({'params': p}, x, t)` (or `apply(p, ...)`) for
-      logits.
+    In a classifier config's `model` section num_channels is the paper's
+    classifier_width, num_res_blocks its classifier_depth, num_classes the number of
+    logits, plus `pool`.
     """
     advice = (
         "create_classifier needs a classifier config (model.kind='classifier', e.g. "

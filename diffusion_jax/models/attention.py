@@ -18,15 +18,10 @@ Dtype = Any
 
 
 def qkv_attention(qkv: jnp.ndarray, num_heads: int, new_order: bool) -> jnp.ndarray:
-    """Multi-head softmax(q k^T / sqrt(d)) v over a fused qkv projection.
+    """Multi-head softmax(q k^T / sqrt(d)) v over a fused [B, T, 3 * C] qkv projection.
 
-    Args:
-      qkv: [B, T, 3 * C] fused projections.
-      num_heads: number of heads H (C must divide by H).
-      new_order: True for the [q|k|v][head][ch] layout, False for [head][q|k|v][ch].
-
-    Returns:
-      [B, T, C] attention output, heads concatenated in head order.
+    `new_order`: the [q|k|v][head][ch] layout, else [head][q|k|v][ch]. Returns [B, T, C],
+    heads concatenated in head order.
     """
     batch, length, width = qkv.shape
     if width % (3 * num_heads):
@@ -47,12 +42,7 @@ def qkv_attention(qkv: jnp.ndarray, num_heads: int, new_order: bool) -> jnp.ndar
 class AttentionBlock(nn.Module):
     """Residual self-attention over all spatial positions of a [B, H, W, C] map.
 
-    Attributes:
-      channels: C.
-      num_heads: heads, used when `num_head_channels` is -1.
-      num_head_channels: channels per head (overrides `num_heads` when not -1).
-      use_new_attention_order: qkv channel layout (see the module docstring).
-      dtype: compute dtype.
+    `num_head_channels` (channels per head) overrides `num_heads` when not -1.
     """
 
     channels: int
@@ -91,13 +81,8 @@ class AttentionPool2d(nn.Module):
 
     The spatial mean is prepended as an extra token, learned positional embeddings are
     added, and the output at that token (after multi-head attention in the new qkv
-    order) is projected to `out_features`.
-
-    Attributes:
-      spatial_size: H (= W) of the input map.
-      num_head_channels: channels per head.
-      out_features: output width (the number of classes).
-      dtype: compute dtype.
+    order) is projected to `out_features` (the number of classes). `spatial_size` is
+    H (= W) of the input map.
     """
 
     spatial_size: int

@@ -38,16 +38,10 @@ class ParamsTreeApply(nn.Module):
 
 
 def timestep_embedding(timesteps: jnp.ndarray, dim: int, max_period: int = 10_000) -> jnp.ndarray:
-    """Sinusoidal embedding of (possibly fractional) timesteps, in float32.
+    """Sinusoidal embedding of [B] (possibly fractional) timesteps, [B, dim] float32.
 
-    Args:
-      timesteps: [B] integer or float timesteps.
-      dim: embedding width.
-      max_period: the longest period of the sinusoids.
-
-    Returns:
-      [B, dim] float32 array: cosines of all frequencies, then sines (zero-padded
-      to `dim` when it is odd), the layout the paper's checkpoints were trained with.
+    Cosines of all frequencies, then sines (zero-padded to `dim` when it is odd), the
+    layout the paper's checkpoints were trained with.
     """
     half = dim // 2
     # Exponents in float32 as the paper code forms them, exponentials rounded from
@@ -95,49 +89,24 @@ class GroupNorm32(nn.Module):
 
 
 def conv(
-    features: int,
-    kernel: int,
-    *,
-    name: str,
-    dtype: Dtype,
-    stride: int = 1,
-    zero: bool = False,
+    features: int, kernel: int, *, name: str, dtype: Dtype, stride: int = 1, zero: bool = False
 ) -> nn.Conv:
-    """A 2-D convolution with PyTorch's padding (kernel // 2) and float32 parameters.
+    """A square 2-D convolution with PyTorch's padding (kernel // 2) and float32 parameters.
 
-    Args:
-      features: output channels.
-      kernel: square kernel size (1 or 3).
-      name: submodule name (mirrors the paper code's key).
-      dtype: compute dtype.
-      stride: spatial stride.
-      zero: zero-initialise the weights (the paper code's output projections).
-
-    Returns:
-      The `nn.Conv` module.
+    `zero` zero-initialises the weights (the paper code's output projections).
     """
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=zeros_init if zero else torch_like_init,
-        name=name,
-    )
+    pad, kw = (kernel // 2, kernel // 2), _layer_kwargs(name, dtype, zero)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=(pad, pad), **kw)
 
 
 def dense(features: int, *, name: str, dtype: Dtype, zero: bool = False) -> nn.Dense:
     """A linear layer (also used for the paper code's 1x1 Conv1d) with float32 params."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=zeros_init if zero else torch_like_init,
-        name=name,
-    )
+    return nn.Dense(features, **_layer_kwargs(name, dtype, zero))
+
+
+def _layer_kwargs(name: str, dtype: Dtype, zero: bool) -> dict:
+    init = zeros_init if zero else torch_like_init
+    return dict(name=name, dtype=dtype, param_dtype=jnp.float32, kernel_init=init)
 
 
 def upsample_nearest(x: jnp.ndarray) -> jnp.ndarray:

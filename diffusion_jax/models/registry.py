@@ -89,12 +89,8 @@ class ModelSpec:
     ) -> tuple[tuple, dict]:
         """`(args, kwargs)` of `module.init`/`apply`: zeros, or ShapeDtypeStructs if abstract.
 
-        Args:
-          settings: resolved settings (`validate_model_config`).
-          batch: the leading axis.
-          low_res_size: an upsampler's low_res side (data.low_res_size); default
-            image_size // 4.
-          abstract: ShapeDtypeStructs (for `jax.eval_shape`) instead of zeros.
+        `low_res_size` is an upsampler's low_res side (data.low_res_size; default
+        image_size // 4).
         """
         make = jax.ShapeDtypeStruct if abstract else jnp.zeros
         size, channels = settings["image_size"], settings["in_channels"]

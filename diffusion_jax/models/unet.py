@@ -64,14 +64,10 @@ class ResBlock(nn.Module):
     """Residual block conditioned on the timestep (and class) embedding.
 
     Attributes:
-      channels: input channels.
-      out_channels: output channels.
       dropout: dropout rate before the last convolution.
       use_scale_shift_norm: AdaGN (norm(h) * (1 + scale) + shift) instead of h + emb.
       up: BigGAN-style nearest x2 upsampling inside the block.
       down: BigGAN-style average-pool x2 downsampling inside the block.
-      deterministic: disables dropout (inference).
-      dtype: compute dtype.
     """
 
     channels: int
@@ -229,11 +225,7 @@ class UNet(Encoder):
 
     @nn.compact
     def __call__(
-        self,
-        x: jnp.ndarray,
-        t: jnp.ndarray,
-        y: jnp.ndarray | None = None,
-        train: bool = False,
+        self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None, train: bool = False
     ) -> jnp.ndarray:
         _check_channels(x, self.in_channels)
         return self._forward(x, t, y, train)
