@@ -16,11 +16,7 @@ from diffusion_jax.diffusion.gaussian import (
     GaussianDiffusion,
 )
 from diffusion_jax.diffusion.guidance import classifier_cond_fn, classifier_free_model_fn
-from diffusion_jax.diffusion.losses import (
-    discretized_gaussian_log_likelihood,
-    mean_flat,
-    normal_kl,
-)
+from diffusion_jax.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from diffusion_jax.diffusion.options import SamplerOptions
 from diffusion_jax.diffusion.resample import (
     SCHEDULE_SAMPLERS,

@@ -69,9 +69,7 @@ class Conditioning:
 
 
 jax.tree_util.register_dataclass(
-    Conditioning,
-    data_fields=[f.name for f in dataclasses.fields(Conditioning)],
-    meta_fields=[],
+    Conditioning, data_fields=[f.name for f in dataclasses.fields(Conditioning)], meta_fields=[]
 )
 
 __all__ = ["Conditioning"]

@@ -169,10 +169,4 @@ register_sampler(
 )
 
 
-__all__ = [
-    "KIND",
-    "data_prediction",
-    "log_snr",
-    "solver_coefficients",
-    "solver_timesteps",
-]
+__all__ = ["KIND", "data_prediction", "log_snr", "solver_coefficients", "solver_timesteps"]

@@ -129,9 +129,8 @@ def create_diffusion(diffusion_config=None, **kwargs) -> Diffusion:
         ('mse' | 'rescaled_mse' | 'kl' | 'rescaled_kl') to override what the flags
         imply.
 
-    Returns:
-      A `Diffusion` over the kept timesteps (all of them when timestep_respacing is
-      '', None, 0 or '0'), calling the model with the original timestep indices.
+    Returns a `Diffusion` over the kept timesteps (all of them when timestep_respacing
+    is '', None, 0 or '0'), calling the model with the original timestep indices.
 
     Raises:
       ValueError: naming the field for an unknown schedule, parameterisation, loss or

@@ -303,13 +303,7 @@ class GaussianDiffusion:
     # --- The reverse process p. -----------------------------------------------------
 
     def p_mean_variance_from_output(
-        self,
-        model_output,
-        x,
-        t,
-        *,
-        clip_denoised: bool = True,
-        denoised_fn: Callable | None = None,
+        self, model_output, x, t, *, clip_denoised: bool = True, denoised_fn: Callable | None = None
     ) -> dict[str, jnp.ndarray]:
         """p(x_{t-1} | x_t) from a model output already computed.
 
@@ -359,12 +353,9 @@ class GaussianDiffusion:
             else:
                 pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output))
             mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {
-            "mean": mean,
-            "variance": variance,
-            "log_variance": log_variance,
-            "pred_xstart": pred_xstart,
-        }
+        return dict(
+            mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart
+        )
 
     def p_mean_variance(
         self,

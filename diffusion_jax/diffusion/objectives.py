@@ -26,8 +26,7 @@ def stop_gradient_mean(model_output: jnp.ndarray, channels: int) -> jnp.ndarray:
     move the mean (Nichol & Dhariwal, section 3.1).
     """
     return jnp.concatenate(
-        [jax.lax.stop_gradient(model_output[..., :channels]), model_output[..., channels:]],
-        axis=-1,
+        [jax.lax.stop_gradient(model_output[..., :channels]), model_output[..., channels:]], axis=-1
     )
 
 
@@ -43,20 +42,12 @@ def vb_terms_bpd_from_output(
     """
     true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(x_start, x_t, t)
     out = diffusion.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=clip_denoised)
-    kl = (
-        losses.mean_flat(
-            losses.normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
-        )
-        / _LOG2
+    kl = losses.normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
+    kl = losses.mean_flat(kl) / _LOG2
+    nll = losses.discretized_gaussian_log_likelihood(
+        x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
     )
-    decoder_nll = (
-        -losses.mean_flat(
-            losses.discretized_gaussian_log_likelihood(
-                x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
-            )
-        )
-        / _LOG2
-    )
+    decoder_nll = -losses.mean_flat(nll) / _LOG2
     return {"output": jnp.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
 

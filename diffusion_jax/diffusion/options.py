@@ -136,12 +136,7 @@ class SamplerOptions:
         DPM-Solver++ takes its steps from `sampling.timestep_respacing` (an int such as
         20; '' or 0 = every timestep), chosen by the solver over the training schedule,
         which it must then run on (see `sampling_respacing` in the sampling job).
-
-        Args:
-          sampling_config: a ConfigDict or mapping with `method` ('ancestral' | 'ddim' |
-            'dpm_solver++'), `eta`, `clip_denoised` (and `timestep_respacing` for
-            'dpm_solver++').
-          **overrides: fields to set instead (e.g. progress=True).
+        `overrides` are fields to set instead (e.g. progress=True).
 
         Raises:
           ValueError: naming sampling.method for a method without a loop here.

@@ -183,8 +183,7 @@ class LossSecondMomentResampler(ScheduleSampler):
 
     def update(self, state: SamplerState, t, losses) -> SamplerState:
         self._check_state(state)
-        t = jnp.asarray(t)
-        losses = jnp.asarray(losses)
+        t, losses = jnp.asarray(t), jnp.asarray(losses)
         if t.ndim != 1 or losses.shape != t.shape:
             raise ValueError(
                 f"t and losses must both have shape [B], got t {t.shape} and losses {losses.shape}"

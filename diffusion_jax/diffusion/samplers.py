@@ -52,14 +52,8 @@ def _step_noise(rng, noise, x):
 
 
 def _mean_variance(diffusion, model_fn, x, t, clip_denoised, cond):
-    return diffusion.p_mean_variance(
-        cond.model(model_fn),
-        x,
-        t,
-        clip_denoised=clip_denoised,
-        denoised_fn=cond.denoised_fn,
-        model_kwargs=cond.model_kwargs,
-    )
+    kw = dict(denoised_fn=cond.denoised_fn, model_kwargs=cond.model_kwargs)
+    return diffusion.p_mean_variance(cond.model(model_fn), x, t, clip_denoised=clip_denoised, **kw)
 
 
 def p_sample(
