@@ -30,28 +30,17 @@ def files_under(directory: str | epath.PathLike) -> list[epath.Path]:
     return out
 
 
-def _temporary(path: epath.Path) -> epath.Path:
-    # Same directory (a rename within one filesystem is atomic); the pid keeps two
-    # writers of one file from sharing a temporary.
-    return path.parent / f".{path.name}.{os.getpid()}.tmp"
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | epath.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Opens a temporary file that replaces `path` when the block completes.
-
-    Args:
-      path: the file to write (local or `gs://`); its directory must exist.
-      mode: 'w' (text) or 'wb' (bytes).
-
-    Yields:
-      The open temporary file. On an exception inside the block it is deleted and
-      `path` is left as it was.
-    """
+    """Yields a temporary file (mode 'w' or 'wb') that replaces `path` (local or `gs://`,
+    its directory existing) when the block completes; on an exception inside the block
+    it is deleted and `path` is left as it was."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', got {mode!r}.")
     path = epath.Path(path)
-    tmp = _temporary(path)
+    # Same directory (a rename within one filesystem is atomic); the pid keeps two
+    # writers of one file from sharing a temporary.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         with tmp.open(mode) as f:
             yield f
@@ -78,11 +67,7 @@ def write_json_atomic(path: str | epath.PathLike, value: Any, **dumps_kwargs: An
 
 
 def read_json(path: str | epath.PathLike, *, hint: str = "") -> Any:
-    """The JSON value in `path`.
-
-    Args:
-      path: the file.
-      hint: appended to the error message: what to do about a damaged file.
+    """The JSON value in `path`; `hint` (what to do about a damaged file) ends errors.
 
     Raises:
       FileNotFoundError: `path` does not exist (names it).

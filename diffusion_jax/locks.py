@@ -61,11 +61,9 @@ def _read_holder(path: epath.Path) -> dict | None:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:  # alive, another user's
         return True
-    except (OverflowError, ValueError):
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     return True
 
@@ -119,11 +117,8 @@ def acquire(workdir: str | epath.PathLike, *, job: str, name: str = LOCK_FILE) -
         if same_host and holder.get("pid") == record["pid"]:
             return False
         if same_host and not _pid_alive(int(holder.get("pid", -1))):
-            logging.warning(
-                "Taking over the lock of %s: its holder %s is no longer running.",
-                workdir,
-                _describe(holder),
-            )
+            message = "Taking over the lock of %s: its holder %s is no longer running."
+            logging.warning(message, workdir, _describe(holder))
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             continue
@@ -137,11 +132,8 @@ def acquire(workdir: str | epath.PathLike, *, job: str, name: str = LOCK_FILE) -
 def release(workdir: str | epath.PathLike, *, name: str = LOCK_FILE) -> None:
     """Removes the lock of `workdir` if this process holds it."""
     path = epath.Path(workdir) / name
-    holder = _read_holder(path)
-    if holder is not None and (holder.get("host"), holder.get("pid")) == (
-        socket.gethostname(),
-        os.getpid(),
-    ):
+    holder, me = _read_holder(path), (socket.gethostname(), os.getpid())
+    if holder is not None and (holder.get("host"), holder.get("pid")) == me:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -152,16 +144,11 @@ def workdir_lock(
 ) -> Iterator[epath.Path]:
     """Holds the exclusive lock of `workdir` for the block (see the module docstring).
 
-    Args:
-      workdir: the directory the job writes; created if missing (and removed again on
-        exit if the block leaves it empty).
-      job: what holds it, for the message a second job gets ('training', 'sampling').
-      primary: whether this process takes the lock (process 0 of a multi-process job).
-      name: the lock file's name in `workdir`; another name locks one output file of a
-        shared directory (`launch.make_reference`: `.REF.npz.lock`).
-
-    Yields:
-      The workdir as an `epath.Path`.
+    Yields `workdir` as an `epath.Path`, created if missing (and removed again on exit
+    if the block leaves it empty). `job` names the holder for the message a second job
+    gets ('training'); only a `primary` process (process 0) takes the lock; another lock
+    file `name` locks one output file of a shared directory (`launch.make_reference`:
+    `.REF.npz.lock`).
     """
     workdir = epath.Path(workdir)
     if not primary:

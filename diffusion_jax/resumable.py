@@ -66,15 +66,12 @@ def differences(
 ) -> list[str]:
     """The fields (dotted) in which `current` departs from `saved`, with both values.
 
-    Args:
-      saved: the fingerprint a result was made from (as read back from JSON).
-      current: this run's.
-      ignore: fields (and whole sections) that may change without changing a result.
-      implicit: `implicit(field, value)` -> True when `value` of a field that `saved`
-        lacks is what the saved run used implicitly (a field added later, off by default).
+    `saved` is the fingerprint a result was made from (as read back from JSON);
+    `ignore` names fields (and whole sections) that may change without changing a
+    result; `implicit(field, value)` -> True when `value` of a field that `saved` lacks
+    is what the saved run used implicitly (a field added later, off by default).
 
-    Returns:
-      Sorted entries 'field (was: A, now: B)'; empty when they agree.
+    Returns sorted entries 'field (was: A, now: B)'; empty when they agree.
     """
     a, b = flatten(normalise(saved)), flatten(normalise(current))
     diffs = []
@@ -123,7 +120,9 @@ def record_fingerprint(path: str | epath.PathLike, fingerprint: dict) -> None:
 
 def write_text(path: str | epath.PathLike, text: str) -> None:
     """Writes `text` to `path` atomically, making its directory (process 0 only)."""
-    if _process_index() == 0:
+    import jax  # lazy: the fingerprints need no JAX
+
+    if jax.process_index() == 0:
         epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
         files.write_text_atomic(path, text)
 
@@ -177,12 +176,6 @@ def mark_complete(directory: str | epath.PathLike, name: str = COMPLETE) -> None
 def is_complete(directory: str | epath.PathLike, name: str = COMPLETE) -> bool:
     """Whether `directory/name` exists, as process 0 sees it (on every process)."""
     return agree((epath.Path(directory) / name).exists())
-
-
-def _process_index() -> int:
-    import jax  # lazy: the fingerprints need no JAX
-
-    return jax.process_index()
 
 
 def _multihost():
