@@ -66,13 +66,9 @@ class MemoryReport:
 def memory_report(compiled: Any, compile_seconds: float = 0.0) -> MemoryReport:
     """The `MemoryReport` of a `jax.stages.Compiled`."""
     mem = compiled.memory_analysis()
-    return MemoryReport(
-        int(mem.argument_size_in_bytes),
-        int(mem.output_size_in_bytes),
-        int(mem.alias_size_in_bytes),
-        int(mem.temp_size_in_bytes),
-        float(compile_seconds),
-    )
+    kinds = ("argument", "output", "alias", "temp")
+    sizes = (int(getattr(mem, f"{kind}_size_in_bytes")) for kind in kinds)
+    return MemoryReport(*sizes, float(compile_seconds))
 
 
 def sharded_bytes(abstract_tree: Any) -> int:
@@ -118,19 +114,12 @@ def compile_and_check(
 ) -> tuple[Any, MemoryReport]:
     """Compiles `jitted` for abstract arguments, logs its memory, refuses what cannot fit.
 
-    Args:
-      jitted: a `jax.jit` function (static arguments bound with `functools.partial`).
-      abstract_args: its arguments as sharded `jax.ShapeDtypeStruct` trees.
-      what: the step's name in messages ('train step').
-      device_memory_gb: memory of one device in GiB; 0 = what the backend reports (none
-        on CPU: nothing is refused there).
-      levers: the settings a refusal names.
-
-    Returns:
-      `(compiled, report)`: the executable to run and its `MemoryReport`.
+    `abstract_args` are sharded `jax.ShapeDtypeStruct` trees; `what` names the step in
+    messages ('train step'); `device_memory_gb` 0 = what the backend reports (none on
+    CPU: nothing is refused there). Returns `(compiled, report)`.
 
     Raises:
-      DoesNotFitError: one line: the figures and the levers.
+      DoesNotFitError: one line: the figures and the `levers` to pull.
     """
     limit = device_memory_bytes(device_memory_gb)
     start = time.perf_counter()

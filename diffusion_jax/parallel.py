@@ -75,11 +75,8 @@ def create_mesh(
     Devices fill the mesh in order, `'fsdp'` fastest: with several processes (devices
     listed process by process) an `fsdp` group lies within one process when `fsdp`
     divides the local device count, so parameter all-gathers stay on the fast links.
-
-    Args:
-      devices: the devices, default `jax.devices()`.
-      data: devices on the `'data'` axis (-1 = the rest).
-      fsdp: devices on the `'fsdp'` axis (-1 = the rest); 1 = replicated parameters.
+    `data` and `fsdp` are the axes' device counts (-1 = the rest; fsdp=1: replicated
+    parameters).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(len(devices), data, fsdp)
@@ -192,30 +189,10 @@ def global_replicated(tree: Any, mesh: Mesh) -> Any:
 
 def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in global order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, rows = set(), []
-    for shard in shards:
-        start = shard.index[0].start or 0
-        if start in seen:  # replicated over another mesh axis
-            continue
-        seen.add(start)
-        rows.append(np.asarray(shard.data))
-    return np.concatenate(rows, axis=0)
-
-
-def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
-    """Pads the leading dimension of `x` up to a multiple of `multiple` by repeating rows.
-
-    Returns:
-      The padded array and the number of real rows, so callers can drop the padding
-      after a sharded computation (used for the last, short batch of an evaluation).
-    """
-    n = x.shape[0]
-    pad = (-n) % multiple
-    if pad == 0:
-        return x, n
-    filler = np.repeat(x[-1:], pad, axis=0)
-    return np.concatenate([x, filler], axis=0), n
+    by_start = {}
+    for shard in x.addressable_shards:  # the first of the copies replicated over an axis
+        by_start.setdefault(shard.index[0].start or 0, shard)
+    return np.concatenate([np.asarray(by_start[k].data) for k in sorted(by_start)], axis=0)
 
 
 # ----- parameter / optimiser-state layout --------------------------------------------
@@ -227,24 +204,15 @@ def fsdp_spec(shape: Sequence[int], num_shards: int, min_size: int) -> P:
     Arrays smaller than `min_size` elements (biases, norms, scalars) stay replicated: the
     all-gather of a tiny array costs more than holding it. Among the dimensions divisible
     by `num_shards`, the largest is sharded over `'fsdp'` (ties: the last, the output
-    channels of a conv kernel); an array with none stays replicated.
-
-    Args:
-      shape: the array's shape.
-      num_shards: devices on the `'fsdp'` axis.
-      min_size: smallest element count that is sharded.
-
-    Returns:
-      A PartitionSpec (replicated over `'data'`).
+    channels of a conv kernel); an array with none stays replicated. The spec is
+    replicated over `'data'`.
     """
     if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
-    best = None
-    for dim, size in enumerate(shape):
-        if size % num_shards == 0 and (best is None or size >= shape[best]):
-            best = dim
-    if best is None:
+    divisible = [dim for dim, size in enumerate(shape) if size % num_shards == 0]
+    if not divisible:
         return P()
+    best = max(divisible, key=lambda dim: (shape[dim], dim))
     return P(*([None] * best + [FSDP_AXIS]))
 
 
@@ -255,14 +223,7 @@ def state_shardings(abstract_tree: Any, mesh: Mesh, *, min_size: int = 2**16) ->
     the mesh's `'fsdp'` axis (so everything is replicated when it has one device, plain
     data parallelism). Scalars and integer bookkeeping arrays (step counts,
     timestep-sampler history) follow the same rule, so small ones stay replicated.
-
-    Args:
-      abstract_tree: pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape`).
-      mesh: the training mesh (`create_mesh`).
-      min_size: arrays with fewer elements stay replicated.
-
-    Returns:
-      A matching pytree of `NamedSharding`s.
+    `abstract_tree` holds arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape`'s).
     """
     shards = num_fsdp_shards(mesh)
 

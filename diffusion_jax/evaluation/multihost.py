@@ -61,10 +61,9 @@ def allgather_host(x: np.ndarray, mesh: Mesh) -> np.ndarray:
 def process_rows(mesh: Mesh, global_batch: int) -> list[np.ndarray]:
     """Which rows of a `[global_batch, ...]` array sharded over `'data'` each process holds.
 
-    Returns:
-      One sorted int array per process of the mesh (in process order): the global rows
-      that `jax.make_array_from_process_local_data` fills from that process's local
-      rows 0, 1, ... (its devices' slices in increasing order).
+    One sorted int array per process of the mesh (in process order): the global rows
+    that `jax.make_array_from_process_local_data` fills from that process's local rows
+    0, 1, ... (its devices' slices in increasing order).
     """
     index_map = parallel.data_sharding(mesh).devices_indices_map((global_batch,))
     rows: dict[int, set[int]] = {p: set() for p in mesh_processes(mesh)}
@@ -76,7 +75,7 @@ def process_rows(mesh: Mesh, global_batch: int) -> list[np.ndarray]:
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     if x.shape[0] == 0:  # a process with nothing (left) to contribute
         return np.zeros((size, *x.shape[1:]), x.dtype)
-    return parallel.pad_batch(x, size)[0]
+    return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,16 +121,12 @@ class PadShardUnpad:
         return len(self.rows[procs.index(jax.process_index())])
 
     def __call__(self, local_x: np.ndarray, counts: Sequence[int] | None = None) -> list[Any]:
-        """Runs `fn` on every process's rows.
+        """Runs `fn` on every process's `[n <= local_batch_size, ...]` rows `local_x`.
 
-        Args:
-          local_x: this process's `[n, ...]` rows, `n <= local_batch_size`.
-          counts: every mesh process's n, if the caller already exchanged them (saves
-            one small collective); default: gathered here.
-
-        Returns:
-          One pytree of numpy arrays per process of the mesh, in process order, each
-          with that process's n rows of `fn`'s outputs (the same on every process).
+        `counts`: every mesh process's n, if the caller already exchanged them (saves
+        one small collective). Returns one pytree of numpy arrays per process of the
+        mesh, in process order, each with that process's n rows of `fn`'s outputs (the
+        same on every process).
         """
         local_x = np.asarray(local_x)
         size = self.local_batch_size
