@@ -91,25 +91,16 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_features = x.shape[-1]
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (*self.kernel, in_features, self.features),
-            jnp.float32,
-        )
+        shape = (*self.kernel, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
         zeros, ones = nn.initializers.zeros, nn.initializers.ones
         scale = self.param("scale", ones, (self.features,), jnp.float32)
         bias = self.param("bias", zeros, (self.features,), jnp.float32)
         mean = self.param("mean", zeros, (self.features,), jnp.float32)
         var = self.param("var", ones, (self.features,), jnp.float32)
+        strides, dims = (self.stride, self.stride), ("NHWC", "HWIO", "NHWC")
         y = jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(self.stride, self.stride),
-            padding=_pad(self.padding),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=self.precision,
+            x, kernel, strides, _pad(self.padding), dimension_numbers=dims, precision=self.precision
         )
         y = (y - mean) * (scale * jax.lax.rsqrt(var + BN_EPS)) + bias
         return nn.relu(y)
