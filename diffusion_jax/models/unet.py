@@ -172,11 +172,8 @@ class Encoder(ParamsTreeApply):
 
 def middle_block(res, attn, ch: int) -> tuple:
     """The middle block's layer factories: ResBlock, attention, ResBlock at `ch` channels."""
-    return (
-        functools.partial(res, ch, ch),
-        functools.partial(attn, ch),
-        functools.partial(res, ch, ch),
-    )
+    res_block = functools.partial(res, ch, ch)
+    return res_block, functools.partial(attn, ch), res_block
 
 
 def encoder_blocks(module: nn.Module, res, attn) -> list[tuple[tuple, int]]:
