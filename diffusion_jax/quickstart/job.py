@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import files, locks, models, parallel
+from diffusion_jax import files, locks, models, parallel, resumable
 from diffusion_jax.checkpoints import restore_params
 from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.diffusion import create_diffusion
@@ -271,7 +271,10 @@ def _sampling_config(config, classifier_scale, cfg_scale, num_devices) -> Any:
     return cfg
 
 
-def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.Path]:
+def _sample_phase(config, workdir, state: dict) -> dict[str, epath.Path]:
+    """Draws each sample set through the resumable sampling job, whose identity (the
+    checkpoints' steps and contents, the settings, the seed) decides what is reused,
+    continued or drawn again."""
     from diffusion_jax.sampling import run_sampling_job
 
     mesh = parallel.create_mesh_from_config(config)
@@ -280,39 +283,25 @@ def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.
     for i, (name, scale, cfg_scale) in enumerate(runs):
         t0 = time.time()
         cfg = _sampling_config(config, scale, cfg_scale, mesh.devices.size)
-        output = workdir / f"samples_{name}.npz"
-        made_from = {
-            "diffusion_step": steps["diffusion"],
-            "classifier_step": steps["classifier"] if scale else None,
-            "sampling": json.loads(config_json(cfg.sampling)),
-            "seed": int(cfg.seed),
-        }
-        if state.get(output.name) != made_from:
-            # Unfinished, or made from other checkpoints or settings: the sampling job
-            # continues its parts only when they were drawn from the same inputs (its
-            # identity holds the checkpoints' steps and contents) and draws again otherwise.
-            state.pop(output.name, None)
-            _write_state(workdir, state)
-            logging.info(
-                "[4/6] sampling %s (%d/%d): %d images, %s %s steps, classifier scale %g, "
-                "cfg scale %g",
-                name, i + 1, len(runs), cfg.sampling.num_samples, cfg.sampling.method,
-                cfg.sampling.timestep_respacing, scale, cfg_scale,
-            )  # fmt: skip
-            run_sampling_job(
-                cfg,
-                str(workdir / "diffusion"),
-                str(output),
-                classifier_checkpoint=str(workdir / "classifier") if scale else None,
-                mesh=mesh,
-                redo_changed=True,
-            )
-            state[output.name] = made_from
+        output = outputs[name] = workdir / f"samples_{name}.npz"
+        before = output.exists() and resumable.path_identity(output)
+        logging.info(
+            "[4/6] sampling %s (%d/%d): %d images, %s %s steps, classifier scale %g, "
+            "cfg scale %g",
+            name, i + 1, len(runs), cfg.sampling.num_samples, cfg.sampling.method,
+            cfg.sampling.timestep_respacing, scale, cfg_scale,
+        )  # fmt: skip
+        run_sampling_job(
+            cfg,
+            str(workdir / "diffusion"),
+            str(output),
+            classifier_checkpoint=str(workdir / "classifier") if scale else None,
+            mesh=mesh,
+            redo_changed=True,
+        )
+        if resumable.path_identity(output) != before:  # drawn now (else: reused as it was)
             state.setdefault("sample_seconds", {})[name] = time.time() - t0
             _write_state(workdir, state)
-        else:
-            logging.info("[4/6] sampling %s: reusing %s", name, output)
-        outputs[name] = output
     return outputs
 
 
@@ -469,7 +458,7 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
             seconds[phase] = seconds.get(phase, 0.0) * (before is not None) + time.time() - t0
             _write_state(workdir, state)
         times[phase] = seconds.get(phase, time.time() - t0)
-    outputs = _sample_phase(config, workdir, steps, state)
+    outputs = _sample_phase(config, workdir, state)
     times["sampling"] = sum(state.get("sample_seconds", {}).get(n, 0.0) for n in outputs)
     test = _split_images(config, config.data.eval_split)
     bpd = _bpd_phase(config, workdir, steps, state, test)
