@@ -15,31 +15,12 @@ A launcher is
     if __name__ == "__main__":
         common.run_main(main)
 
-API:
-- `define_config_flag(help_string, *, name="config", required=True)`: the ml_collections
-  `--config=configs/<name>.py[:variant]` flag with `--config.<field>=value` overrides
-  (its FlagHolder; `.value` is the locked ConfigDict).
-- `run_main(main)`: `absl.app.run(main)` with `parse_flags` as the flags parser; a
-  `ValueError`, `OSError` (FileNotFoundError, FileExistsError, ...), `ImportError` or
-  `app.UsageError` leaving `main` is printed as `error: <message>` on stderr and the
-  process exits with status 1, without a traceback (add `--verbosity=1` to log it).
-  Library messages say what is wrong and how to fix it, so they are printed as they are.
-- `parse_flags(argv)`: parses the flags; any flag or config problem becomes one line
-  `error: ...` and exit status 1: a bad flag value (absl's message), a config path that
-  does not exist, a file that is not a config (not Python, no `get_config()`, a
-  `get_config()` that raises, e.g. an unknown variant, or returns no ConfigDict), and an
-  override of a field the config does not have, with ml_collections' did-you-mean
-  (`--config.modle.x` -> 'Did you mean "model" instead of "modle"?') or else the fields
-  there are.
-- `define_list(name, help_string, item_type=str, default=None)`: a comma-separated list
-  flag parsed once into a list of `item_type` (`--scales=0,1,4` -> [0.0, 1.0, 4.0]); a bad
-  item is absl's one-line flag error.
-- `check_no_arguments(argv)`: raises `app.UsageError` if positional arguments are given.
-- `load_config_file(spec)`: `(config, None)` or `(None, what is wrong)` for a
-  `path[:argument]` config spec, loaded as ml_collections loads it (for tools that take a
-  config path outside the flags).
-- `fail(message)`: prints `error: <message>` on stderr, exits with status 1;
-  `one_line(error)`: an exception's message on one line.
+`run_main` prints a `ValueError`, `OSError`, `ImportError` or `app.UsageError` leaving
+`main` as `error: <message>` on stderr with exit status 1 (the traceback with
+`--verbosity=1`): library messages say what is wrong and how to fix it. `parse_flags`
+does the same for a bad flag, a config file that is missing or not a config, and an
+override of a field the config lacks (with ml_collections' did-you-mean, or else the
+fields there are).
 
 Importing this module also quiets TensorFlow's start-up lines on stderr (the tfds data
 path imports it), unless the environment already sets them.

@@ -67,10 +67,7 @@ def phase_config(config: Any, phase: str) -> ml_collections.ConfigDict:
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
     config = config.copy_and_resolve_references()
-    out = ml_collections.ConfigDict()
-    for key, value in config.items():
-        if key not in _EXTRA_SECTIONS:
-            out[key] = value
+    out = ml_collections.ConfigDict({k: v for k, v in config.items() if k not in _EXTRA_SECTIONS})
     if phase != "diffusion":
         for key in ("model", "optim", "training"):
             out[key] = config[phase][key]
@@ -133,11 +130,6 @@ def _train_phase(config: Any, workdir: epath.Path, phase: str, index: int) -> in
     trainer = training.train if phase == "diffusion" else training.train_classifier
     state = trainer(cfg, directory)
     return int(jax.device_get(state.step))
-
-
-def _read_state(workdir: epath.Path) -> dict:
-    path = workdir / STATE_FILE
-    return files.read_json(path) if path.exists() else {}
 
 
 def _write_state(workdir: epath.Path, state: dict) -> None:
@@ -310,10 +302,6 @@ def _read_npz(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(data["arr_0"]), np.asarray(data["arr_1"])
 
 
-def _to_model_input(images: np.ndarray) -> jnp.ndarray:
-    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-
-
 def _classify(net: Any, images: np.ndarray, batch: int = 250) -> np.ndarray:
     """The classes the clean classifier's feature network (at t = 0) predicts."""
     logits = [net(images[s : s + batch])["logits"] for s in range(0, len(images), batch)]
@@ -349,17 +337,14 @@ def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8), np.concatenate(labels)
 
 
-def _balanced(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
-    """Indices of the first n // num_classes images of each class (split order)."""
-    per = max(1, n // num_classes)
-    return np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(num_classes)])
-
-
 def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     cfg = phase_config(config, "diffusion")
     job = config.quickstart
     test_x, test_y = test
-    pick = _balanced(test_y, int(job.bpd_num_images), int(cfg.model.num_classes))
+    # The first bpd_num_images // num_classes test images of each class (split order).
+    k = int(cfg.model.num_classes)
+    per = max(1, int(job.bpd_num_images) // k)
+    pick = np.concatenate([np.flatnonzero(test_y == c)[:per] for c in range(k)])
     made_from = {
         "diffusion_step": steps["diffusion"],
         "images": [int(i) for i in pick],
@@ -387,7 +372,7 @@ def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
         keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(idx))
         out = diffusion.calc_bpd_loop(
             model_fn,
-            _to_model_input(test_x[idx]),
+            jnp.asarray(test_x[idx], jnp.float32) / 127.5 - 1.0,
             keys,
             model_kwargs={"y": jnp.asarray(test_y[idx], jnp.int32)},
         )
@@ -406,12 +391,6 @@ def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     state["bpd"] = {"made_from": made_from, "result": result}
     _write_state(workdir, state)
     return result
-
-
-def _classifier_quartiles(workdir: epath.Path) -> dict:
-    """The last held-out evaluation the classifier run logged (metrics.jsonl)."""
-    evals = [r for r in read_metrics(workdir) if "eval_acc@1" in r]
-    return evals[-1] if evals else {}
 
 
 def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
@@ -447,7 +426,7 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
 
 def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
     began = time.time()
-    state = _read_state(workdir)
+    state = files.read_json(workdir / STATE_FILE) if (workdir / STATE_FILE).exists() else {}
     times, steps = {}, {}
     for index, phase in enumerate(PHASES, start=1):
         t0 = time.time()
@@ -480,6 +459,7 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
     colour["data (test)"] = image_statistics(test[0])
     metrics = _paper_metrics(net, workdir, outputs, test, _split_images(config, config.data.split))
     study = _guidance_study(config, workdir, steps) if config.quickstart.guidance_study else {}
+    evals = read_metrics(workdir / "classifier")
     figures = {
         "steps": steps,
         "bpd": bpd,
@@ -488,7 +468,8 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
         "colour": colour,
         "metrics": metrics,
         "study": study,
-        "classifier_eval": _classifier_quartiles(workdir / "classifier"),
+        # The last held-out evaluation the classifier run logged (metrics.jsonl).
+        "classifier_eval": ([{}] + [r for r in evals if "eval_acc@1" in r])[-1],
         "runs": [list(r) for r in sample_runs(config)],
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "backend": jax.default_backend(),
