@@ -1,21 +1,12 @@
 """Reproducing the paper's FID tables from the configs (behind `launch.fid_table`).
 
-A table is a list of rows; a row names a config (and the sampling settings that make
-it that row: guidance scale, sampler, steps) and, for the upsampling stacks, the base
-row whose samples feed the upsampler. `run_table` converts the released `.pt` files it
-finds in the checkpoint directory (once, cached in the workdir), runs each row's
-sampling job (resumable: `launch.sample`'s job), evaluates it with the paper's
-evaluator and writes the table, our figures beside the paper's, as markdown and CSV.
-
-A row's identity (`results/<slug>.json`, through `diffusion_jax.resumable`) is every
-input its figures depend on: the row, the sample count, steps and config variant, the
-checkpoints' step and content identity (its base row's too), the reference batch's path
-and identity and the feature network's weights. A finished row of the same identity is
-not redone; a changed input redoes that row (its sampling job draws again), so the
-table's note always describes the figures under it. A half-finished row continues its
-sampling job. A conversion in `converted/` records the `.pt` it came from and is made
-again when that file (or --checkpoint_dir) changes. The workdir is locked while the
-table runs: a second table on it is refused naming the holder.
+A row names a config, the sampling settings that make it that row and, for the
+upsampling stacks, the base row whose samples feed the upsampler. A row's identity
+(`results/<slug>.json`, `row_identity`) is every input its figures depend on; a finished
+row of the same identity is not redone, a changed input redoes that row (its sampling
+job draws again), so the table's note always describes the figures under it. A
+conversion in `converted/` records the `.pt` it came from and is made again when that
+file (or --checkpoint_dir) changes. The workdir is locked while the table runs.
 """
 
 from __future__ import annotations

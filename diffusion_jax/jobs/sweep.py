@@ -1,12 +1,10 @@
 """A guidance-scale x sampling-steps grid for one model and checkpoint (`launch.sweep`).
 
-The paper's study of the guidance scale (FID, sFID, IS, precision and recall as the
-classifier scale grows, and the cost of fewer sampling steps), for any config: every
-grid point (method, steps, scale) is one sampling job (`run_sampling_job`: resumable,
-keys by sample index, so a point's samples do not depend on the others), evaluated
-against one reference batch whose Inception activations are computed once and cached
-in the workdir (`ReferenceEvaluator`, keyed by the reference file and the Inception's
-weights and platform: another reference is detected and recomputed, never reused).
+Every grid point (method, steps, scale) is one sampling job (`run_sampling_job`: keys by
+sample index, so a point's samples do not depend on the others), evaluated against one
+reference batch whose activations are cached in the workdir (`ReferenceEvaluator`, keyed
+by the reference file and the feature network's weights and platform: another reference
+is recomputed, never reused).
 
 The workdir:
   sweep.json                  what every point's samples depend on (config without the

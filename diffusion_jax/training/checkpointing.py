@@ -91,8 +91,6 @@ def save(
     state: TrainState,
     data_positions: list[dict[str, int]],
     config_json: str,
-    *,
-    force: bool = True,
 ) -> None:
     """Starts an async save of `state` at its step (all processes call it).
 
@@ -107,7 +105,7 @@ def save(
     )
     items["config"] = ocp.args.JsonSave(json.loads(config_json))
     with save_errors(manager, step):
-        manager.save(step, args=ocp.args.Composite(**items), force=force)
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 @contextlib.contextmanager
