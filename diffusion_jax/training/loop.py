@@ -54,20 +54,6 @@ def config_json(config: Any) -> str:
     return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def _prepare_workdir(config: Any, workdir: epath.Path) -> None:
-    """Refuses a workdir holding another config's run (writes nothing: see `_write_config`)."""
-    path = workdir / CONFIG_FILE
-    current = json.loads(config_json(config))
-    if path.exists():
-        saved = read_json(path, hint="Use a new --workdir.")
-        checks.check_resume_config(saved, current, str(workdir))
-
-
-def _write_config(config: Any, workdir: epath.Path) -> None:
-    """Writes DIR/config.json once every input check has passed (process 0)."""
-    resumable.write_text(workdir / CONFIG_FILE, config_json(config))
-
-
 @dataclasses.dataclass
 class _Task:
     """What differs between diffusion and classifier training."""
@@ -197,7 +183,9 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     mesh = parallel.create_mesh_from_config(config)  # checks config.mesh
     checks.check_training_config(config, trainer, parallel.num_data_shards(mesh))
     logging.info("Mesh: data=%d x fsdp=%d.", mesh.shape["data"], mesh.shape["fsdp"])
-    _prepare_workdir(config, workdir)
+    if (workdir / CONFIG_FILE).exists():  # another config's run is refused; nothing written
+        saved = read_json(workdir / CONFIG_FILE, hint="Use a new --workdir.")
+        checks.check_resume_config(saved, json.loads(config_json(config)), str(workdir))
     setup = create_setup(config, mesh, trainer, workdir)
     # Compiled before data is read or anything written: a step that cannot fit stops here.
     compiled, _ = aot.compile_train_step(config, mesh, setup)
@@ -206,7 +194,7 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     state, positions = _restore_or_init(config, workdir, setup, manager)
     # The step is built and the state laid out before any data is read.
     pipeline = _open_pipeline(config, mesh, positions)
-    _write_config(config, workdir)  # every input check has passed
+    resumable.write_text(workdir / CONFIG_FILE, config_json(config))  # every check passed
     with pipeline:
         try:
             state = _step_loop(config, workdir, setup, state, pipeline, manager, stop)
