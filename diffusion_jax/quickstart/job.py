@@ -313,11 +313,7 @@ def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     from diffusion_jax.data import create_input_pipeline
 
     data = phase_config(config, "diffusion").data
-    data.split = split
-    data.shuffle_buffer = 0
-    data.random_flip = False
-    data.random_crop = False
-    data.prefetch = 1
+    data.update(split=split, shuffle_buffer=0, random_flip=False, random_crop=False, prefetch=1)
     with create_input_pipeline(
         data, global_batch_size=1, seed=0, process_index=0, process_count=1
     ) as pipeline:

@@ -39,8 +39,7 @@ def _low_res_images(config: Any, n: int) -> np.ndarray:
     from diffusion_jax.data import create_input_pipeline
 
     data = config.data.copy_and_resolve_references()
-    data.shuffle_buffer = 0
-    data.random_flip = False
+    data.update(shuffle_buffer=0, random_flip=False)
     with create_input_pipeline(
         data, global_batch_size=n, seed=config.seed, process_index=0, process_count=1
     ) as pipeline:
@@ -192,10 +191,7 @@ def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
     from diffusion_jax.data import create_input_pipeline
 
     data = config.data.copy_and_resolve_references()
-    data.split = config.data.eval_split
-    data.shuffle_buffer = 0
-    data.random_flip = False
-    data.random_crop = False
+    data.update(split=data.eval_split, shuffle_buffer=0, random_flip=False, random_crop=False)
     n_dev = parallel.num_data_shards(mesh)
     batch = max(n_dev, training.batch_size - training.batch_size % n_dev)
     # Held-out terms on noised inputs (as training sees them) and on clean ones (t = 0).
