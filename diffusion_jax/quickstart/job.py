@@ -45,16 +45,16 @@ def effective_config(config: Any, backend: str | None = None) -> ml_collections.
     job = config.quickstart
     if backend != "cpu" and job.scale_on_accelerator:
         accel = job.accelerator
-        config.training.num_steps = accel.num_steps
-        config.training.batch_size = accel.batch_size
-        config.training.ema_rates = (0.999,)
+        config.training.update(
+            num_steps=accel.num_steps, batch_size=accel.batch_size, ema_rates=(0.999,)
+        )
         config.model.dtype = "auto"
         for name in ("classifier", "clean_classifier"):
-            config[name].training.num_steps = accel.classifier_num_steps
-            config[name].training.eval_every = accel.classifier_num_steps
-            config[name].training.batch_size = accel.batch_size
-        job.samples_per_class = accel.samples_per_class
-        job.bpd_num_images = accel.bpd_num_images
+            steps = accel.classifier_num_steps
+            config[name].training.update(
+                num_steps=steps, eval_every=steps, batch_size=accel.batch_size
+            )
+        job.update(samples_per_class=accel.samples_per_class, bpd_num_images=accel.bpd_num_images)
     return config
 
 
