@@ -62,25 +62,21 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(message).split()) or type(error).__name__
 
 
-def define_config_flag(
-    help_string: str, *, name: str = "config", required: bool = True, default: str | None = None
-) -> flags.FlagHolder:
-    """Defines `--<name>=configs/<file>.py[:variant]` and its `--<name>.<field>` overrides.
+def define_config_flag(help_string: str, *, default: str | None = None) -> flags.FlagHolder:
+    """Defines `--config=configs/<file>.py[:variant]` and its `--config.<field>` overrides.
 
     Args:
       help_string: the flag's help.
-      name: the flag name (also the override prefix).
-      required: whether the flag must be given.
-      default: the config file used when the flag is not given (its `--<name>.<field>`
-        overrides still apply).
+      default: the config file used when the flag is not given (its `--config.<field>`
+        overrides still apply); None: the flag is required.
 
     Returns:
       The FlagHolder; `.value` is the (locked) ConfigDict after parsing.
     """
-    holder = config_flags.DEFINE_config_file(name, default, help_string)
-    _CONFIG_FLAG_NAMES.append(name)
-    if required and default is None:
-        flags.mark_flag_as_required(name)
+    holder = config_flags.DEFINE_config_file("config", default, help_string)
+    _CONFIG_FLAG_NAMES.append("config")
+    if default is None:
+        flags.mark_flag_as_required("config")
     return holder
 
 
@@ -254,18 +250,14 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return remaining
 
 
-def run_main(main: Callable[[list[str]], Any], *, errors: tuple = USER_ERRORS) -> None:
-    """Runs `main` under `absl.app.run`, turning `errors` into one line and exit status 1.
-
-    Args:
-      main: the launcher's `main(argv)`.
-      errors: exception types shown as `error: <message>` (traceback with --verbosity=1).
-    """
+def run_main(main: Callable[[list[str]], Any]) -> None:
+    """Runs the launcher's `main(argv)` under `absl.app.run`, a user error (`USER_ERRORS`)
+    shown as `error: <message>` and exit status 1 (traceback with --verbosity=1)."""
 
     def wrapped(argv: list[str]) -> Any:
         try:
             return main(argv)
-        except errors as e:
+        except USER_ERRORS as e:
             logging.debug("traceback of the error below:", exc_info=True)
             message = str(e).strip() or type(e).__name__
             if isinstance(e, ImportError):
