@@ -28,13 +28,7 @@ from diffusion_jax.sampling.job import run_sampling_job
 PAPER_NUM_SAMPLES = 50_000
 SOURCE_FILE = "source.json"  # in converted/<name>/: the .pt it was converted from
 METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
-_HEADERS = {
-    "fid": "FID",
-    "sfid": "sFID",
-    "precision": "Prec",
-    "recall": "Rec",
-    "inception_score": "IS",
-}
+_HEADERS = dict(zip(METRICS, ("FID", "sFID", "Prec", "Rec", "IS"), strict=True))
 # config name -> the released file (openai/guided-diffusion README).
 RELEASED = {
     "imagenet64": "64x64_diffusion.pt",
@@ -284,10 +278,8 @@ def _row_result(row: Row, settings: TableSettings) -> dict:
 def format_table(table: str, rows: list[Row], results: list[dict], note: str) -> tuple[str, str]:
     """(markdown, csv) of our figures beside the paper's."""
     head = ["row", "config"] + [f"{_HEADERS[m]} ours / paper" for m in METRICS]
-    cells, csv_rows = (
-        [],
-        [["row", "config", *(f"{m}_{w}" for m in METRICS for w in ("ours", "paper"))]],
-    )
+    cells = []
+    csv_rows = [["row", "config", *(f"{m}_{w}" for m in METRICS for w in ("ours", "paper"))]]
     for row, result in zip(rows, results, strict=True):
         paper, ours = dict(row.paper), result["ours"]
         theirs = {m: f"{paper[m]:.2f}" if m in paper else "-" for m in METRICS}
