@@ -180,12 +180,7 @@ def _paper_metrics(net, workdir: epath.Path, outputs: dict, test: tuple, train: 
         # One IS split over the whole set (the paper's 5000-image splits need 5000).
         n = evaluation.open_image_npz(sample).num_images
         r = evaluation.evaluate_npz(ref, sample, net, split_size=n)
-        return {
-            "fd": float(r.fid),
-            "precision": float(r.precision),
-            "recall": float(r.recall),
-            "inception_score": float(r.inception_score),
-        }
+        return {"fd": float(r.fid), **{k: float(getattr(r, k)) for k in _STUDY_KEYS[1:]}}
 
     out = {name: score(refs["test"], path) for name, path in outputs.items()}
     out["floor"] = score(refs["train"], refs["test"])
