@@ -1,19 +1,7 @@
 """What every launcher shares: the `--config` flag, and one line instead of a traceback.
 
-A launcher is
-
-    from absl import flags
-    from launch import common
-
-    _CONFIG = common.define_config_flag("Config of the model to train.")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints go.")
-
-    def main(argv):
-        common.check_no_arguments(argv)
-        training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-    if __name__ == "__main__":
-        common.run_main(main)
+A launcher defines its flags (`define_config_flag`, `absl.flags`), calls
+`check_no_arguments(argv)` first in its `main`, and runs `common.run_main(main)`.
 
 `run_main` prints a `ValueError`, `OSError`, `ImportError` or `app.UsageError` leaving
 `main` as `error: <message>` on stderr with exit status 1 (the traceback with
