@@ -1,7 +1,7 @@
 """What every launcher shares: the `--config` flag, and one line instead of a traceback.
 
-A launcher defines its flags (`define_config_flag`, `absl.flags`), calls
-`check_no_arguments(argv)` first in its `main`, and runs `common.run_main(main)`.
+A launcher defines its flags (`define_config_flag`, `absl.flags`) and runs
+`common.run_main(main)`.
 
 `run_main` prints a `ValueError`, `OSError`, `ImportError` or `app.UsageError` leaving
 `main` as `error: <message>` on stderr with exit status 1 (the traceback with
@@ -112,12 +112,6 @@ def define_list(
         help_string,
         serializer=flags.CsvListSerializer(","),
     )
-
-
-def check_no_arguments(argv: Sequence[str]) -> None:
-    """Raises `app.UsageError` if `argv` holds positional arguments after the program."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
 
 
 def _config_spec(name: str, argv: Sequence[str]) -> str | None:
@@ -238,12 +232,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return remaining
 
 
-def run_main(main: Callable[[list[str]], Any]) -> None:
+def run_main(main: Callable[[list[str]], Any], *, positional: bool = False) -> None:
     """Runs the launcher's `main(argv)` under `absl.app.run`, a user error (`USER_ERRORS`)
-    shown as `error: <message>` and exit status 1 (traceback with --verbosity=1)."""
+    shown as `error: <message>` and exit status 1 (traceback with --verbosity=1).
+    Positional arguments are refused unless `positional`."""
 
     def wrapped(argv: list[str]) -> Any:
         try:
+            if len(argv) > 1 and not positional:
+                raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
             return main(argv)
         except USER_ERRORS as e:
             logging.debug("traceback of the error below:", exc_info=True)

@@ -45,7 +45,6 @@ flags.mark_flags_as_required(["table", "checkpoint_dir", "reference", "workdir"]
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     distributed.initialize()  # before any jax computation
     from diffusion_jax import evaluation
     from diffusion_jax.jobs import fid_table, sweep
