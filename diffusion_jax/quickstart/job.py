@@ -34,7 +34,7 @@ from diffusion_jax.training.writers import read_metrics
 PHASES = ("diffusion", "classifier", "clean_classifier")
 _EXTRA_SECTIONS = ("classifier", "clean_classifier", "quickstart")
 JOB_FILE = "quickstart.json"  # the job's effective config, checked on every re-run
-STATE_FILE = "quickstart_state.json"  # what each derived output was made from
+STATE_FILE = "quickstart_state.json"  # the bits/dim and what it was made from; phase times
 _BPD_PURPOSE = 7
 
 
