@@ -68,29 +68,22 @@ def adm(
       The config.
     """
     config = base.get_base_config()
-    model = config.model
-    model.image_size = image_size
-    model.num_channels = num_channels
-    model.num_res_blocks = num_res_blocks
-    model.attention_resolutions = (32, 16, 8)
-    model.num_head_channels = num_head_channels  # when != -1, it sets the heads
-    model.resblock_updown = True
-    model.use_new_attention_order = use_new_attention_order
-    model.dropout = dropout
-    model.num_classes = num_classes
-    model.learn_sigma = True
-
-    config.diffusion.learn_sigma = True
-    config.diffusion.noise_schedule = noise_schedule
-
-    data = config.data
-    data.dataset = dataset
-    data.image_size = image_size
-    data.class_cond = num_classes is not None
-
+    config.model.update(
+        image_size=image_size,
+        num_channels=num_channels,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=num_head_channels,  # when != -1, it sets the heads
+        resblock_updown=True,
+        use_new_attention_order=use_new_attention_order,
+        dropout=dropout,
+        num_classes=num_classes,
+        learn_sigma=True,
+    )
+    config.diffusion.update(learn_sigma=True, noise_schedule=noise_schedule)
+    config.data.update(dataset=dataset, image_size=image_size, class_cond=num_classes is not None)
     config.optim.lr = lr
-    config.training.batch_size = batch_size
-    config.training.num_steps = num_steps
+    config.training.update(batch_size=batch_size, num_steps=num_steps)
     if classifier_scale:
         config.sampling.update(guided_sampling(image_size, classifier_scale))
     return config
@@ -133,9 +126,11 @@ def upsampler(
       The config.
     """
     config = adm(image_size, num_steps, num_channels=192, num_head_channels=num_head_channels)
-    config.model.kind = "superres"
-    config.model.attention_resolutions = attention_resolutions
-    config.model.channel_mult = (1, 1, 2, 2, 4, 4)
+    config.model.update(
+        kind="superres",
+        attention_resolutions=attention_resolutions,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+    )
     config.data.low_res_size = low_res_size
     return config
 
@@ -169,27 +164,18 @@ def classifier(
       The config.
     """
     config = base.get_base_config()
-    model = config.model
-    model.kind = "classifier"
-    model.image_size = image_size
-    model.num_res_blocks = num_res_blocks
-    model.attention_resolutions = (32, 16, 8)
-    model.num_heads = 1  # unused: num_head_channels sets the heads
-    model.num_head_channels = 64
-    model.resblock_updown = True
-    model.num_classes = 1000  # logits
-
+    config.model.update(
+        kind="classifier",
+        image_size=image_size,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=(32, 16, 8),
+        num_heads=1,  # unused: num_head_channels sets the heads
+        num_head_channels=64,
+        resblock_updown=True,
+        num_classes=1000,  # logits
+    )
     config.diffusion.noise_schedule = noise_schedule
-
-    data = config.data
-    data.dataset = "imagenet2012"
-    data.image_size = image_size
-    data.class_cond = True
-
-    config.optim.lr = lr
-    config.optim.weight_decay = weight_decay
-    config.optim.anneal_lr = True
-    config.training.batch_size = batch_size
-    config.training.num_steps = num_steps
-    config.training.ema_rates = ()
+    config.data.update(dataset="imagenet2012", image_size=image_size, class_cond=True)
+    config.optim.update(lr=lr, weight_decay=weight_decay, anneal_lr=True)
+    config.training.update(batch_size=batch_size, num_steps=num_steps, ema_rates=())
     return config

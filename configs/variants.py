@@ -14,22 +14,19 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     large = 32 if model.kind == "superres" else 16
     if model.kind == "superres":
         config.data.low_res_size = large // 4
-    model.image_size = large
     config.data.image_size = large
-    model.num_channels = 32
-    model.num_res_blocks = 1
-    model.channel_mult = (1, 2)
-    model.attention_resolutions = (large // 2,)
+    model.update(
+        image_size=large,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        attention_resolutions=(large // 2,),
+        dtype="float32",
+    )
     if model.num_head_channels != -1:
         model.num_head_channels = 32
-    model.dtype = "float32"
-    config.training.num_steps = 20
-    config.training.batch_size = 8
-    config.training.log_every = 5
-    config.training.checkpoint_every = 10
-    config.sampling.num_samples = 8
-    config.sampling.batch_size = 8
-    config.sampling.timestep_respacing = 10
+    config.training.update(num_steps=20, batch_size=8, log_every=5, checkpoint_every=10)
+    config.sampling.update(num_samples=8, batch_size=8, timestep_respacing=10)
     if config.sampling.classifier_config and ":" not in config.sampling.classifier_config:
         config.sampling.classifier_config += ":tiny"  # the guidance classifier shrinks too
     return config

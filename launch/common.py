@@ -1,45 +1,14 @@
 """What every launcher shares: the `--config` flag, and one line instead of a traceback.
 
-A launcher is
+A launcher defines its flags (`define_config_flag`, `absl.flags`) and runs
+`common.run_main(main)`.
 
-    from absl import flags
-    from launch import common
-
-    _CONFIG = common.define_config_flag("Config of the model to train.")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints go.")
-
-    def main(argv):
-        common.check_no_arguments(argv)
-        training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-    if __name__ == "__main__":
-        common.run_main(main)
-
-API:
-- `define_config_flag(help_string, *, name="config", required=True)`: the ml_collections
-  `--config=configs/<name>.py[:variant]` flag with `--config.<field>=value` overrides
-  (its FlagHolder; `.value` is the locked ConfigDict).
-- `run_main(main)`: `absl.app.run(main)` with `parse_flags` as the flags parser; a
-  `ValueError`, `OSError` (FileNotFoundError, FileExistsError, ...), `ImportError` or
-  `app.UsageError` leaving `main` is printed as `error: <message>` on stderr and the
-  process exits with status 1, without a traceback (add `--verbosity=1` to log it).
-  Library messages say what is wrong and how to fix it, so they are printed as they are.
-- `parse_flags(argv)`: parses the flags; any flag or config problem becomes one line
-  `error: ...` and exit status 1: a bad flag value (absl's message), a config path that
-  does not exist, a file that is not a config (not Python, no `get_config()`, a
-  `get_config()` that raises, e.g. an unknown variant, or returns no ConfigDict), and an
-  override of a field the config does not have, with ml_collections' did-you-mean
-  (`--config.modle.x` -> 'Did you mean "model" instead of "modle"?') or else the fields
-  there are.
-- `define_list(name, help_string, item_type=str, default=None)`: a comma-separated list
-  flag parsed once into a list of `item_type` (`--scales=0,1,4` -> [0.0, 1.0, 4.0]); a bad
-  item is absl's one-line flag error.
-- `check_no_arguments(argv)`: raises `app.UsageError` if positional arguments are given.
-- `load_config_file(spec)`: `(config, None)` or `(None, what is wrong)` for a
-  `path[:argument]` config spec, loaded as ml_collections loads it (for tools that take a
-  config path outside the flags).
-- `fail(message)`: prints `error: <message>` on stderr, exits with status 1;
-  `one_line(error)`: an exception's message on one line.
+`run_main` prints a `ValueError`, `OSError`, `ImportError` or `app.UsageError` leaving
+`main` as `error: <message>` on stderr with exit status 1 (the traceback with
+`--verbosity=1`): library messages say what is wrong and how to fix it. `parse_flags`
+does the same for a bad flag, a config file that is missing or not a config, and an
+override of a field the config lacks (with ml_collections' did-you-mean, or else the
+fields there are).
 
 Importing this module also quiets TensorFlow's start-up lines on stderr (the tfds data
 path imports it), unless the environment already sets them.
@@ -81,25 +50,21 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(message).split()) or type(error).__name__
 
 
-def define_config_flag(
-    help_string: str, *, name: str = "config", required: bool = True, default: str | None = None
-) -> flags.FlagHolder:
-    """Defines `--<name>=configs/<file>.py[:variant]` and its `--<name>.<field>` overrides.
+def define_config_flag(help_string: str, *, default: str | None = None) -> flags.FlagHolder:
+    """Defines `--config=configs/<file>.py[:variant]` and its `--config.<field>` overrides.
 
     Args:
       help_string: the flag's help.
-      name: the flag name (also the override prefix).
-      required: whether the flag must be given.
-      default: the config file used when the flag is not given (its `--<name>.<field>`
-        overrides still apply).
+      default: the config file used when the flag is not given (its `--config.<field>`
+        overrides still apply); None: the flag is required.
 
     Returns:
       The FlagHolder; `.value` is the (locked) ConfigDict after parsing.
     """
-    holder = config_flags.DEFINE_config_file(name, default, help_string)
-    _CONFIG_FLAG_NAMES.append(name)
-    if required and default is None:
-        flags.mark_flag_as_required(name)
+    holder = config_flags.DEFINE_config_file("config", default, help_string)
+    _CONFIG_FLAG_NAMES.append("config")
+    if default is None:
+        flags.mark_flag_as_required("config")
     return holder
 
 
@@ -147,12 +112,6 @@ def define_list(
         help_string,
         serializer=flags.CsvListSerializer(","),
     )
-
-
-def check_no_arguments(argv: Sequence[str]) -> None:
-    """Raises `app.UsageError` if `argv` holds positional arguments after the program."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
 
 
 def _config_spec(name: str, argv: Sequence[str]) -> str | None:
@@ -273,18 +232,17 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return remaining
 
 
-def run_main(main: Callable[[list[str]], Any], *, errors: tuple = USER_ERRORS) -> None:
-    """Runs `main` under `absl.app.run`, turning `errors` into one line and exit status 1.
-
-    Args:
-      main: the launcher's `main(argv)`.
-      errors: exception types shown as `error: <message>` (traceback with --verbosity=1).
-    """
+def run_main(main: Callable[[list[str]], Any], *, positional: bool = False) -> None:
+    """Runs the launcher's `main(argv)` under `absl.app.run`, a user error (`USER_ERRORS`)
+    shown as `error: <message>` and exit status 1 (traceback with --verbosity=1).
+    Positional arguments are refused unless `positional`."""
 
     def wrapped(argv: list[str]) -> Any:
         try:
+            if len(argv) > 1 and not positional:
+                raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags need --)")
             return main(argv)
-        except errors as e:
+        except USER_ERRORS as e:
             logging.debug("traceback of the error below:", exc_info=True)
             message = str(e).strip() or type(e).__name__
             if isinstance(e, ImportError):

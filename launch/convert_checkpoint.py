@@ -21,7 +21,6 @@ flags.mark_flags_as_required(["torch_checkpoint", "output"])
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     out = openai.convert_to_orbax(_TORCH_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value)
     print(f"wrote {out}")
 

@@ -75,4 +75,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(main, positional=True)

@@ -15,7 +15,6 @@ reference's Inception statistics are computed once (WORKDIR/reference.inception.
 import functools
 
 from absl import flags
-from etils import epath
 
 from launch import common, distributed
 
@@ -46,26 +45,17 @@ flags.mark_flags_as_required(["table", "checkpoint_dir", "reference", "workdir"]
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     distributed.initialize()  # before any jax computation
-    import jax
-
     from diffusion_jax import evaluation
-    from diffusion_jax.jobs import fid_table
+    from diffusion_jax.jobs import fid_table, sweep
 
-    split, eval_batch = evaluation.evaluation_sizes(_NUM_SAMPLES.value, jax.device_count())
     # A bad --features directory is one error before any work; Inception loads lazily.
     features = _FEATURES.value and evaluation.load_classifier_features(_FEATURES.value)
-    cache_name = "reference.classifier.npz" if features else "reference.inception.npz"
 
     @functools.cache  # the reference's activations once for every row, cached in WORKDIR
     def evaluator(reference: str) -> evaluation.ReferenceEvaluator:
-        return evaluation.ReferenceEvaluator(
-            reference,
-            features or evaluation.load_inception(_WEIGHTS.value),
-            cache_path=epath.Path(_WORKDIR.value) / cache_name,
-            batch_size=eval_batch,
-            split_size=split,
+        return sweep.reference_evaluator(
+            reference, _WORKDIR.value, _NUM_SAMPLES.value, features or None, _WEIGHTS.value
         )
 
     settings = fid_table.TableSettings(

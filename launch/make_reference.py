@@ -48,7 +48,6 @@ flags.mark_flags_as_required(["images", "output"])
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     output = epath.Path(_OUTPUT.value)
     if output.exists() and not _OVERWRITE.value:
         raise FileExistsError(f"{_OUTPUT.value} exists; pass --overwrite to replace it.")

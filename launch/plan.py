@@ -27,7 +27,6 @@ flags.mark_flags_as_required(["devices"])
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     if _DEVICES.value <= 0:
         raise ValueError(f"--devices={_DEVICES.value} must be a positive device count.")
     # A CPU host fakes the devices; read when the backend starts, so set before any use.

@@ -40,7 +40,6 @@ flags.mark_flag_as_required("dataset")
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     if _CONVERT_EXISTING.value is not None:
         if _DATA_DIR.value is None:
             raise app.UsageError("--convert_existing needs --data_dir, the new data_dir.")

@@ -26,7 +26,6 @@ _WORKDIR = flags.DEFINE_string("workdir", "quickstart_out", "Where everything is
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     import jax
 
     _split_the_cpu(jax, _CONFIG.value.quickstart.get("cpu_devices", 1))

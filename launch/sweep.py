@@ -46,7 +46,6 @@ flags.mark_flags_as_required(["checkpoint", "reference", "workdir", "scales"])
 
 
 def main(argv: list[str]) -> None:
-    common.check_no_arguments(argv)
     distributed.initialize()  # before any jax computation
     import jax
 

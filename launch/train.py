@@ -25,7 +25,6 @@ flags.mark_flags_as_required(["workdir"])
 
 def run(argv: list[str], trainer: str) -> None:
     """Starts the processes, then `diffusion_jax.training.<trainer>(config, workdir)`."""
-    common.check_no_arguments(argv)
     logging.set_verbosity(logging.INFO)
     distributed.initialize()  # before any jax computation
     from diffusion_jax import training

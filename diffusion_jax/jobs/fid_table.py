@@ -1,21 +1,12 @@
 """Reproducing the paper's FID tables from the configs (behind `launch.fid_table`).
 
-A table is a list of rows; a row names a config (and the sampling settings that make
-it that row: guidance scale, sampler, steps) and, for the upsampling stacks, the base
-row whose samples feed the upsampler. `run_table` converts the released `.pt` files it
-finds in the checkpoint directory (once, cached in the workdir), runs each row's
-sampling job (resumable: `launch.sample`'s job), evaluates it with the paper's
-evaluator and writes the table, our figures beside the paper's, as markdown and CSV.
-
-A row's identity (`results/<slug>.json`, through `diffusion_jax.resumable`) is every
-input its figures depend on: the row, the sample count, steps and config variant, the
-checkpoints' step and content identity (its base row's too), the reference batch's path
-and identity and the feature network's weights. A finished row of the same identity is
-not redone; a changed input redoes that row (its sampling job draws again), so the
-table's note always describes the figures under it. A half-finished row continues its
-sampling job. A conversion in `converted/` records the `.pt` it came from and is made
-again when that file (or --checkpoint_dir) changes. The workdir is locked while the
-table runs: a second table on it is refused naming the holder.
+A row names a config, the sampling settings that make it that row and, for the
+upsampling stacks, the base row whose samples feed the upsampler. A row's identity
+(`results/<slug>.json`, `row_identity`) is every input its figures depend on; a finished
+row of the same identity is not redone, a changed input redoes that row (its sampling
+job draws again), so the table's note always describes the figures under it. A
+conversion in `converted/` records the `.pt` it came from and is made again when that
+file (or --checkpoint_dir) changes. The workdir is locked while the table runs.
 """
 
 from __future__ import annotations
@@ -37,13 +28,7 @@ from diffusion_jax.sampling.job import run_sampling_job
 PAPER_NUM_SAMPLES = 50_000
 SOURCE_FILE = "source.json"  # in converted/<name>/: the .pt it was converted from
 METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
-_HEADERS = {
-    "fid": "FID",
-    "sfid": "sFID",
-    "precision": "Prec",
-    "recall": "Rec",
-    "inception_score": "IS",
-}
+_HEADERS = dict(zip(METRICS, ("FID", "sFID", "Prec", "Rec", "IS"), strict=True))
 # config name -> the released file (openai/guided-diffusion README).
 RELEASED = {
     "imagenet64": "64x64_diffusion.pt",
@@ -293,10 +278,8 @@ def _row_result(row: Row, settings: TableSettings) -> dict:
 def format_table(table: str, rows: list[Row], results: list[dict], note: str) -> tuple[str, str]:
     """(markdown, csv) of our figures beside the paper's."""
     head = ["row", "config"] + [f"{_HEADERS[m]} ours / paper" for m in METRICS]
-    cells, csv_rows = (
-        [],
-        [["row", "config", *(f"{m}_{w}" for m in METRICS for w in ("ours", "paper"))]],
-    )
+    cells = []
+    csv_rows = [["row", "config", *(f"{m}_{w}" for m in METRICS for w in ("ours", "paper"))]]
     for row, result in zip(rows, results, strict=True):
         paper, ours = dict(row.paper), result["ours"]
         theirs = {m: f"{paper[m]:.2f}" if m in paper else "-" for m in METRICS}

@@ -1,12 +1,9 @@
 """Sizing a run before it runs: compiled per-device memory, FLOPs, time and cost.
 
-`plan(config, num_devices)` compiles the config's train step (and, for a guided config,
-the guided sampling program) for `num_devices` devices of the default backend without
-running anything: parameters, optimiser state and batches are abstract
-(`jax.ShapeDtypeStruct` with shardings), so a paper model is never materialised. It
-reports XLA's memory analysis for the mesh / remat / microbatch variants, the analytic
-FLOPs of a step (the count of ../shared/ANCHORS.md and bench/) and the time of the
-paper's run and of one 50,000-sample FID row at an MFU. `launch.plan` prints it.
+`plan(config, num_devices)` (behind `launch.plan`) compiles without running anything:
+parameters, optimiser state and batches are abstract (`jax.ShapeDtypeStruct` with
+shardings), so a paper model is never materialised. FLOPs are the analytic count of
+../shared/ANCHORS.md and bench/.
 
 What is exact and what is an estimate: parameter, EMA and optimiser-state bytes per
 device follow from the shardings and are the same on every backend; temporaries

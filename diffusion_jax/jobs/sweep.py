@@ -1,12 +1,10 @@
 """A guidance-scale x sampling-steps grid for one model and checkpoint (`launch.sweep`).
 
-The paper's study of the guidance scale (FID, sFID, IS, precision and recall as the
-classifier scale grows, and the cost of fewer sampling steps), for any config: every
-grid point (method, steps, scale) is one sampling job (`run_sampling_job`: resumable,
-keys by sample index, so a point's samples do not depend on the others), evaluated
-against one reference batch whose Inception activations are computed once and cached
-in the workdir (`ReferenceEvaluator`, keyed by the reference file and the Inception's
-weights and platform: another reference is detected and recomputed, never reused).
+Every grid point (method, steps, scale) is one sampling job (`run_sampling_job`: keys by
+sample index, so a point's samples do not depend on the others), evaluated against one
+reference batch whose activations are cached in the workdir (`ReferenceEvaluator`, keyed
+by the reference file and the feature network's weights and platform: another reference
+is recomputed, never reused).
 
 The workdir:
   sweep.json                  what every point's samples depend on (config without the
@@ -259,17 +257,34 @@ def run_sweep(
         return _run_points(config, settings, points, features, classifier, mesh, say)
 
 
-def _run_points(config, settings, points, features, classifier, mesh, say) -> SweepResult:
-    workdir, samples_dir = epath.Path(settings.workdir), epath.Path(settings.workdir) / "points"
-    num_samples = int(config.sampling.num_samples)
-    split, batch = evaluation.evaluation_sizes(num_samples, int(mesh.devices.size))
-    evaluator = evaluation.ReferenceEvaluator(
-        settings.reference,
-        features or evaluation.load_inception(settings.inception_weights),
-        cache_path=workdir / (REFERENCE_CACHE if features is None else "reference.classifier.npz"),
+def reference_evaluator(
+    reference: str,
+    workdir: str | epath.PathLike,
+    num_samples: int | None,
+    features: Any = None,
+    inception_weights: str | None = None,
+    mesh: Mesh | None = None,
+) -> evaluation.ReferenceEvaluator:
+    """The evaluator of a job's samples against `reference`, the reference's activations
+    cached in `workdir` (a file per feature network: Inception, or `features`)."""
+    devices = jax.device_count() if mesh is None else int(mesh.devices.size)
+    split, batch = evaluation.evaluation_sizes(num_samples, devices)
+    cache = REFERENCE_CACHE if features is None else "reference.classifier.npz"
+    return evaluation.ReferenceEvaluator(
+        reference,
+        features or evaluation.load_inception(inception_weights),
+        cache_path=epath.Path(workdir) / cache,
         mesh=mesh,
         batch_size=batch,
         split_size=split,
+    )
+
+
+def _run_points(config, settings, points, features, classifier, mesh, say) -> SweepResult:
+    workdir, samples_dir = epath.Path(settings.workdir), epath.Path(settings.workdir) / "points"
+    num_samples = int(config.sampling.num_samples)
+    evaluator = reference_evaluator(
+        settings.reference, workdir, num_samples, features, settings.inception_weights, mesh
     )
     todo = sum(_finished(samples_dir / f"{p.slug}.json", p, evaluator.key) is None for p in points)
     records, computed, meter = [], [], Progress("sweep", todo, unit="points", quiet=True)
@@ -385,6 +400,7 @@ __all__ = [
     "format_table",
     "make_grid",
     "point_config",
+    "reference_evaluator",
     "run_sweep",
     "write_plots",
 ]

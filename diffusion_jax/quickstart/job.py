@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import files, locks, models, parallel
+from diffusion_jax import files, locks, models, parallel, resumable
 from diffusion_jax.checkpoints import restore_params
 from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.diffusion import create_diffusion
@@ -34,7 +34,7 @@ from diffusion_jax.training.writers import read_metrics
 PHASES = ("diffusion", "classifier", "clean_classifier")
 _EXTRA_SECTIONS = ("classifier", "clean_classifier", "quickstart")
 JOB_FILE = "quickstart.json"  # the job's effective config, checked on every re-run
-STATE_FILE = "quickstart_state.json"  # what each derived output was made from
+STATE_FILE = "quickstart_state.json"  # the bits/dim and what it was made from; phase times
 _BPD_PURPOSE = 7
 
 
@@ -45,16 +45,16 @@ def effective_config(config: Any, backend: str | None = None) -> ml_collections.
     job = config.quickstart
     if backend != "cpu" and job.scale_on_accelerator:
         accel = job.accelerator
-        config.training.num_steps = accel.num_steps
-        config.training.batch_size = accel.batch_size
-        config.training.ema_rates = (0.999,)
+        config.training.update(
+            num_steps=accel.num_steps, batch_size=accel.batch_size, ema_rates=(0.999,)
+        )
         config.model.dtype = "auto"
         for name in ("classifier", "clean_classifier"):
-            config[name].training.num_steps = accel.classifier_num_steps
-            config[name].training.eval_every = accel.classifier_num_steps
-            config[name].training.batch_size = accel.batch_size
-        job.samples_per_class = accel.samples_per_class
-        job.bpd_num_images = accel.bpd_num_images
+            steps = accel.classifier_num_steps
+            config[name].training.update(
+                num_steps=steps, eval_every=steps, batch_size=accel.batch_size
+            )
+        job.update(samples_per_class=accel.samples_per_class, bpd_num_images=accel.bpd_num_images)
     return config
 
 
@@ -67,10 +67,7 @@ def phase_config(config: Any, phase: str) -> ml_collections.ConfigDict:
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
     config = config.copy_and_resolve_references()
-    out = ml_collections.ConfigDict()
-    for key, value in config.items():
-        if key not in _EXTRA_SECTIONS:
-            out[key] = value
+    out = ml_collections.ConfigDict({k: v for k, v in config.items() if k not in _EXTRA_SECTIONS})
     if phase != "diffusion":
         for key in ("model", "optim", "training"):
             out[key] = config[phase][key]
@@ -135,11 +132,6 @@ def _train_phase(config: Any, workdir: epath.Path, phase: str, index: int) -> in
     return int(jax.device_get(state.step))
 
 
-def _read_state(workdir: epath.Path) -> dict:
-    path = workdir / STATE_FILE
-    return files.read_json(path) if path.exists() else {}
-
-
 def _write_state(workdir: epath.Path, state: dict) -> None:
     files.write_json_atomic(workdir / STATE_FILE, state, indent=2, sort_keys=True)
 
@@ -188,12 +180,7 @@ def _paper_metrics(net, workdir: epath.Path, outputs: dict, test: tuple, train: 
         # One IS split over the whole set (the paper's 5000-image splits need 5000).
         n = evaluation.open_image_npz(sample).num_images
         r = evaluation.evaluate_npz(ref, sample, net, split_size=n)
-        return {
-            "fd": float(r.fid),
-            "precision": float(r.precision),
-            "recall": float(r.recall),
-            "inception_score": float(r.inception_score),
-        }
+        return {"fd": float(r.fid), **{k: float(getattr(r, k)) for k in _STUDY_KEYS[1:]}}
 
     out = {name: score(refs["test"], path) for name, path in outputs.items()}
     out["floor"] = score(refs["train"], refs["test"])
@@ -271,7 +258,10 @@ def _sampling_config(config, classifier_scale, cfg_scale, num_devices) -> Any:
     return cfg
 
 
-def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.Path]:
+def _sample_phase(config, workdir, state: dict) -> dict[str, epath.Path]:
+    """Draws each sample set through the resumable sampling job, whose identity (the
+    checkpoints' steps and contents, the settings, the seed) decides what is reused,
+    continued or drawn again."""
     from diffusion_jax.sampling import run_sampling_job
 
     mesh = parallel.create_mesh_from_config(config)
@@ -280,49 +270,31 @@ def _sample_phase(config, workdir, steps: dict, state: dict) -> dict[str, epath.
     for i, (name, scale, cfg_scale) in enumerate(runs):
         t0 = time.time()
         cfg = _sampling_config(config, scale, cfg_scale, mesh.devices.size)
-        output = workdir / f"samples_{name}.npz"
-        made_from = {
-            "diffusion_step": steps["diffusion"],
-            "classifier_step": steps["classifier"] if scale else None,
-            "sampling": json.loads(config_json(cfg.sampling)),
-            "seed": int(cfg.seed),
-        }
-        if state.get(output.name) != made_from:
-            # Unfinished, or made from other checkpoints or settings: the sampling job
-            # continues its parts only when they were drawn from the same inputs (its
-            # identity holds the checkpoints' steps and contents) and draws again otherwise.
-            state.pop(output.name, None)
-            _write_state(workdir, state)
-            logging.info(
-                "[4/6] sampling %s (%d/%d): %d images, %s %s steps, classifier scale %g, "
-                "cfg scale %g",
-                name, i + 1, len(runs), cfg.sampling.num_samples, cfg.sampling.method,
-                cfg.sampling.timestep_respacing, scale, cfg_scale,
-            )  # fmt: skip
-            run_sampling_job(
-                cfg,
-                str(workdir / "diffusion"),
-                str(output),
-                classifier_checkpoint=str(workdir / "classifier") if scale else None,
-                mesh=mesh,
-                redo_changed=True,
-            )
-            state[output.name] = made_from
+        output = outputs[name] = workdir / f"samples_{name}.npz"
+        before = output.exists() and resumable.path_identity(output)
+        logging.info(
+            "[4/6] sampling %s (%d/%d): %d images, %s %s steps, classifier scale %g, "
+            "cfg scale %g",
+            name, i + 1, len(runs), cfg.sampling.num_samples, cfg.sampling.method,
+            cfg.sampling.timestep_respacing, scale, cfg_scale,
+        )  # fmt: skip
+        run_sampling_job(
+            cfg,
+            str(workdir / "diffusion"),
+            str(output),
+            classifier_checkpoint=str(workdir / "classifier") if scale else None,
+            mesh=mesh,
+            redo_changed=True,
+        )
+        if resumable.path_identity(output) != before:  # drawn now (else: reused as it was)
             state.setdefault("sample_seconds", {})[name] = time.time() - t0
             _write_state(workdir, state)
-        else:
-            logging.info("[4/6] sampling %s: reusing %s", name, output)
-        outputs[name] = output
     return outputs
 
 
 def _read_npz(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
     with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
         return np.asarray(data["arr_0"]), np.asarray(data["arr_1"])
-
-
-def _to_model_input(images: np.ndarray) -> jnp.ndarray:
-    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
 def _classify(net: Any, images: np.ndarray, batch: int = 250) -> np.ndarray:
@@ -336,11 +308,7 @@ def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     from diffusion_jax.data import create_input_pipeline
 
     data = phase_config(config, "diffusion").data
-    data.split = split
-    data.shuffle_buffer = 0
-    data.random_flip = False
-    data.random_crop = False
-    data.prefetch = 1
+    data.update(split=split, shuffle_buffer=0, random_flip=False, random_crop=False, prefetch=1)
     with create_input_pipeline(
         data, global_batch_size=1, seed=0, process_index=0, process_count=1
     ) as pipeline:
@@ -360,17 +328,14 @@ def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8), np.concatenate(labels)
 
 
-def _balanced(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
-    """Indices of the first n // num_classes images of each class (split order)."""
-    per = max(1, n // num_classes)
-    return np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(num_classes)])
-
-
 def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     cfg = phase_config(config, "diffusion")
     job = config.quickstart
     test_x, test_y = test
-    pick = _balanced(test_y, int(job.bpd_num_images), int(cfg.model.num_classes))
+    # The first bpd_num_images // num_classes test images of each class (split order).
+    k = int(cfg.model.num_classes)
+    per = max(1, int(job.bpd_num_images) // k)
+    pick = np.concatenate([np.flatnonzero(test_y == c)[:per] for c in range(k)])
     made_from = {
         "diffusion_step": steps["diffusion"],
         "images": [int(i) for i in pick],
@@ -398,7 +363,7 @@ def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
         keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(idx))
         out = diffusion.calc_bpd_loop(
             model_fn,
-            _to_model_input(test_x[idx]),
+            jnp.asarray(test_x[idx], jnp.float32) / 127.5 - 1.0,
             keys,
             model_kwargs={"y": jnp.asarray(test_y[idx], jnp.int32)},
         )
@@ -417,12 +382,6 @@ def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     state["bpd"] = {"made_from": made_from, "result": result}
     _write_state(workdir, state)
     return result
-
-
-def _classifier_quartiles(workdir: epath.Path) -> dict:
-    """The last held-out evaluation the classifier run logged (metrics.jsonl)."""
-    evals = [r for r in read_metrics(workdir) if "eval_acc@1" in r]
-    return evals[-1] if evals else {}
 
 
 def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
@@ -458,7 +417,7 @@ def run_quickstart(config: Any, workdir: str | epath.PathLike) -> dict:
 
 def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
     began = time.time()
-    state = _read_state(workdir)
+    state = files.read_json(workdir / STATE_FILE) if (workdir / STATE_FILE).exists() else {}
     times, steps = {}, {}
     for index, phase in enumerate(PHASES, start=1):
         t0 = time.time()
@@ -469,7 +428,7 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
             seconds[phase] = seconds.get(phase, 0.0) * (before is not None) + time.time() - t0
             _write_state(workdir, state)
         times[phase] = seconds.get(phase, time.time() - t0)
-    outputs = _sample_phase(config, workdir, steps, state)
+    outputs = _sample_phase(config, workdir, state)
     times["sampling"] = sum(state.get("sample_seconds", {}).get(n, 0.0) for n in outputs)
     test = _split_images(config, config.data.eval_split)
     bpd = _bpd_phase(config, workdir, steps, state, test)
@@ -491,6 +450,7 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
     colour["data (test)"] = image_statistics(test[0])
     metrics = _paper_metrics(net, workdir, outputs, test, _split_images(config, config.data.split))
     study = _guidance_study(config, workdir, steps) if config.quickstart.guidance_study else {}
+    evals = read_metrics(workdir / "classifier")
     figures = {
         "steps": steps,
         "bpd": bpd,
@@ -499,7 +459,8 @@ def _run_phases(config: Any, workdir: epath.Path, num_devices: int) -> dict:
         "colour": colour,
         "metrics": metrics,
         "study": study,
-        "classifier_eval": _classifier_quartiles(workdir / "classifier"),
+        # The last held-out evaluation the classifier run logged (metrics.jsonl).
+        "classifier_eval": ([{}] + [r for r in evals if "eval_acc@1" in r])[-1],
         "runs": [list(r) for r in sample_runs(config)],
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "backend": jax.default_backend(),

@@ -8,10 +8,10 @@ from etils import epath
 from diffusion_jax import files
 
 
-def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+def make_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     """Tiles uint8 [N, H, W, C] images into one [rows*(H+pad)+pad, ..., C] grid image."""
     n, h, w, c = images.shape
-    columns = columns or int(np.ceil(np.sqrt(n)))
+    columns = int(np.ceil(np.sqrt(n)))
     rows = -(-n // columns)
     grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
     for i in range(n):

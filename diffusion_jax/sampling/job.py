@@ -1,25 +1,17 @@
 """The resumable sampling job behind `launch.sample`.
 
-`run_sampling_job(config, checkpoint, output)` draws `sampling.num_samples` images in
-global batches of `sampling.batch_size` over every device of every process. As it goes
-each process writes its rows of every finished batch to `OUTPUT.parts/` (beside a
-manifest of the job's settings); a job killed and restarted with the same command
-continues after the last batch every process finished, and, because image i depends
-only on `fold_in(job_key, i)`, the final `.npz` equals an uninterrupted run's. The last
-short batch is padded with further indices and trimmed. Process 0 then streams the
-batches into OUTPUT (`arr_0` uint8 NHWC, `arr_1` labels: the paper's layout) and writes
-a PNG grid of the first samples beside it.
+Each process writes its rows of every finished batch to `OUTPUT.parts/`; a restarted job
+continues after the last batch every process finished, and, because image i depends only
+on `fold_in(job_key, i)`, the final `.npz` equals an uninterrupted run's. Process 0 then
+streams the batches into OUTPUT (the paper's layout) and a PNG grid beside it.
 
 The job's identity (`OUTPUT.parts/manifest.json`, through `diffusion_jax.resumable`) is
-every input that changes its images: the config's model, diffusion and sampling
-sections, the seed, the checkpoint's step and content identity (a workdir that training
-advanced is another input), the classifier's, the base samples' and the labels; not the
-device count. A re-run whose inputs changed is refused naming the changed fields (or,
-with `redo_changed=True`, for jobs that own their output, starts over); the manifest is
-written only after every input check passed. A part file cut short (a killed write on a
-filesystem without atomic renames, a full disk) is redrawn with a warning naming it.
-`OUTPUT.parts/` is locked while the job runs: a second job on the same output is refused
-naming the holder.
+every input that changes its images (the config's model, diffusion and sampling sections,
+the seed, the checkpoint's step and content identity, the classifier's, the base
+samples' and the labels), not the device count; it is written only after every input
+check passed. A part file cut short (a killed write on a filesystem without atomic
+renames, a full disk) is redrawn with a warning naming it. `OUTPUT.parts/` is locked
+while the job runs.
 """
 
 from __future__ import annotations

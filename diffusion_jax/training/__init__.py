@@ -4,7 +4,6 @@
 workdir)` a noise-aware classifier; both resume from the workdir's latest checkpoint.
 """
 
-from diffusion_jax.checkpoints.workdir import is_workdir, restore_workdir_params
 from diffusion_jax.training.loop import NonFiniteError, train, train_classifier
 from diffusion_jax.training.optimizer import create_optimizer, learning_rate_schedule
 from diffusion_jax.training.state import TrainState, create_train_state, ema_key
@@ -25,9 +24,7 @@ __all__ = [
     "create_train_state",
     "diffusion_train_step",
     "ema_key",
-    "is_workdir",
     "learning_rate_schedule",
-    "restore_workdir_params",
     "train",
     "train_classifier",
 ]

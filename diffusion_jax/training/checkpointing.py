@@ -63,19 +63,6 @@ def _split(state: TrainState) -> dict[str, Any]:
     return items
 
 
-def _join(items: dict[str, Any]) -> TrainState:
-    extra = items["extra"]
-    return TrainState(
-        step=extra["step"],
-        params=items["params"],
-        opt_state=items["opt_state"],
-        ema=items.get("ema", {}),
-        sampler=extra["sampler"],
-        nonfinite=extra["nonfinite"],
-        rng=extra["rng"],
-    )
-
-
 def gather_data_positions(position: dict[str, int]) -> list[dict[str, int]]:
     """Every process's input position, in process order (a collective: all must call).
 
@@ -91,8 +78,6 @@ def save(
     state: TrainState,
     data_positions: list[dict[str, int]],
     config_json: str,
-    *,
-    force: bool = True,
 ) -> None:
     """Starts an async save of `state` at its step (all processes call it).
 
@@ -107,7 +92,7 @@ def save(
     )
     items["config"] = ocp.args.JsonSave(json.loads(config_json))
     with save_errors(manager, step):
-        manager.save(step, args=ocp.args.Composite(**items), force=force)
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 @contextlib.contextmanager
@@ -210,7 +195,12 @@ def restore(
     restored = read_step(
         directory, step, lambda: manager.restore(step, args=ocp.args.Composite(**args))
     )
-    state = _join({name: restored[name] for name in _ARRAY_ITEMS if name in abstract})
+    state = TrainState(
+        params=restored["params"],
+        opt_state=restored["opt_state"],
+        ema=restored["ema"] if "ema" in abstract else {},
+        **restored["extra"],  # step, sampler, nonfinite, rng
+    )
     return state, saved["data"]["processes"], saved["config"]
 
 

@@ -89,8 +89,9 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
         )
     if spec.takes_low_res and not data.low_res_size:
         raise ValueError("an upsampler needs data.low_res_size (the side of its low_res input).")
-    if training.num_steps <= 0:
-        raise ValueError(f"training.num_steps must be positive, got {training.num_steps}.")
+    for name in ("num_steps", "log_every", "checkpoint_every"):
+        if training[name] <= 0:
+            raise ValueError(f"training.{name} must be positive, got {training[name]}.")
     batch = training.batch_size
     if batch <= 0 or batch % num_devices:
         raise ValueError(
@@ -106,9 +107,6 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
     for rate in training.ema_rates:
         if not 0.0 < float(rate) < 1.0:
             raise ValueError(f"training.ema_rates must lie in (0, 1), got {rate}.")
-    for name in ("log_every", "checkpoint_every"):
-        if training[name] <= 0:
-            raise ValueError(f"training.{name} must be positive, got {training[name]}.")
     if trainer == "diffusion" and training.sample_every:
         grid = training.sample_grid_size
         if grid <= 0 or grid % num_devices:

@@ -39,8 +39,7 @@ def _low_res_images(config: Any, n: int) -> np.ndarray:
     from diffusion_jax.data import create_input_pipeline
 
     data = config.data.copy_and_resolve_references()
-    data.shuffle_buffer = 0
-    data.random_flip = False
+    data.update(shuffle_buffer=0, random_flip=False)
     with create_input_pipeline(
         data, global_batch_size=n, seed=config.seed, process_index=0, process_count=1
     ) as pipeline:
@@ -128,23 +127,6 @@ class _FidEvaluator:
         shards = parallel.num_data_shards(mesh)
         self.feature_batch = min(256, -(-n // shards) * shards)
 
-    def _reference(self):
-        from diffusion_jax.evaluation import (
-            activations_and_statistics,
-            load_inception,
-            open_image_npz,
-        )
-
-        training = self.config.training
-        self.inception = load_inception(training.inception_weights)
-        _, stats = activations_and_statistics(
-            open_image_npz(training.eval_reference),
-            self.inception,
-            mesh=self.mesh,
-            batch_size=self.feature_batch,
-        )
-        self.reference_stats = stats
-
     def samples(self, params) -> np.ndarray:
         """uint8 [eval_num_samples, H, W, C]: the sampling job's first images for params."""
         n = self.config.training.eval_num_samples
@@ -162,26 +144,26 @@ class _FidEvaluator:
 
     def __call__(self, step: int, params) -> float:
         value = self.frechet(self.samples(params))
-        logging.info(
-            "step %d: FID %.4f over %d EMA samples",
-            step,
-            value,
-            self.config.training.eval_num_samples,
-        )
+        n = self.config.training.eval_num_samples
+        logging.info("step %d: FID %.4f over %d EMA samples", step, value, n)
         return value
 
     def frechet(self, images: np.ndarray) -> float:
         """FID of uint8 images against the reference (read on first use)."""
-        from diffusion_jax.evaluation import compute_features, compute_statistics, frechet_distance
+        from diffusion_jax import evaluation
 
+        kw = {"mesh": self.mesh, "batch_size": self.feature_batch}
         if self.reference_stats is None:
-            self._reference()
-        feats = compute_features(
-            images, self.inception, mesh=self.mesh, batch_size=self.feature_batch
-        )
-        mu, sigma = compute_statistics(feats["pool"])
+            training = self.config.training
+            self.inception = evaluation.load_inception(training.inception_weights)
+            reference = evaluation.open_image_npz(training.eval_reference)
+            _, self.reference_stats = evaluation.activations_and_statistics(
+                reference, self.inception, **kw
+            )
+        feats = evaluation.compute_features(images, self.inception, **kw)
+        mu, sigma = evaluation.compute_statistics(feats["pool"])
         ref = self.reference_stats
-        return float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+        return float(evaluation.frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
 
 
 def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
@@ -192,10 +174,7 @@ def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
     from diffusion_jax.data import create_input_pipeline
 
     data = config.data.copy_and_resolve_references()
-    data.split = config.data.eval_split
-    data.shuffle_buffer = 0
-    data.random_flip = False
-    data.random_crop = False
+    data.update(split=data.eval_split, shuffle_buffer=0, random_flip=False, random_crop=False)
     n_dev = parallel.num_data_shards(mesh)
     batch = max(n_dev, training.batch_size - training.batch_size % n_dev)
     # Held-out terms on noised inputs (as training sees them) and on clean ones (t = 0).

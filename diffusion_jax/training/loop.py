@@ -54,30 +54,6 @@ def config_json(config: Any) -> str:
     return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def _prepare_workdir(config: Any, workdir: epath.Path) -> None:
-    """Refuses a workdir holding another config's run (writes nothing: see `_write_config`)."""
-    path = workdir / CONFIG_FILE
-    current = json.loads(config_json(config))
-    if path.exists():
-        saved = read_json(path, hint="Use a new --workdir.")
-        checks.check_resume_config(saved, current, str(workdir))
-
-
-def _write_config(config: Any, workdir: epath.Path) -> None:
-    """Writes DIR/config.json once every input check has passed (process 0)."""
-    resumable.write_text(workdir / CONFIG_FILE, config_json(config))
-
-
-@contextlib.contextmanager
-def _closed_on_error(manager):
-    """Closes the checkpoint manager when the loop fails, so the process exits at once."""
-    try:
-        yield
-    except BaseException:
-        checkpointing.abandon(manager)
-        raise
-
-
 @dataclasses.dataclass
 class _Task:
     """What differs between diffusion and classifier training."""
@@ -101,15 +77,6 @@ def _init_params(module, init_inputs, seed: int):
     args, kwargs = init_inputs(1)
     rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
     return module.init(rngs, *args, **kwargs)["params"]
-
-
-def _load_init_params(path: str, ema_rate, abstract_params: Any) -> Any:
-    """Fine-tuning start: parameters of a convert_checkpoint dir or another workdir."""
-    from diffusion_jax.checkpoints import check_param_shapes, restore_params
-
-    params, _ = restore_params(path, ema_rate=ema_rate)
-    check_param_shapes(params, abstract_params, f"training.init_from={path}")
-    return jax.device_get(params)  # host arrays: laid out on the mesh by init
 
 
 class _QuietOrbax(logging_std.Filter):
@@ -216,7 +183,9 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     mesh = parallel.create_mesh_from_config(config)  # checks config.mesh
     checks.check_training_config(config, trainer, parallel.num_data_shards(mesh))
     logging.info("Mesh: data=%d x fsdp=%d.", mesh.shape["data"], mesh.shape["fsdp"])
-    _prepare_workdir(config, workdir)
+    if (workdir / CONFIG_FILE).exists():  # another config's run is refused; nothing written
+        saved = read_json(workdir / CONFIG_FILE, hint="Use a new --workdir.")
+        checks.check_resume_config(saved, json.loads(config_json(config)), str(workdir))
     setup = create_setup(config, mesh, trainer, workdir)
     # Compiled before data is read or anything written: a step that cannot fit stops here.
     compiled, _ = aot.compile_train_step(config, mesh, setup)
@@ -225,9 +194,13 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     state, positions = _restore_or_init(config, workdir, setup, manager)
     # The step is built and the state laid out before any data is read.
     pipeline = _open_pipeline(config, mesh, positions)
-    _write_config(config, workdir)  # every input check has passed
-    with pipeline, _closed_on_error(manager):
-        state = _step_loop(config, workdir, setup, state, pipeline, manager, stop)
+    resumable.write_text(workdir / CONFIG_FILE, config_json(config))  # every check passed
+    with pipeline:
+        try:
+            state = _step_loop(config, workdir, setup, state, pipeline, manager, stop)
+        except BaseException:  # close the manager, so that the process exits at once
+            checkpointing.abandon(manager)
+            raise
     checkpointing.finish_saves(manager)
     return state
 
@@ -252,12 +225,14 @@ def _restore_or_init(config: Any, workdir: epath.Path, setup: Setup, manager):
             )
         logging.info("Resumed %s at step %d.", workdir, latest)
         return state, positions
-    params, training = None, config.training
-    if training.init_from:
-        params = _load_init_params(
-            training.init_from, training.init_from_ema_rate, setup.abstract_params
-        )
-        logging.info("Fine-tuning from %s.", training.init_from)
+    params, path = None, config.training.init_from
+    if path:  # fine-tuning: a convert_checkpoint directory's or another workdir's parameters
+        from diffusion_jax.checkpoints import check_param_shapes, restore_params
+
+        params, _ = restore_params(path, ema_rate=config.training.init_from_ema_rate)
+        check_param_shapes(params, setup.abstract_params, f"training.init_from={path}")
+        params = jax.device_get(params)  # host arrays: laid out on the mesh by init
+        logging.info("Fine-tuning from %s.", path)
     return setup.init(params), None
 
 
@@ -287,7 +262,10 @@ def _step_loop(config, workdir, setup, state, pipeline, manager, stop) -> TrainS
     actions = progress_actions(config, workdir, writer)
     step = int(jax.device_get(state.step))
     if step == 0 and jax.process_index() == 0:
-        writer.write_hparams(_flat_config(config))
+        flat = resumable.flatten(json.loads(config_json(config)))
+        writer.write_hparams(
+            {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+        )
     cfg_json = config_json(config)
     pending: list[dict] = []
     last_log = (time.time(), step)
@@ -321,7 +299,8 @@ def _step_loop(config, workdir, setup, state, pipeline, manager, stop) -> TrainS
 
 def _log_summary(config, writer, manager, pipeline, state, step, pending, last_log):
     """Writes the mean metrics since last_log; stops a non-finite run. -> (time, step)."""
-    summary = _mean_metrics(pending)
+    pending = jax.device_get(pending)
+    summary = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
     now = time.time()
     rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
     summary["images_per_sec"] = rate * config.training.batch_size
@@ -337,16 +316,6 @@ def _log_summary(config, writer, manager, pipeline, state, step, pending, last_l
             "lower optim.lr, set optim.grad_clip_norm, or check the data."
         )
     return now, step
-
-
-def _flat_config(config: Any) -> dict[str, Any]:
-    flat = resumable.flatten(json.loads(config_json(config)))
-    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in flat.items()}
-
-
-def _mean_metrics(pending: list[dict]) -> dict[str, float]:
-    stacked = jax.device_get(pending)
-    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
 # ----- diffusion models ----------------------------------------------------------------

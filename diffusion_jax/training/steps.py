@@ -185,15 +185,6 @@ def drop_labels(labels: jax.Array, rng: jax.Array, rate: float, null_label: int)
     return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
-def _model_kwargs(batch: dict) -> dict:
-    kwargs = {}
-    if "label" in batch:
-        kwargs["y"] = batch["label"]
-    if "low_res" in batch:
-        kwargs["low_res"] = batch["low_res"]
-    return kwargs
-
-
 def diffusion_train_step(
     state: TrainState, batch: dict, *, settings: StepSettings, diffusion, sampler
 ) -> tuple[TrainState, dict]:
@@ -222,7 +213,7 @@ def diffusion_train_step(
     t, weights = sampler.sample(state.sampler, t_rng, x.shape[0])
     noise = jax.random.normal(noise_rng, x.shape, x.dtype)
     k = settings.num_microbatches
-    kwargs = _model_kwargs(batch)
+    kwargs = {arg: batch[k] for k, arg in (("label", "y"), ("low_res", "low_res")) if k in batch}
     if settings.label_dropout > 0:
         label_rng = jax.random.fold_in(step_rng, _LABEL_DROPOUT_PURPOSE)
         kwargs["y"] = drop_labels(

@@ -23,23 +23,7 @@ from diffusion_jax.progress import Progress
 METRICS_FILE = "metrics.jsonl"
 
 
-class _ScalarWriter:
-    """clu's writer interface with nothing to do but `write_scalars` (the subclass's)."""
-
-    def write_images(self, step: int, images: dict[str, Any]) -> None:
-        del step, images
-
-    def write_hparams(self, hparams: dict[str, Any]) -> None:
-        del hparams
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class JsonlWriter(_ScalarWriter):
+class JsonlWriter:
     """Appends `{"step": s, name: value, ...}` lines to DIR/metrics.jsonl."""
 
     def __init__(self, workdir: epath.Path):
@@ -80,7 +64,7 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
     return records
 
 
-class LoggingWriter(_ScalarWriter):
+class LoggingWriter:
     """Scalars as log lines (clu's LoggingWriter format) when clu cannot be imported."""
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
@@ -93,13 +77,17 @@ class LoggingWriter(_ScalarWriter):
 
 
 class _Multi:
+    """clu's writer interface over several writers; one that lacks a method (ours write
+    scalars, and images as log lines) has nothing to do for it."""
+
     def __init__(self, writers):
         self.writers = writers
 
     def __getattr__(self, name):
         def call(*args, **kwargs):
             for w in self.writers:
-                getattr(w, name)(*args, **kwargs)
+                if hasattr(w, name):
+                    getattr(w, name)(*args, **kwargs)
 
         return call
 
