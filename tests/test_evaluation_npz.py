@@ -18,7 +18,6 @@ def test_streamed_batches_equal_file_contents(tmp_path):
     batches = list(npz.iter_batches(4))
     assert [b.shape[0] for b in batches] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate(batches), images)
-    np.testing.assert_array_equal(npz.read_images(), images)
     assert npz.read_statistics() is None
     # A Fortran-ordered array cannot be streamed; it is loaded whole, same result.
     np.savez(tmp_path / "f.npz", np.asfortranarray(images))
@@ -189,8 +188,6 @@ def test_corrupt_member_is_a_clear_error(tmp_path, save):
     message = r"member 'arr_0\.npy' of .*s\.npz is corrupt or truncated"
     with pytest.raises(ValueError, match=message):
         list(npz.iter_batches(4))
-    with pytest.raises(ValueError, match=message):
-        npz.read_images()
     # A reference batch whose statistics are damaged.
     np.savez(
         tmp_path / "r.npz",

@@ -88,7 +88,7 @@ def restore_params(
     if workdir_lib.is_workdir(directory):
         import ml_collections  # lazy: only restoring a config needs it
 
-        params, config, _ = workdir_lib.restore_workdir_params(
+        params, config = workdir_lib.restore_workdir_params(
             directory, step=step, ema_rate=ema_rate, target=target
         )
         return params, ml_collections.ConfigDict(config)

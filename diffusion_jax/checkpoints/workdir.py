@@ -175,8 +175,8 @@ def restore_workdir_params(
     step: int | None = None,
     ema_rate: float | None = None,
     target: Any = None,
-) -> tuple[Any, dict, int]:
-    """(params, saved config dict, step) of a training workdir, without optimiser state.
+) -> tuple[Any, dict]:
+    """(params, saved config dict) of a training workdir, without optimiser state.
 
     The raw parameters (ema_rate None) or one of the run's EMA copies, of `step` (None:
     the latest complete one), restored into the abstract tree `target` if given.
@@ -198,9 +198,8 @@ def restore_workdir_params(
                 raise FileNotFoundError(
                     f"{directory} has no checkpoint at step {step}; it has {steps}."
                 )
-            return (*restore(step), step)
-        (params, config), step = restore_newest_readable(manager, directory, restore)
-        return params, config, step
+            return restore(step)
+        return restore_newest_readable(manager, directory, restore)[0]
     finally:
         manager.close()
 

@@ -106,10 +106,6 @@ class ImageNpz:
                         raise EOFError(f"expected {n * per_image} bytes, got {len(data)}")
                 yield np.frombuffer(data, dtype).reshape(n, *shape[1:])
 
-    def read_images(self) -> np.ndarray:
-        """Returns all of `arr_0` (validated uint8)."""
-        return check_images(self._load_member(IMAGES_KEY), f"{self.path}:{IMAGES_KEY}")
-
     def read_statistics(self) -> dict[str, np.ndarray] | None:
         """Returns the precomputed `mu`, `sigma`, `mu_s`, `sigma_s` (float64), or None.
 

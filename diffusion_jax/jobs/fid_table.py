@@ -205,12 +205,10 @@ def _sample_row(row: Row, settings: TableSettings) -> str:
     if row.classifier:
         sampling["classifier_config"] = _spec(row.classifier, settings)
         sampling["classifier_checkpoint"] = _checkpoint(row.classifier, settings)
-    if settings.num_samples:
-        sampling["num_samples"] = settings.num_samples
-    if settings.steps:
-        sampling["timestep_respacing"] = settings.steps
-    if settings.batch_size:
-        sampling["batch_size"] = settings.batch_size
+    overrides = (settings.num_samples, settings.steps, settings.batch_size)
+    for field, value in zip(("num_samples", "timestep_respacing", "batch_size"), overrides):
+        if value:
+            sampling[field] = value
     config.sampling.update(sampling)
     base_samples = _sample_row(row.base, settings) if row.base is not None else None
     out = epath.Path(settings.workdir) / "samples" / f"{row.slug}.npz"

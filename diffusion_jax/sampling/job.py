@@ -231,8 +231,7 @@ def _first_unfinished(plan: _Plan, num_batches: int) -> int:
     """The first batch that not every process finished; damaged parts are redrawn."""
     parts = _parts_dir(plan)
     start = 0
-    while start < num_batches and _part_path(parts, start).exists():
-        path = _part_path(parts, start)
+    while start < num_batches and (path := _part_path(parts, start)).exists():
         if not _part_readable(path):
             logging.warning("%s is damaged (cut short?): drawing that batch again.", path)
             path.unlink(missing_ok=True)

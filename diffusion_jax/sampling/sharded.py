@@ -82,13 +82,12 @@ def _conditioning(program, classifier_params, scale, cfg_scale, labels, low_res)
     cond_fn = None
     if program.classifier is not None:
         cond_fn = classifier_cond_fn(program.classifier.apply, {"params": classifier_params}, scale)
-    cfg = program.null_label is not None
     return Conditioning(
         model_kwargs,
         cond_fn,
         # Guidance labels reach the classifier only: an unconditional model refuses y.
         cond_kwargs=None if labels is None else {"y": labels},
-        cfg_scale=cfg_scale if cfg else None,
+        cfg_scale=None if program.null_label is None else cfg_scale,
         null_label=program.null_label,
     )
 
@@ -116,8 +115,7 @@ def _program(
         program.options,
         cond=_conditioning(program, classifier_params, scale, cfg_scale, labels, low_res),
     )["sample"]
-    images = jax.lax.with_sharding_constraint(to_uint8(out), parallel.data_sharding(program.mesh))
-    return images
+    return jax.lax.with_sharding_constraint(to_uint8(out), parallel.data_sharding(program.mesh))
 
 
 def sampling_program(config: Any, mesh: Mesh, *, classifier: Any = None) -> SamplingProgram:
