@@ -106,10 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     training.ema_rates = (0.995,)
     training.ema_warmup = True  # a short run: early EMA copies must not keep the init
     training.label_dropout = 0.1  # classifier-free guidance: a null-label row
-    # One example in 32 at t = 0, where the vb term is the decoder's NLL L_0 (the MSE
-    # importance-weighted, so the mean is trained as with uniform t): uniform t reaches
-    # t = 0 58 times in 1800 steps, its learned variance stayed near the t = 1 value,
-    # and L_0 was over half the bits/dim (bench/RESULTS.md, "Bits/dim").
+    # One example in 32 at t = 0, where the vb term is the decoder's NLL L_0: uniform t
+    # reaches it 58 times in 1800 steps, its learned variance stayed near the t = 1
+    # value, and L_0 was over half the bits/dim (0.69 of 1.26). With this share: 0.35 of
+    # 0.97 bits/dim (bench/RESULTS.md). Samplers never use the variance at t = 0.
     training.decoder_share = 1 / 32
     training.log_every = 50
     training.checkpoint_every = 300

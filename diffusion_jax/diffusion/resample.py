@@ -95,11 +95,6 @@ class ScheduleSampler(abc.ABC):
         which each example's loss is multiplied so the mean loss stays unbiased.
         """
 
-    def example_losses(self, terms: dict, t, weights) -> jax.Array:
-        """Each example's loss in the training objective: `terms['loss'] * weights`."""
-        del t
-        return terms["loss"] * weights
-
     @abc.abstractmethod
     def update(self, state: SamplerState, t, losses) -> SamplerState:
         """The state after the global batch's t (int [B]) and its per-example unweighted
@@ -120,17 +115,15 @@ class ScheduleSampler(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class UniformSampler(ScheduleSampler):
-    """t uniform over [0, T), every importance weight 1 (unless decoder_share).
+    """t uniform over [0, T), every importance weight 1.
 
     Attributes:
-      decoder_share: with this probability an example's t is 0 instead. At t = 0 the
-        vb term is the decoder's NLL L_0, the only term that trains the learned variance
-        there, which no sampler uses (the last step adds no noise), only bits/dim.
+      decoder_share: with this probability an example's t is 0 instead (unweighted: the
+        objective leans towards t = 0 on purpose). At t = 0 the loss's vb term is the
+        decoder's NLL L_0, the only term that trains the learned variance there; no
+        sampler uses that variance (the last step adds no noise), only bits/dim does.
         Uniform t reaches it once in T examples: 58 times in the quickstart's whole run,
-        whose L_0 was then over half its bits/dim (bench/RESULTS.md). The weights are
-        then 1 / (T p_t), so the MSE (the mean) is trained as with uniform t in
-        expectation, and `example_losses` leaves the vb term at t = 0 unweighted: only
-        the decoder's variance leans towards t = 0. 0 = the paper.
+        whose L_0 was then over half its bits/dim (bench/RESULTS.md). 0 = the paper.
     """
 
     decoder_share: float = 0.0
@@ -144,20 +137,12 @@ class UniformSampler(ScheduleSampler):
 
     def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
         self._check_state(state)
-        if not self.decoder_share:
-            t = jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, jnp.int32)
-            return t, jnp.ones((batch_size,), jnp.float32)
-        rng, pick = jax.random.split(rng)
+        if self.decoder_share:
+            rng, pick = jax.random.split(rng)
         t = jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, jnp.int32)
-        t = jnp.where(jax.random.uniform(pick, (batch_size,)) < self.decoder_share, 0, t)
-        return t, 1.0 / (self.num_timesteps * self.probabilities(state)[t])
-
-    def example_losses(self, terms: dict, t, weights) -> jax.Array:
-        losses = super().example_losses(terms, t, weights)
-        if not self.decoder_share or "vb" not in terms:
-            return losses
-        # At t = 0: weights * mse + vb (the decoder term unweighted, on purpose).
-        return losses + jnp.where(t == 0, 1.0 - weights, 0.0) * terms["vb"]
+        if self.decoder_share:
+            t = jnp.where(jax.random.uniform(pick, (batch_size,)) < self.decoder_share, 0, t)
+        return t, jnp.ones((batch_size,), jnp.float32)
 
     def update(self, state: SamplerState, t, losses) -> SamplerState:
         self._check_state(state)

@@ -232,7 +232,7 @@ def diffusion_train_step(
         terms = diffusion.training_losses(
             model_fn, mb["x"], mb["t"], noise=mb["noise"], model_kwargs=mb["kwargs"]
         )
-        return jnp.mean(sampler.example_losses(terms, mb["t"], mb["w"])), terms
+        return jnp.mean(terms["loss"] * mb["w"]), terms
 
     loss, grads, terms = _accumulate_grads(loss_fn, state.params, _split_micro(inputs, k), k)
     terms = _merge_micro(terms)
