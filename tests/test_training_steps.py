@@ -41,6 +41,7 @@ def tiny_config(mesh_fsdp=1, **training):
     config.training.num_steps = 100
     config.training.ema_rates = (0.9, 0.99)
     config.training.schedule_sampler = "loss-second-moment"
+    config.training.decoder_share = 0.0  # the quickstart's share is for uniform t only
     config.training.label_dropout = LABEL_DROPOUT  # linked: model.label_dropout
     config.training.update(training)
     return config
