@@ -137,12 +137,12 @@ class UniformSampler(ScheduleSampler):
 
     def sample(self, state: SamplerState, rng, batch_size: int) -> tuple[jax.Array, jax.Array]:
         self._check_state(state)
-        if self.decoder_share:
-            rng, pick = jax.random.split(rng)
+        ones = jnp.ones((batch_size,), jnp.float32)
+        if not self.decoder_share:  # the paper's draw
+            return jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, jnp.int32), ones
+        rng, pick = jax.random.split(rng)
         t = jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, jnp.int32)
-        if self.decoder_share:
-            t = jnp.where(jax.random.uniform(pick, (batch_size,)) < self.decoder_share, 0, t)
-        return t, jnp.ones((batch_size,), jnp.float32)
+        return jnp.where(jax.random.uniform(pick, (batch_size,)) < self.decoder_share, 0, t), ones
 
     def update(self, state: SamplerState, t, losses) -> SamplerState:
         self._check_state(state)
@@ -255,6 +255,16 @@ def create_schedule_sampler(
     return LossSecondMomentResampler(int(num_timesteps), int(history_per_term), float(uniform_prob))
 
 
+def sampler_from_config(training, num_timesteps: int) -> ScheduleSampler:
+    """`create_schedule_sampler` from a config's `training` section (`schedule_sampler`,
+    `decoder_share`): the one reading of those fields, for training and its checks."""
+    return create_schedule_sampler(
+        training.schedule_sampler,
+        num_timesteps,
+        decoder_share=training.get("decoder_share", 0.0),
+    )
+
+
 __all__ = [
     "SCHEDULE_SAMPLERS",
     "LossSecondMomentResampler",
@@ -262,4 +272,5 @@ __all__ = [
     "ScheduleSampler",
     "UniformSampler",
     "create_schedule_sampler",
+    "sampler_from_config",
 ]

@@ -45,7 +45,7 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
       ValueError: naming the field(s) and how to fix them.
     """
     from diffusion_jax.diffusion import create_diffusion
-    from diffusion_jax.diffusion.resample import create_schedule_sampler
+    from diffusion_jax.diffusion.resample import sampler_from_config
     from diffusion_jax.models import model_spec, validate_model_config
 
     spec = model_spec(config.model.kind)
@@ -62,11 +62,7 @@ def check_training_config(config: Any, trainer: str, num_devices: int) -> None:
 
     validate_model_config(model)  # architecture fields, before anything is written
     diffusion = create_diffusion(config.diffusion)
-    create_schedule_sampler(
-        training.schedule_sampler,
-        diffusion.num_timesteps,
-        decoder_share=training.get("decoder_share", 0.0),
-    )
+    sampler_from_config(training, diffusion.num_timesteps)
     if trainer == "diffusion" and bool(data.class_cond) != (model.num_classes is not None):
         raise ValueError(
             f"data.class_cond={data.class_cond} disagrees with model.num_classes="

@@ -28,7 +28,7 @@ from diffusion_jax import locks, parallel, resumable
 from diffusion_jax.checkpoints.workdir import create_manager
 from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
-from diffusion_jax.diffusion.resample import create_schedule_sampler
+from diffusion_jax.diffusion.resample import sampler_from_config
 from diffusion_jax.files import read_json
 from diffusion_jax.models import (
     create_classifier,
@@ -326,11 +326,7 @@ def _diffusion_task(config, settings_kwargs, mesh, workdir) -> _Task:
 
     model = create_model(config.model)
     diffusion = create_diffusion(config.diffusion)
-    sampler = create_schedule_sampler(
-        config.training.schedule_sampler,
-        diffusion.num_timesteps,
-        decoder_share=float(config.training.get("decoder_share", 0.0)),
-    )
+    sampler = sampler_from_config(config.training, diffusion.num_timesteps)
     settings = steps.StepSettings(
         apply_fn=model.apply,
         num_timesteps=diffusion.num_timesteps,
