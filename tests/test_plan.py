@@ -53,11 +53,15 @@ def refused(tmp_path_factory):
     """`train` on 1 MiB devices: (its refusal, the report of the step it compiled, workdir).
 
     The run compiles its step through its own code path before anything else (the
-    executable it would then run: test_training_e2e runs it); its data cannot be read.
+    executable it would then run: test_training_e2e runs it); its images cannot be
+    decoded, so reading one would fail the run another way.
     """
     config = tiny_config()
     config.data.dataset = "folder"
-    config.data.data_dir = str(tmp_path_factory.mktemp("no_images") / "none")  # unreadable
+    images = tmp_path_factory.mktemp("broken_images")
+    for i in range(32):  # one batch, listed (class 'cat'), none decodable
+        (images / f"cat_{i}.png").write_bytes(b"not a png")
+    config.data.data_dir = str(images)
     config.mesh.device_memory_gb = 0.001
     workdir = tmp_path_factory.mktemp("run") / "run"
     reports, original = [], aot.memory_report

@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import locks, parallel, resumable
-from diffusion_jax.checkpoints.workdir import create_manager
+from diffusion_jax.checkpoints.workdir import complete_steps, create_manager
 from diffusion_jax.data import create_input_pipeline
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.diffusion.resample import sampler_from_config
@@ -186,14 +186,21 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     if (workdir / CONFIG_FILE).exists():  # another config's run is refused; nothing written
         saved = read_json(workdir / CONFIG_FILE, hint="Use a new --workdir.")
         checks.check_resume_config(saved, json.loads(config_json(config)), str(workdir))
+    # The data source is opened (a missing or empty one is one line) before the compile;
+    # no image is read until the compiled step runs.
+    pipeline = _open_pipeline(config, mesh)
     setup = create_setup(config, mesh, trainer, workdir)
+    # A fresh run's training.init_from is read and checked against the model now: a
+    # checkpoint that does not fit is one line before the compile.
+    fresh = not (workdir.exists() and complete_steps(workdir))
+    init_params = _init_from_params(config, setup) if fresh else None
     # Compiled before data is read or anything written: a step that cannot fit stops here.
     compiled, _ = aot.compile_train_step(config, mesh, setup)
     setup = dataclasses.replace(setup, train_step=compiled)
     manager = create_manager(workdir, keep=config.training.keep_checkpoints)
-    state, positions = _restore_or_init(config, workdir, setup, manager)
-    # The step is built and the state laid out before any data is read.
-    pipeline = _open_pipeline(config, mesh, positions)
+    state, positions = _restore_or_init(config, workdir, setup, manager, init_params)
+    if positions is not None:  # where this process's reading stopped
+        pipeline.set_state(positions[jax.process_index()])
     resumable.write_text(workdir / CONFIG_FILE, config_json(config))  # every check passed
     with pipeline:
         try:
@@ -205,8 +212,21 @@ def _train(config: Any, workdir: epath.Path, trainer: str, stop) -> TrainState:
     return state
 
 
-def _restore_or_init(config: Any, workdir: epath.Path, setup: Setup, manager):
-    """(state, every process's data position) of the latest checkpoint, else (step 0, None)."""
+def _init_from_params(config: Any, setup: Setup):
+    """`training.init_from`'s parameters (host arrays) checked against the model, or None."""
+    path = config.training.init_from
+    if not path:
+        return None
+    from diffusion_jax.checkpoints import check_param_shapes, restore_params
+
+    params, _ = restore_params(path, ema_rate=config.training.init_from_ema_rate)
+    check_param_shapes(params, setup.abstract_params, f"training.init_from={path}")
+    return jax.device_get(params)  # laid out on the mesh by init
+
+
+def _restore_or_init(config: Any, workdir: epath.Path, setup: Setup, manager, init_params):
+    """(state, every process's data position) of the latest checkpoint, else (step 0, None)
+    from `init_params` (read here if None: a workdir whose checkpoints were all damaged)."""
     current = json.loads(config_json(config))
     restored = checkpointing.restore_newest(
         manager,
@@ -225,19 +245,14 @@ def _restore_or_init(config: Any, workdir: epath.Path, setup: Setup, manager):
             )
         logging.info("Resumed %s at step %d.", workdir, latest)
         return state, positions
-    params, path = None, config.training.init_from
-    if path:  # fine-tuning: a convert_checkpoint directory's or another workdir's parameters
-        from diffusion_jax.checkpoints import check_param_shapes, restore_params
-
-        params, _ = restore_params(path, ema_rate=config.training.init_from_ema_rate)
-        check_param_shapes(params, setup.abstract_params, f"training.init_from={path}")
-        params = jax.device_get(params)  # host arrays: laid out on the mesh by init
-        logging.info("Fine-tuning from %s.", path)
+    params = init_params if init_params is not None else _init_from_params(config, setup)
+    if params is not None:  # fine-tuning: a convert_checkpoint directory's or a workdir's
+        logging.info("Fine-tuning from %s.", config.training.init_from)
     return setup.init(params), None
 
 
-def _open_pipeline(config: Any, mesh, positions):
-    """The run's global-batch input pipeline, at this process's saved position if any."""
+def _open_pipeline(config: Any, mesh):
+    """The run's global-batch input pipeline (it reads nothing until its first batch)."""
     pipeline = create_input_pipeline(
         config.data,
         global_batch_size=config.training.batch_size,
@@ -250,8 +265,6 @@ def _open_pipeline(config: Any, mesh, positions):
             f"data.dataset={config.data.dataset!r} (split {config.data.split!r}) has no "
             "images; check data.data_dir and data.split."
         )
-    if positions is not None:
-        pipeline.set_state(positions[jax.process_index()])
     return pipeline
 
 
