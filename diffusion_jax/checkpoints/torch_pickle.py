@@ -45,27 +45,14 @@ _STORAGE_DTYPES = {
     "ComplexFloatStorage": np.complex64,
     "ComplexDoubleStorage": np.complex128,
 }
-# torch.<dtype> globals (the dtype argument of `_rebuild_tensor_v3`).
+# torch.<dtype> globals (the dtype argument of `_rebuild_tensor_v3`): numpy's or
+# ml_dtypes' dtype of the same name.
 _TORCH_DTYPES = {
-    "float32": np.float32,
-    "float64": np.float64,
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-    "int64": np.int64,
-    "int32": np.int32,
-    "int16": np.int16,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "uint16": np.uint16,
-    "uint32": np.uint32,
-    "uint64": np.uint64,
-    "bool": np.bool_,
-    "complex64": np.complex64,
-    "complex128": np.complex128,
-    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-    "float8_e5m2": ml_dtypes.float8_e5m2,
-    "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz,
-    "float8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
+    name: getattr(ml_dtypes, name, None) or np.dtype(name)
+    for name in (
+        "float32 float64 float16 bfloat16 int64 int32 int16 int8 uint8 uint16 uint32 uint64 bool "
+        "complex64 complex128 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz"
+    ).split()
 }
 
 
