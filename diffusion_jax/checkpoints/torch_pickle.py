@@ -45,14 +45,13 @@ _STORAGE_DTYPES = {
     "ComplexFloatStorage": np.complex64,
     "ComplexDoubleStorage": np.complex128,
 }
-# torch.<dtype> globals (the dtype argument of `_rebuild_tensor_v3`): numpy's or
-# ml_dtypes' dtype of the same name.
+# torch.<dtype> globals (the dtype argument of `_rebuild_tensor_v3`): the storages' dtypes
+# and those only `_v3` carries, by their numpy / ml_dtypes names.
+_FLOAT8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 _TORCH_DTYPES = {
-    name: getattr(ml_dtypes, name, None) or np.dtype(name)
-    for name in (
-        "float32 float64 float16 bfloat16 int64 int32 int16 int8 uint8 uint16 uint32 uint64 bool "
-        "complex64 complex128 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz"
-    ).split()
+    **{np.dtype(t).name: t for t in _STORAGE_DTYPES.values()},
+    **{name: np.dtype(name) for name in ("uint16", "uint32", "uint64")},
+    **{name: getattr(ml_dtypes, name) for name in _FLOAT8},
 }
 
 
