@@ -1,11 +1,15 @@
 """The one progress meter of host-side loops: units done of a total, rate(s) and ETA as log lines.
 
 (Compiled loops have their own bar, fed from inside the program: `diffusion.progress`.)
+Also `absl_records_dropped`, which keeps other libraries' chatter out of those logs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging as logging_std
 import time
+from collections.abc import Callable, Iterator
 
 from absl import logging
 
@@ -68,3 +72,18 @@ class Progress:
         if self.also:
             parts.append(f"{rate * self.also[0]:.3g} {self.also[1]}/s")
         return ", ".join(parts + ([] if self.total is None else [self.eta()]))
+
+
+@contextlib.contextmanager
+def absl_records_dropped(drop: Callable[[logging_std.LogRecord], bool]) -> Iterator[None]:
+    """Drops the log records `drop` selects from absl's logger while the block runs."""
+
+    def keep(record: logging_std.LogRecord) -> bool:
+        return not drop(record)
+
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(keep)

@@ -45,27 +45,13 @@ _STORAGE_DTYPES = {
     "ComplexFloatStorage": np.complex64,
     "ComplexDoubleStorage": np.complex128,
 }
-# torch.<dtype> globals (the dtype argument of `_rebuild_tensor_v3`).
+# torch.<dtype> globals (the dtype argument of `_rebuild_tensor_v3`): the storages' dtypes
+# and those only `_v3` carries, by their numpy / ml_dtypes names.
+_FLOAT8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 _TORCH_DTYPES = {
-    "float32": np.float32,
-    "float64": np.float64,
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-    "int64": np.int64,
-    "int32": np.int32,
-    "int16": np.int16,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "uint16": np.uint16,
-    "uint32": np.uint32,
-    "uint64": np.uint64,
-    "bool": np.bool_,
-    "complex64": np.complex64,
-    "complex128": np.complex128,
-    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-    "float8_e5m2": ml_dtypes.float8_e5m2,
-    "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz,
-    "float8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
+    **{np.dtype(t).name: t for t in _STORAGE_DTYPES.values()},
+    **{name: np.dtype(name) for name in ("uint16", "uint32", "uint64")},
+    **{name: getattr(ml_dtypes, name) for name in _FLOAT8},
 }
 
 

@@ -24,7 +24,6 @@ The command lines printed by the pipeline's error messages come from
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import logging as logging_lib
@@ -32,7 +31,7 @@ import os
 import socket
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -40,6 +39,7 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax.files import files_under, read_json
+from diffusion_jax.progress import absl_records_dropped
 
 ARRAY_RECORD = "array_record"
 TFRECORD = "tfrecord"
@@ -103,7 +103,7 @@ def open_builder(
 
     try:
         # tfds logs where it looked at INFO level; the errors below say what matters.
-        with _absl_records_dropped(lambda r: r.levelno < logging_lib.WARNING):
+        with absl_records_dropped(lambda r: r.levelno < logging_lib.WARNING):
             return tfds.builder(
                 name, data_dir=None if data_dir is None else os.fspath(data_dir), **kwargs
             )
@@ -182,24 +182,9 @@ def _check_reachable(builder: Any, name: str, connect: Callable[..., Any]) -> No
             ) from None
 
 
-@contextlib.contextmanager
-def _absl_records_dropped(drop: Callable[[logging_lib.LogRecord], bool]) -> Iterator[None]:
-    """Drops the absl (tfds) log records `drop` selects while the block runs."""
-
-    def keep(record: logging_lib.LogRecord) -> bool:
-        return not drop(record)
-
-    absl_logger = logging_lib.getLogger("absl")
-    absl_logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        absl_logger.removeFilter(keep)
-
-
 def is_prepared(builder: Any) -> bool:
     """`builder.is_prepared()`, without tfds' warning line when it is not."""
-    with _absl_records_dropped(lambda r: str(r.msg).startswith("Variant folder")):
+    with absl_records_dropped(lambda r: str(r.msg).startswith("Variant folder")):
         return builder.is_prepared()
 
 

@@ -356,10 +356,7 @@ def compute_features(
     batch_size = -(-batch_size // shards) * shards
     params = jax.device_put(inception_model.params, parallel.replicated_sharding(mesh))
     keys = inception_model.feature_keys
-
-    def features(x: jax.Array) -> dict[str, jax.Array]:
-        return inception_model.apply(params, x)
-
+    features = functools.partial(inception_model.apply, params)
     run = multihost.PadShardUnpad(features, mesh, batch_size)
     procs = multihost.mesh_processes(mesh)
     chunks = _local_chunks(images, run.local_batch_size)

@@ -31,20 +31,11 @@ METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
 _HEADERS = dict(zip(METRICS, ("FID", "sFID", "Prec", "Rec", "IS"), strict=True))
 # config name -> the released file (openai/guided-diffusion README).
 RELEASED = {
-    "imagenet64": "64x64_diffusion.pt",
-    "imagenet128": "128x128_diffusion.pt",
-    "imagenet256": "256x256_diffusion.pt",
+    **{f"imagenet{n}": f"{n}x{n}_diffusion.pt" for n in (64, 128, 256, 512)},
     "imagenet256_uncond": "256x256_diffusion_uncond.pt",
-    "imagenet512": "512x512_diffusion.pt",
-    "upsample64_256": "64_256_upsampler.pt",
-    "upsample128_512": "128_512_upsampler.pt",
-    "classifier64": "64x64_classifier.pt",
-    "classifier128": "128x128_classifier.pt",
-    "classifier256": "256x256_classifier.pt",
-    "classifier512": "512x512_classifier.pt",
-    "lsun_bedroom": "lsun_bedroom.pt",
-    "lsun_cat": "lsun_cat.pt",
-    "lsun_horse": "lsun_horse.pt",
+    **{f"upsample{a}_{b}": f"{a}_{b}_upsampler.pt" for a, b in ((64, 256), (128, 512))},
+    **{f"classifier{n}": f"{n}x{n}_classifier.pt" for n in (64, 128, 256, 512)},
+    **{f"lsun_{c}": f"lsun_{c}.pt" for c in ("bedroom", "cat", "horse")},
 }
 
 

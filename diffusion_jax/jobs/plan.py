@@ -112,14 +112,8 @@ def compile_train_variant(config: Any, devices, variant: Variant) -> dict[str, A
 
 
 def _report_row(report: aot.MemoryReport) -> dict[str, Any]:
-    return {
-        "total_bytes": report.total_bytes,
-        "argument_bytes": report.argument_bytes,
-        "output_bytes": report.output_bytes,
-        "alias_bytes": report.alias_bytes,
-        "temp_bytes": report.temp_bytes,
-        "compile_s": report.compile_seconds,
-    }
+    sizes = ("total_bytes", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")
+    return {**{k: getattr(report, k) for k in sizes}, "compile_s": report.compile_seconds}
 
 
 # ----- FLOPs ---------------------------------------------------------------------------
@@ -281,21 +275,16 @@ def format_plan(name: str, result: dict[str, Any]) -> str:
             f"  {r['variant']:38s} {gib(r['total_bytes'])} {state} {gib(r['temp_bytes'])} "
             f"{r['compile_s']:9.1f}  {fits}"
         )
-    lines.append(
-        "  device memory: "
-        + ("not reported by the backend (pass --device_memory_gb)" if limit is None
-           else f"{limit / aot.GIB:.2f} GiB")
-    )  # fmt: skip
-    lines.append(
+    memory = "not reported by the backend (pass --device_memory_gb)"
+    lines += [
+        f"  device memory: {memory if limit is None else f'{limit / aot.GIB:.2f} GiB'}",
         f"FLOPs: {result['forward_flops'] / 1e9:.1f} GFLOPs per forward per image; "
-        f"{result['step_flops'] / 1e12:.1f} TFLOPs per train step (3 forwards an image)."
-    )
-    lines.append(
+        f"{result['step_flops'] / 1e12:.1f} TFLOPs per train step (3 forwards an image).",
         f"Time at {result['mfu']:.0%} MFU of {result['peak_tflops']:.0f} TFLOP/s per device "
         f"(--mfu, --peak_tflops; no measured MFU of ours on an accelerator yet): "
         f"{result['step_s']:.3f} s per step, {result['train_days']:.1f} days for "
-        f"{result['num_steps']:,} steps on {n} devices."
-    )
+        f"{result['num_steps']:,} steps on {n} devices.",
+    ]
     s = result["sampling"]
     if s:
         lines.append(

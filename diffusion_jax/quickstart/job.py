@@ -155,10 +155,8 @@ def image_statistics(images: np.ndarray) -> dict[str, float]:
 def _write_npz(path: epath.Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes (atomically) unless the file already holds these arrays: a re-run keeps it,
     and with it the evaluator's activation cache beside it."""
-    if path.exists():
-        with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
-            if np.array_equal(data["arr_0"], images) and np.array_equal(data["arr_1"], labels):
-                return
+    if path.exists() and all(map(np.array_equal, _read_npz(path), (images, labels))):
+        return
     with files.atomic_write(path, "wb") as f:
         np.savez(f, arr_0=images, arr_1=labels)
 

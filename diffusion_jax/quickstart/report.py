@@ -71,8 +71,7 @@ def write_curves(path: epath.Path, workdir: epath.Path) -> None:
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, label=key)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
+        ax.set(yscale="log", xlabel="step")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -9,7 +9,6 @@ resumes from the latest complete one when started again with the same workdir.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -37,6 +36,7 @@ from diffusion_jax.models import (
     null_label,
     validate_model_config,
 )
+from diffusion_jax.progress import absl_records_dropped
 from diffusion_jax.training import aot, checkpointing, checks, steps
 from diffusion_jax.training.optimizer import create_optimizer, learning_rate_schedule
 from diffusion_jax.training.state import TrainState, create_train_state
@@ -77,24 +77,6 @@ def _init_params(module, init_inputs, seed: int):
     args, kwargs = init_inputs(1)
     rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
     return module.init(rngs, *args, **kwargs)["params"]
-
-
-class _QuietOrbax(logging_std.Filter):
-    """Drops Orbax's INFO lines (dozens per save); its warnings and errors still show."""
-
-    def filter(self, record):
-        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Installs `_QuietOrbax` on absl's logger while the block runs."""
-    logger, quiet = logging.get_absl_logger(), _QuietOrbax()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 @dataclasses.dataclass
@@ -175,7 +157,11 @@ def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = N
 def _run(config: Any, workdir: str | epath.PathLike, trainer: str, stop) -> TrainState:
     workdir = epath.Path(workdir)
     job = "training" if trainer == "diffusion" else "classifier training"
-    with locks.exclusive_workdir(workdir, job=job), _quiet_orbax():
+    # Orbax logs dozens of INFO lines per save; its warnings and errors still show.
+    quiet_orbax = absl_records_dropped(
+        lambda r: r.levelno < logging_std.WARNING and "/orbax/" in r.pathname
+    )
+    with locks.exclusive_workdir(workdir, job=job), quiet_orbax:
         return _train(config, workdir, trainer, stop)
 
 
