@@ -222,8 +222,9 @@ def test_decoder_variance_scale_multiplies_the_variance_output_at_step_zero_only
     # Closed form: log var = f * log beta_t + (1 - f) * log posterior_var_t (clipped at
     # t = 0 to its t = 1 value), f = (K v + 1) / 2 at step 0 and (v + 1) / 2 elsewhere.
     kwargs = dict(steps=40, learn_sigma=True, noise_schedule="cosine", timestep_respacing="10")
-    paper, scaled = ours.create_diffusion(**kwargs), ours.create_diffusion(
-        **kwargs, decoder_variance_scale=16.0
+    paper, scaled = (
+        ours.create_diffusion(**kwargs),
+        ours.create_diffusion(**kwargs, decoder_variance_scale=16.0),
     )
     assert paper != scaled and hash(paper) != hash(scaled)
     v = np.random.default_rng(0).uniform(-1, 1, (3, 2, 2, 3))
