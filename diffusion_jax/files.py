@@ -14,11 +14,13 @@ Ground floor: knows nothing of the rest of the library, so every layer can use i
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
 from typing import IO, Any
 
+import ml_collections
 from etils import epath
 
 
@@ -91,3 +93,49 @@ def read_json(path: str | epath.PathLike, *, hint: str = "") -> Any:
 
 def _hint(hint: str) -> str:
     return f" {hint}" if hint else ""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (KeyError's quotes and line breaks removed)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    while isinstance(message, BaseException):  # AttributeError(KeyError(...))
+        message = message.args[0] if message.args else ""
+    return " ".join(str(message).split()) or type(error).__name__
+
+
+def load_config_file(spec: str) -> tuple[Any, str | None]:
+    """Loads `path[:argument]` as ml_collections does; returns `(config, problem)`.
+
+    Args:
+      spec: a `--config` value or a config field naming one, e.g. 'configs/imagenet64.py:tiny'.
+
+    Returns:
+      `(ConfigDict, None)`, or `(None, what is wrong)` as one sentence.
+    """
+    path, colon, argument = spec.partition(":")
+    if not path:
+        return None, "the config path is empty"
+    if not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+        return None, (
+            f"no config file {path}{where} (config paths are relative to the current "
+            "directory: run from the repository root, e.g. --config=configs/imagenet64.py)"
+        )
+    if not path.endswith(".py"):
+        return None, f"{path} is not a config file (a Python file defining get_config())"
+    try:
+        module_spec = importlib.util.spec_from_file_location("_config_file", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # whatever executing the file raises: report it, do not crash
+        return None, f"cannot load {path}: {type(e).__name__}: {one_line(e)}"
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        return None, f"{path} is not a config file: it defines no get_config()"
+    try:
+        config = get_config(argument) if colon else get_config()
+    except Exception as e:  # e.g. an unknown variant: the config's own message
+        return None, one_line(e)
+    if not isinstance(config, ml_collections.ConfigDict):
+        return None, f"get_config() of {path} returned a {type(config).__name__}, not a ConfigDict"
+    return config, None

@@ -16,7 +16,6 @@ path imports it), unless the environment already sets them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
@@ -31,8 +30,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffusion_jax.files import load_config_file, one_line
+
 USER_ERRORS = (ValueError, OSError, ImportError, app.UsageError)
-_CONFIG_MODULE = "_launch_config_check"
 _CONFIG_FLAG_NAMES: list[str] = []  # the flags define_config_flag defined
 
 
@@ -40,14 +40,6 @@ def fail(message: str) -> NoReturn:
     """Prints `error: <message>` on stderr and exits with status 1."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (KeyError's quotes and line breaks removed)."""
-    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    while isinstance(message, BaseException):  # AttributeError(KeyError(...))
-        message = message.args[0] if message.args else ""
-    return " ".join(str(message).split()) or type(error).__name__
 
 
 def define_config_flag(help_string: str, *, default: str | None = None) -> flags.FlagHolder:
@@ -124,44 +116,6 @@ def _config_spec(name: str, argv: Sequence[str]) -> str | None:
         elif match and i + 1 < len(argv):
             spec = argv[i + 1]
     return spec
-
-
-def load_config_file(spec: str) -> tuple[Any, str | None]:
-    """Loads `path[:argument]` as ml_collections does; returns `(config, problem)`.
-
-    Args:
-      spec: the `--config` value, e.g. 'configs/imagenet64.py:tiny'.
-
-    Returns:
-      `(ConfigDict, None)`, or `(None, what is wrong)` as one sentence.
-    """
-    path, colon, argument = spec.partition(":")
-    if not path:
-        return None, "the config path is empty"
-    if not os.path.isfile(path):
-        where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
-        return None, (
-            f"no config file {path}{where} (config paths are relative to the current "
-            "directory: run from the repository root, e.g. --config=configs/imagenet64.py)"
-        )
-    if not path.endswith(".py"):
-        return None, f"{path} is not a config file (a Python file defining get_config())"
-    try:
-        module_spec = importlib.util.spec_from_file_location(_CONFIG_MODULE, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # whatever executing the file raises: report it, do not crash
-        return None, f"cannot load {path}: {type(e).__name__}: {one_line(e)}"
-    get_config = getattr(module, "get_config", None)
-    if not callable(get_config):
-        return None, f"{path} is not a config file: it defines no get_config()"
-    try:
-        config = get_config(argument) if colon else get_config()
-    except Exception as e:  # e.g. an unknown variant: the config's own message
-        return None, one_line(e)
-    if not isinstance(config, ml_collections.ConfigDict):
-        return None, f"get_config() of {path} returned a {type(config).__name__}, not a ConfigDict"
-    return config, None
 
 
 def _did_you_mean(error: BaseException | None) -> str:

@@ -9,9 +9,7 @@ the output directory must be writable.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from typing import Any
 
 import jax
@@ -20,7 +18,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import models
+from diffusion_jax import files, models
 
 CONFIG_FILE = "config.json"  # beside every converted checkpoint and training workdir
 # `config.diffusion` fields the model was trained for (respacing is the sampler's choice).
@@ -101,14 +99,11 @@ def check_diffusion_matches(saved: Any, diffusion_config: Any, flag: str) -> Non
 
 
 def load_config_spec(spec: str, field: str) -> ml_collections.ConfigDict:
-    """Loads `path[:argument]` (e.g. sampling.classifier_config) as ml_collections does."""
-    path, colon, argument = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{field}={spec!r}: no config file {path}.")
-    module_spec = importlib.util.spec_from_file_location("_sampling_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(argument) if colon else module.get_config()
+    """Loads `path[:argument]` (e.g. sampling.classifier_config) as `--config` does."""
+    config, problem = files.load_config_file(spec)
+    if problem:
+        raise ValueError(f"{field}={spec!r}: {problem}")
+    return config
 
 
 def check_classifier(classifier_model: Any, model_config: Any, flag: str) -> int:
