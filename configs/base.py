@@ -59,7 +59,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     diffusion.rescale_timesteps = False
     diffusion.rescale_learned_sigmas = False
     diffusion.timestep_respacing = ""  # "" = all steps; int, "250", "10,15,20", "ddim25"
-    diffusion.decoder_variance_scale = 1.0  # ours, not the paper's: 1.0 = the paper
 
     # --- Input pipeline. ---------------------------------------------------------------
     data = config.data = ml_collections.ConfigDict()

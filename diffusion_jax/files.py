@@ -24,6 +24,28 @@ import ml_collections
 from etils import epath
 
 
+def absolute(path: str | epath.PathLike) -> epath.Path:
+    """`path` made absolute against the working directory (a `gs://` path already is;
+    `epath.Path.resolve` would mangle it)."""
+    path = epath.Path(path)
+    return path if path.is_absolute() else epath.Path(os.path.abspath(path))
+
+
+def check_writable(directory: str | epath.PathLike, what: str, probe: str = ".write_test") -> None:
+    """Makes `directory` if needed and writes and removes the file `probe` in it; an
+    OSError naming `what` (the flag that gave it) when either fails."""
+    directory = epath.Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / probe).write_text("")
+        (directory / probe).unlink()
+    except OSError as e:
+        raise OSError(
+            f"{what}: {directory} is not writable ({type(e).__name__}: {e.strerror or e}); "
+            "choose a directory you can write to."
+        ) from None
+
+
 def files_under(directory: str | epath.PathLike) -> list[epath.Path]:
     """Every file below `directory`, recursively (no rglob: cloud paths refuse `**`)."""
     out = []

@@ -169,7 +169,7 @@ def test_bad_inputs_fail_in_one_sentence_before_device_work(ck, tmp_path, no_dev
         job_config(ck, batch_size=12),
     )
     (tmp_path / "file").write_text("")
-    fails("cannot write to", output=str(tmp_path / "file" / "o.npz"))
+    fails("is not writable", output=str(tmp_path / "file" / "o.npz"))
     fails("no such directory", checkpoint=str(tmp_path / "missing"))
     fails("needs a classifier", job_config(ck, classifier_checkpoint=""))
     fails("for upsampler configs", base_samples=out)

@@ -58,6 +58,17 @@ def saved_workdir(tmp_path_factory):
     return workdir
 
 
+def test_a_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    # The quickstart's default workdir is relative; Orbax's array writer refuses one.
+    monkeypatch.chdir(tmp_path)
+    manager = create_manager("relative_run", keep=2)
+    checkpointing.save(manager, fake_state(3), [{"epoch": 0, "position": 3}], json.dumps(CONFIG))
+    checkpointing.finish_saves(manager)
+    params, _ = restore_params("relative_run")
+    np.testing.assert_array_equal(params["w"], np.full((4, 3), 3.0))
+    assert (tmp_path / "relative_run" / CHECKPOINTS_DIR / "3").is_dir()
+
+
 def copy_of(workdir, tmp_path):
     import shutil
 

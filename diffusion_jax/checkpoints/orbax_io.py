@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from diffusion_jax.files import read_json, write_text_atomic
+from diffusion_jax.files import absolute, read_json, write_text_atomic
 
 if TYPE_CHECKING:  # ml_collections is imported lazily: the GPU image lacks it
     import ml_collections
@@ -38,7 +38,7 @@ def save_params(
         raise ValueError("save_params takes the params tree, not {'params': ...} variables.")
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((directory / PARAMS_DIR).resolve(), params)
+    checkpointer.save(absolute(directory / PARAMS_DIR), params)
     checkpointer.wait_until_finished()
     write_text_atomic(directory / CONFIG_FILE, config.to_json_best_effort(indent=2))
     return directory
@@ -105,7 +105,7 @@ def restore_params(
         )
     config = restore_config(directory)
     try:
-        params = ocp.StandardCheckpointer().restore(params_dir.resolve(), target)
+        params = ocp.StandardCheckpointer().restore(absolute(params_dir), target)
     except Exception as e:  # Orbax/tensorstore: many types, multi-line specs
         raise workdir_lib.DamagedCheckpointError(
             f"{params_dir} cannot be read: {workdir_lib.short_reason(e)}; re-create it with "

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from diffusion_jax import resumable
+from diffusion_jax import files, resumable
 
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("params", "ema", "opt_state", "extra", "data", "config")
@@ -102,7 +102,9 @@ def ema_key(rate: float) -> str:
 def create_manager(
     workdir: str | epath.PathLike, *, keep: int, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """The run's CheckpointManager (async saves, the newest `keep` steps kept)."""
+    """The run's CheckpointManager (async saves, the newest `keep` steps kept), on the
+    absolute path of `workdir` (Orbax's array writer refuses a relative one, such as the
+    quickstart's default `quickstart_out`)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         enable_async_checkpointing=not read_only,
@@ -112,7 +114,7 @@ def create_manager(
     arrays = functools.partial(ocp.PyTreeCheckpointHandler, type_handler_registry=_type_handlers())
     handlers = {n: ocp.JsonCheckpointHandler() if n in JSON_ITEMS else arrays() for n in ITEMS}
     return ocp.CheckpointManager(
-        epath.Path(workdir) / CHECKPOINTS_DIR, options=options, item_handlers=handlers
+        files.absolute(workdir) / CHECKPOINTS_DIR, options=options, item_handlers=handlers
     )
 
 

@@ -166,12 +166,10 @@ class SamplingLoops:
         Returns:
           x_T [B, H, W, C] (feed it to ddim_sample_loop as noise), or the dict.
         """
+        keep, clip = keep_intermediates, clip_denoised
         options = SamplerOptions(
-            kind="ddim_reverse",
-            clip_denoised=clip_denoised,
-            keep_intermediates=keep_intermediates,
-            progress=progress,
+            "ddim_reverse", clip_denoised=clip, keep_intermediates=keep, progress=progress
         )
         cond = Conditioning(model_kwargs, denoised_fn=denoised_fn)
         out = samplers.run_loop(self, options, model_fn, x_start, None, cond)
-        return out if keep_intermediates else out["sample"]
+        return out if keep else out["sample"]

@@ -274,18 +274,16 @@ def evaluate_npz(
     for npz in (ref, sample):  # a classifier takes its own image size only
         inception_model.check_resolution(npz.resolution)
     kw = dict(mesh=mesh, batch_size=batch_size, cache=cache)
-    say("computing reference batch activations...")
-    ref_acts = _activations(ref, inception_model, **kw)
-    say("computing/reading reference batch statistics...")
-    ref_stats = _statistics(ref, ref_acts, inception_model.stored_statistics)
-    say("computing sample batch activations...")
-    sample_acts = _activations(sample, inception_model, **kw)
-    say("computing/reading sample batch statistics...")
-    sample_stats = _statistics(sample, sample_acts, inception_model.stored_statistics)
+    feats, stats = [], []
+    for name, npz in (("reference", ref), ("sample", sample)):
+        say(f"computing {name} batch activations...")
+        feats.append(_activations(npz, inception_model, **kw))
+        say(f"computing/reading {name} batch statistics...")
+        stats.append(_statistics(npz, feats[-1], inception_model.stored_statistics))
 
     say("Computing evaluations...")
     return _evaluations(
-        ref_acts.features, ref_stats, sample_acts.features, sample_stats,
+        feats[0].features, stats[0], feats[1].features, stats[1],
         split_size=split_size, distance_dtype=distance_dtype, pr_batch_size=pr_batch_size,
     )  # fmt: skip
 

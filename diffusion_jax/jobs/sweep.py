@@ -243,14 +243,9 @@ def run_sweep(
         features = evaluation.load_classifier_features(settings.features)
         features.check_resolution(reference.resolution)
     classifier = settings.classifier_checkpoint or config.sampling.classifier_checkpoint or None
-    samples_dir = workdir / "points"
     for point in points:  # every job's checks, before the first (long) one samples
         check_sampling_job(
-            point_config(config, point, settings.scale_field),
-            settings.checkpoint,
-            str(samples_dir / f"{point.slug}.npz"),
-            classifier_checkpoint=classifier,
-            mesh=mesh,
+            *_job(config, settings, point), classifier_checkpoint=classifier, mesh=mesh
         )
     with locks.exclusive_workdir(workdir, job="sweep"):
         _check_workdir(workdir, _identity(config, settings, classifier))
@@ -280,6 +275,12 @@ def reference_evaluator(
     )
 
 
+def _job(config, settings: SweepSettings, point) -> tuple[Any, str, str]:
+    """A point's sampling job: its config, the checkpoint and its output `.npz`."""
+    output = epath.Path(settings.workdir) / "points" / f"{point.slug}.npz"
+    return point_config(config, point, settings.scale_field), settings.checkpoint, str(output)
+
+
 def _run_points(config, settings, points, features, classifier, mesh, say) -> SweepResult:
     workdir, samples_dir = epath.Path(settings.workdir), epath.Path(settings.workdir) / "points"
     num_samples = int(config.sampling.num_samples)
@@ -294,11 +295,7 @@ def _run_points(config, settings, points, features, classifier, mesh, say) -> Sw
         if not resumable.agree(record is not None):  # process 0's view
             start = time.perf_counter()
             samples = run_sampling_job(
-                point_config(config, point, settings.scale_field),
-                settings.checkpoint,
-                str(samples_dir / f"{point.slug}.npz"),
-                classifier_checkpoint=classifier,
-                mesh=mesh,
+                *_job(config, settings, point), classifier_checkpoint=classifier, mesh=mesh
             )
             sampled = time.perf_counter() - start
             need_reference = evaluator.computed_reference is None

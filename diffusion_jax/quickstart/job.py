@@ -82,16 +82,7 @@ def _latest_step(directory: epath.Path) -> int | None:
 
 def _check_workdir(config: Any, workdir: epath.Path) -> None:
     """Writable, and holding nothing but an earlier run of this job's config."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(
-            f"--workdir={workdir} is not writable ({type(e).__name__}: {e.strerror or e}); "
-            "choose a directory you can write to."
-        ) from None
+    files.check_writable(workdir, f"--workdir={workdir}")
     record = workdir / JOB_FILE
     if not record.exists():
         if any(p.name != locks.LOCK_FILE for p in workdir.iterdir()):

@@ -224,15 +224,8 @@ def check_output(path: str) -> epath.Path:
     if not str(path).endswith(".npz"):
         raise ValueError(f"--output={path} must name a .npz file.")
     out = epath.Path(path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".{out.name}.write_test.{jax.process_index()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(
-            f"--output={path}: cannot write to {out.parent} ({e.strerror or e})."
-        ) from None
+    probe = f".{out.name}.write_test.{jax.process_index()}"
+    files.check_writable(out.parent, f"--output={path}", probe)
     return out
 
 

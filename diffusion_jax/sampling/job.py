@@ -148,10 +148,8 @@ def _plan(
         inputs.job_labels(labels_spec, None, n, 0)  # raises: nothing to condition on
     checkpoint_identity = workdir_lib.checkpoint_identity(checkpoint, step)
     fingerprint = {
-        "sampling": config.sampling.to_dict(),
+        **{section: config[section].to_dict() for section in ("sampling", "model", "diffusion")},
         "seed": int(config.seed),
-        "model": config.model.to_dict(),
-        "diffusion": config.diffusion.to_dict(),
         "checkpoint": str(checkpoint),
         "checkpoint_identity": checkpoint_identity,
         "ema_rate": ema_rate,

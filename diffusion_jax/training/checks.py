@@ -203,7 +203,7 @@ def _check_label_dropout(config: Any, trainer: str) -> None:
 # A field a newer version added is off in runs saved before it existed.
 _OFF = (None, False, 0, 0.0, "", [])
 # Fields added later whose default is not off: the value every earlier run had.
-_ADDED_WITH_VALUE = {"model.norm_groups": 32, "diffusion.decoder_variance_scale": 1.0}
+_ADDED_WITH_VALUE = {"model.norm_groups": 32}
 
 
 def _was_implicit(key: str, value: Any) -> bool:
