@@ -109,14 +109,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # One example in 32 at t = 0, where the vb term is the decoder's NLL L_0: uniform t
     # reaches it 58 times in 1800 steps, its learned variance stayed near the t = 1
     # value, and L_0 was over half the bits/dim (0.69 of 1.26). With this share: 0.35 of
-    # 0.97 bits/dim (bench/RESULTS.md).
+    # 0.97 bits/dim (bench/RESULTS.md). Samplers never use the variance at t = 0, but
+    # the pull there leaks into the shared variance output at the t they use: over three
+    # seeds the unguided samples came out worse (FD 7.9 vs 3.0; RESULTS.md, "Seeds").
     training.decoder_share = 1 / 32
-    # The decoder wants a variance far below the t = 1 range: the share alone pulled the
-    # shared variance output to -8 at t = 0, and the pull leaked into the steps the
-    # sampler uses (unguided FD 7.9 against 3.0 over three seeds). Magnified 16 times at
-    # t = 0, the same variance needs an output near -0.6 (bench/RESULTS.md, "The
-    # decoder's variance").
-    diffusion.decoder_variance_scale = 16.0
     training.log_every = 50
     training.checkpoint_every = 300
 

@@ -1,4 +1,5 @@
-"""Writing files that replace others, and reading JSON state, so that neither loses data.
+"""Writing files that replace others, and reading JSON state and config files, so that
+none of them loses data or fails without a sentence.
 
 Ground floor: knows nothing of the rest of the library, so every layer can use it.
 
@@ -9,6 +10,11 @@ Ground floor: knows nothing of the rest of the library, so every layer can use i
 - `write_text_atomic(path, text)` / `write_json_atomic(path, value)`: the same, in one call.
 - `read_json(path)`: the parsed file, or a `ValueError` naming the file (and what is wrong)
   instead of a bare `JSONDecodeError` that names nothing.
+- `absolute(path)`, `check_writable(directory, what)`: a local path made absolute (Orbax
+  needs one); a directory made and probed, or one `OSError` naming the flag.
+- `load_config_file(spec)`: a `path[:argument]` config file loaded as `--config` does,
+  with one sentence for whatever is wrong (launchers and config fields such as
+  `sampling.classifier_config` share it).
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ CONFIG_DEFAULTS = {
     "rescale_timesteps": False,
     "rescale_learned_sigmas": False,
     "timestep_respacing": "",
-    "decoder_variance_scale": 1.0,  # not a paper flag: see GaussianDiffusion
 }
 # Beyond the paper's flags: set a parameterisation directly (e.g. 'previous_x').
 _OVERRIDES = ("model_mean_type", "model_var_type", "loss_type")
@@ -122,8 +121,8 @@ def create_diffusion(diffusion_config=None, **kwargs) -> Diffusion:
     Args:
       diffusion_config: `config.diffusion` (ConfigDict or mapping) with steps,
         learn_sigma, sigma_small, noise_schedule, use_kl, predict_xstart,
-        rescale_timesteps, rescale_learned_sigmas, timestep_respacing, and
-        decoder_variance_scale (ours). Missing fields take the paper code's defaults.
+        rescale_timesteps, rescale_learned_sigmas, timestep_respacing. Missing fields
+        take the paper code's defaults.
       **kwargs: the same fields as keywords (overriding the config), and optionally
         model_mean_type ('epsilon' | 'start_x' | 'previous_x'), model_var_type
         ('fixed_small' | 'fixed_large' | 'learned' | 'learned_range') or loss_type
@@ -166,7 +165,6 @@ def create_diffusion(diffusion_config=None, **kwargs) -> Diffusion:
         rescale_timesteps=bool(cfg["rescale_timesteps"]),
         timestep_map=np.asarray(kept),
         original_num_steps=steps,
-        decoder_variance_scale=cfg["decoder_variance_scale"],
     )
 
 

@@ -56,11 +56,6 @@ class GaussianDiffusion:
       rescale_timesteps: pass t * 1000 / original_num_steps (float) to the model.
       timestep_map: int [T] original index of each step; None = identity.
       original_num_steps: steps of the process the model was trained on; None = T.
-      decoder_variance_scale: not a paper setting ('learned_range' only): at step 0, the
-        decoder p(x_0 | x_1), the model's variance output is multiplied by this before
-        the interpolation. 1.0 is the paper; > 1 reaches the small variance a
-        discretised decoder wants with an output near [-1, 1], where other steps keep
-        theirs (bench/RESULTS.md, "The decoder's variance").
     """
 
     betas: np.ndarray
@@ -70,7 +65,6 @@ class GaussianDiffusion:
     rescale_timesteps: bool = False
     timestep_map: np.ndarray | None = None
     original_num_steps: int | None = None
-    decoder_variance_scale: float = 1.0
 
     def __post_init__(self):
         betas = np.asarray(self.betas, dtype=np.float64)
@@ -100,14 +94,6 @@ class GaussianDiffusion:
             set_(self, name, _check_choice(name, getattr(self, name), choices))
         set_(self, "timestep_map", timestep_map.astype(np.int32))
         set_(self, "original_num_steps", original)
-        scale = self.decoder_variance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"decoder_variance_scale must be a number > 0, got {scale!r}")
-        if scale != 1.0 and self.model_var_type != "learned_range":
-            raise ValueError(
-                f"decoder_variance_scale={scale} scales a learned variance: it needs "
-                f"learn_sigma=True ('learned_range'), not {self.model_var_type!r}"
-            )
 
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
@@ -146,7 +132,6 @@ class GaussianDiffusion:
             bool(self.rescale_timesteps),
             self.timestep_map.tobytes(),
             self.original_num_steps,
-            float(self.decoder_variance_scale),
         )
         set_(self, "_value", value)
         set_(self, "_hash", hash(value))
@@ -341,9 +326,6 @@ class GaussianDiffusion:
             else:
                 # var_values in [-1, 1] interpolate (in log space) between the
                 # posterior variance and beta_t.
-                if self.decoder_variance_scale != 1.0:
-                    scale = jnp.where(t == 0, self.decoder_variance_scale, 1.0)
-                    var_values = var_values * scale.reshape((-1,) + (1,) * (x.ndim - 1))
                 min_log = self._extract("posterior_log_variance_clipped", t, x)
                 max_log = self._extract("log_betas", t, x)
                 frac = (var_values + 1.0) / 2.0
