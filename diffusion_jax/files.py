@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
-import ml_collections
 from etils import epath
 
 
@@ -140,6 +139,8 @@ def load_config_file(spec: str) -> tuple[Any, str | None]:
     Returns:
       `(ConfigDict, None)`, or `(None, what is wrong)` as one sentence.
     """
+    import ml_collections  # lazily: the GPU image lacks it, and this floor is imported everywhere
+
     path, colon, argument = spec.partition(":")
     if not path:
         return None, "the config path is empty"
