@@ -260,6 +260,42 @@ def test_categorical_baseline_is_the_closed_form():
     assert np.allclose(np.exp2(log2p).sum(axis=1), 1.0)
 
 
+def test_bits_per_dim_does_not_depend_on_the_device_count_or_the_batch():
+    """The bits/dim phase pads and splits its batches over every device; each image's
+    figure is calc_bpd_loop's on that image alone, keyed by its index."""
+    import jax
+    from _diffusion_reference import StandInModel
+
+    from diffusion_jax import parallel
+    from diffusion_jax.diffusion import create_diffusion
+
+    diffusion = create_diffusion(steps=20, noise_schedule="cosine", learn_sigma=True)
+    model_fn = jax.tree_util.Partial(StandInModel(3, True, seed=2))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(12, 4, 4, 3)).astype(np.uint8)
+    labels = rng.integers(0, 10, size=12)
+    rows = np.array([7, 0, 11, 3, 5])
+    base = jax.random.fold_in(jax.random.key(9), job._BPD_PURPOSE)
+    want = [
+        float(diffusion.calc_bpd_loop(
+            model_fn,
+            jax.numpy.asarray(images[i : i + 1], jax.numpy.float32) / 127.5 - 1.0,
+            jax.random.fold_in(base, i)[None],
+            model_kwargs={"y": jax.numpy.asarray(labels[i : i + 1], jax.numpy.int32)},
+        )["total_bpd"][0])
+        for i in rows
+    ]  # fmt: skip
+    eight = job.bits_per_dim(diffusion, model_fn, images, labels, rows, seed=9, batch_size=3)
+    one = job.bits_per_dim(
+        diffusion, model_fn, images, labels, rows, seed=9, batch_size=2,
+        mesh=parallel.create_mesh(jax.devices()[:1]),
+    )  # fmt: skip
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(eight, want, rtol=1e-5)
+    np.testing.assert_allclose(one, want, rtol=1e-5)
+    assert np.ptp(want) > 1e-3  # the images' figures differ: rows are not mixed up
+
+
 def test_phase_configs_share_the_facts_and_pass_the_checks():
     from diffusion_jax.training import checks
 

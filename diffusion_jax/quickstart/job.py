@@ -10,6 +10,7 @@ and resumes what is not; a changed setting redoes only what depends on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from diffusion_jax import files, locks, models, parallel, resumable
 from diffusion_jax.checkpoints import restore_params
 from diffusion_jax.checkpoints import workdir as workdir_lib
 from diffusion_jax.diffusion import create_diffusion
+from diffusion_jax.evaluation import multihost
 from diffusion_jax.progress import Progress
 from diffusion_jax.quickstart import baseline, report
 from diffusion_jax.training import checks
@@ -317,6 +319,57 @@ def _split_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8), np.concatenate(labels)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _bpd_of_rows(diffusion, model_fn, images, seed, rows):
+    base_key = jax.random.fold_in(jax.random.key(seed), _BPD_PURPOSE)
+    out = diffusion.calc_bpd_loop(
+        model_fn,
+        images["x"][rows].astype(jnp.float32) / 127.5 - 1.0,
+        jax.vmap(lambda i: jax.random.fold_in(base_key, i))(rows),
+        model_kwargs={"y": images["y"][rows]},
+    )
+    return out["total_bpd"]
+
+
+def bits_per_dim(
+    diffusion, model_fn, images, labels, rows, *, seed: int, batch_size: int, mesh=None
+) -> np.ndarray:
+    """Total bits/dim (the full variational bound) of `images[rows]`, over every device.
+
+    Each batch of rows is padded, split over the devices of `mesh` (default: all) and
+    unpadded; image i's q_sample noise is keyed by `fold_in(fold_in(key(seed), purpose),
+    i)` (its index in `images`), so the figures depend on neither the device count nor
+    the batch.
+
+    Args:
+      diffusion: the model's diffusion (T steps each).
+      model_fn: a `jax.tree_util.Partial` model function (its arrays are replicated).
+      images: uint8 `[N, H, W, C]`; labels: int `[N]` (the model's `y`).
+      rows: which images, int `[n]`.
+      batch_size: images per batch (rounded up to a multiple of the device count).
+
+    Returns:
+      float `[n]`, in the order of `rows`.
+    """
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    shards = parallel.num_data_shards(mesh)
+    batch = -(-int(batch_size) // shards) * shards
+    arrays = {"x": np.asarray(images), "y": np.asarray(labels, np.int32)}
+    run = multihost.PadShardUnpad(
+        functools.partial(
+            _bpd_of_rows, diffusion, *parallel.global_replicated((model_fn, arrays), mesh), seed
+        ),
+        mesh,
+        batch,
+    )
+    rows = np.asarray(rows, np.int32)
+    totals, progress = [], Progress("bits/dim", len(rows))
+    for s in range(0, len(rows), batch):
+        totals.append(run(rows[s : s + batch])[0])
+        progress.update(len(totals[-1]))
+    return np.concatenate(totals)
+
+
 def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     cfg = phase_config(config, "diffusion")
     job = config.quickstart
@@ -339,26 +392,16 @@ def _bpd_phase(config, workdir, steps: dict, state: dict, test: tuple) -> dict:
     params, _ = restore_params(workdir / "diffusion", ema_rate=rate[0] if rate else None)
     model = models.create_model(cfg.model)
     diffusion = create_diffusion(cfg.diffusion)
-    model_fn = jax.tree_util.Partial(model.apply, {"params": params})
-    base_key = jax.random.fold_in(jax.random.key(int(cfg.seed)), _BPD_PURPOSE)
     batch = int(job.bpd_batch_size)
-    totals, start, progress = [], time.time(), Progress("bits/dim", len(pick))
     logging.info(
-        "[5/6] bits/dim of %d test images (%d steps each, %d per batch)",
-        len(pick), diffusion.num_timesteps, batch,
+        "[5/6] bits/dim of %d test images (%d steps each, %d per batch over %d devices)",
+        len(pick), diffusion.num_timesteps, batch, jax.device_count(),
     )  # fmt: skip
-    for s in range(0, len(pick), batch):
-        idx = pick[s : s + batch]
-        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(idx))
-        out = diffusion.calc_bpd_loop(
-            model_fn,
-            jnp.asarray(test_x[idx], jnp.float32) / 127.5 - 1.0,
-            keys,
-            model_kwargs={"y": jnp.asarray(test_y[idx], jnp.int32)},
-        )
-        totals.append(np.asarray(out["total_bpd"]))
-        progress.update(len(idx))
-    total = np.concatenate(totals)
+    start = time.time()
+    model_fn = jax.tree_util.Partial(model.apply, {"params": params})
+    total = bits_per_dim(
+        diffusion, model_fn, test_x, test_y, pick, seed=int(cfg.seed), batch_size=batch
+    )
     result = {
         "bpd": float(total.mean()),
         "bpd_stderr": float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else 0.0,
