@@ -92,12 +92,15 @@ def test_quickstart_trains_guides_and_reports(run):
     assert bpd["bpd"] < bpd["baseline_bpd"], bpd
     ev = figures["classifier_eval"]
     assert ev["eval_acc@1_q0"] > ev["eval_acc@1_q3"], ev
-    # Grey digits on black: the samples learned the colour statistics (with the paper's
-    # 32 GroupNorm groups at width 32 the channel difference stayed near 50/255).
+    # Grey digits on black: the samples learned the colour statistics. With the paper's
+    # 32 GroupNorm groups at width 32 the backgrounds were 77-98/255 and the channels
+    # differed by 41-50/255; this run gave 35-40 and 3.3 (2026-12-06), the default run
+    # about 5 and 0.8 (bench/RESULTS.md).
     colour = figures["colour"]
     assert colour["data (test)"] == {"median_background": 0.0, "channel_difference": 0.0}
     for name in ("unguided", "guided", "cfg"):
-        assert colour[name]["channel_difference"] < 25, colour
+        assert colour[name]["median_background"] < 60, colour
+        assert colour[name]["channel_difference"] < 10, colour
     # The paper's metrics on the clean classifier's features: held-out digits (the floor)
     # are closer to the test digits than any sample set.
     metrics = figures["metrics"]
