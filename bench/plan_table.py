@@ -124,7 +124,10 @@ def render():
     print()
     print("| config | devices | variant | total | state | temporaries | compile s |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    for r in _read(_COMPILED.value):
+    order = {"data-parallel": 0, "fsdp": 1, "fsdp + remat": 2}
+    rows = sorted(_read(_COMPILED.value), key=lambda r: (
+        CONFIGS.index(r["config"]), r["devices"], order.get(r["variant"], 3)))  # fmt: skip
+    for r in rows:
         sizes = " | ".join(gib(r[k]) for k in ("total_bytes", "state_bytes", "temp_bytes"))
         print(
             f"| {r['config']} | {r['devices']} | {r['variant']} | {sizes} | {r['compile_s']:.0f} |"
