@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import time
 
 import jax
@@ -49,8 +50,18 @@ def _config(name):
     return importlib.import_module(f"configs.{name}").get_config()
 
 
+def _commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def _write(row):
-    row = {**row, **{k: v for k, v in benchlib.environment().items() if k != "device"}}
+    env = {k: v for k, v in benchlib.environment().items() if k != "device"}
+    row = {**row, **env, "commit": _commit()}
     print(json.dumps(row), flush=True)
     if _OUT.value:
         with open(_OUT.value, "a") as f:
@@ -125,7 +136,9 @@ def render():
     print("| config | devices | variant | total | state | temporaries | compile s |")
     print("|---|---:|---|---:|---:|---:|---:|")
     order = {"data-parallel": 0, "fsdp": 1, "fsdp + remat": 2}
-    rows = sorted(_read(_COMPILED.value), key=lambda r: (
+    # A config, device count and variant compiled again: the newest row stands.
+    newest = {(r["config"], r["devices"], r["variant"]): r for r in _read(_COMPILED.value)}
+    rows = sorted(newest.values(), key=lambda r: (
         CONFIGS.index(r["config"]), r["devices"], order.get(r["variant"], 3)))  # fmt: skip
     for r in rows:
         sizes = " | ".join(gib(r[k]) for k in ("total_bytes", "state_bytes", "temp_bytes"))

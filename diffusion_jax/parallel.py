@@ -11,6 +11,7 @@ decided in one place.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -231,6 +232,36 @@ def state_shardings(abstract_tree: Any, mesh: Mesh, *, min_size: int = 2**16) ->
         return NamedSharding(mesh, fsdp_spec(np.shape(leaf), shards, min_size))
 
     return jax.tree.map(rule, abstract_tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class FsdpGather:
+    """Where FSDP parameters are whole: gathered for the step's compute, scattered back.
+
+    The train step computes with every parameter whole (`gather`: constrained to
+    replicated, one all-gather per sharded array, placed by the compiler) and puts the
+    gradients back in the state's layout (`scatter`: `state_shardings`, a reduce-scatter).
+    Without it the SPMD partitioner propagates the parameters' channel sharding into the
+    activations: the UNet's train step then moves activations between batch and channel
+    layouts (all-to-alls) and gathers whole-batch activations for weight gradients
+    (README: Plan a run). Hashable, so it can sit in a step's static settings.
+    """
+
+    mesh: Mesh
+    min_size: int
+
+    @classmethod
+    def for_mesh(cls, mesh: Mesh, min_size: int) -> FsdpGather | None:
+        """The gather for `mesh`, or None where parameters are not sharded (fsdp = 1)."""
+        return cls(mesh, int(min_size)) if num_fsdp_shards(mesh) > 1 else None
+
+    def gather(self, tree: Any) -> Any:
+        whole = replicated_sharding(self.mesh)
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
+
+    def scatter(self, tree: Any) -> Any:
+        shardings = state_shardings(tree, self.mesh, min_size=self.min_size)
+        return jax.lax.with_sharding_constraint(tree, shardings)
 
 
 # ----- processes ---------------------------------------------------------------------

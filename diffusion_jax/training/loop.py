@@ -119,6 +119,7 @@ def create_setup(config: Any, mesh, trainer: str, workdir: epath.Path | None = N
         "ema_rates": tuple(float(r) for r in training.ema_rates),
         "num_microbatches": num_micro,
         "ema_warmup": bool(training.get("ema_warmup", False)),
+        "fsdp": parallel.FsdpGather.for_mesh(mesh, training.fsdp_min_size),
     }
     task = _TASKS[trainer](config, settings_kwargs, mesh, workdir)
 

@@ -45,6 +45,9 @@ class StepSettings:
       ema_warmup: use rate min(r, (1 + step) / (10 + step)) at each step instead of r,
         so early EMA copies do not keep the random initialisation (short runs; the
         paper's code has no warm-up: off by default).
+      fsdp: with sharded parameters, `parallel.FsdpGather`: the forward and backward
+        compute with whole parameters and the gradients go back to the state's layout
+        (None: parameters replicated, nothing to gather).
     """
 
     apply_fn: Callable
@@ -56,6 +59,7 @@ class StepSettings:
     label_dropout: float = 0.0
     null_label: int | None = None
     ema_warmup: bool = False
+    fsdp: Any = None
 
     def __post_init__(self):
         if self.label_dropout > 0 and self.null_label is None:
@@ -97,11 +101,16 @@ def quartile_means(values: jax.Array, t: jax.Array, num_timesteps: int, name: st
     return out
 
 
-def _accumulate_grads(loss_fn, params, micro_inputs, k: int):
+def _accumulate_grads(loss_fn, params, micro_inputs, k: int, fsdp=None):
     """Mean loss and gradient over k microbatches (lax.scan), plus per-example aux.
 
     loss_fn(params, inputs, j) -> (scalar mean loss over the microbatch, aux of [b] arrays).
+    With `fsdp` (a `parallel.FsdpGather`) the microbatches see whole parameters and the
+    gradients return in the state's sharded layout.
     """
+    if fsdp is not None:
+        loss, grads, aux = _accumulate_grads(loss_fn, fsdp.gather(params), micro_inputs, k)
+        return loss, fsdp.scatter(grads), aux
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k == 1:
         inputs = jax.tree.map(lambda x: x[0], micro_inputs)
@@ -234,7 +243,9 @@ def diffusion_train_step(
         )
         return jnp.mean(terms["loss"] * mb["w"]), terms
 
-    loss, grads, terms = _accumulate_grads(loss_fn, state.params, _split_micro(inputs, k), k)
+    loss, grads, terms = _accumulate_grads(
+        loss_fn, state.params, _split_micro(inputs, k), k, settings.fsdp
+    )
     terms = _merge_micro(terms)
     sampler_state = sampler.update(state.sampler, t, terms["loss"])
     new_state, metrics = _apply_update(state, grads, loss, settings, sampler_state)
@@ -300,7 +311,9 @@ def classifier_train_step(
         terms = classifier_terms(logits, mb["y"])
         return jnp.mean(terms["loss"]), terms
 
-    loss, grads, terms = _accumulate_grads(loss_fn, state.params, _split_micro(inputs, k), k)
+    loss, grads, terms = _accumulate_grads(
+        loss_fn, state.params, _split_micro(inputs, k), k, settings.fsdp
+    )
     terms = _merge_micro(terms)
     new_state, metrics = _apply_update(state, grads, loss, settings, state.sampler)
     for name, values in terms.items():
