@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import time
 
@@ -61,7 +62,8 @@ def _commit():
 
 def _write(row):
     env = {k: v for k, v in benchlib.environment().items() if k != "device"}
-    row = {**row, **env, "commit": _commit()}
+    flags = os.environ.get("XLA_FLAGS", "")  # e.g. --xla_backend_optimization_level=0
+    row = {**row, **env, "commit": _commit(), "xla_flags": flags}
     print(json.dumps(row), flush=True)
     if _OUT.value:
         with open(_OUT.value, "a") as f:
@@ -116,8 +118,48 @@ def _read(path):
         return []
 
 
+COUNTS = (8, 64, 256)
+_ORDER = {"data-parallel": 0, "fsdp": 1, "fsdp + remat": 2}
+_STATE_KEY = {"data-parallel": "dp", "fsdp": "fsdp", "fsdp + remat": "fsdp"}
+
+
+def newest_rows(rows):
+    """{(config, variant): {devices: row}}: a row compiled again, the newest stands."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["config"], r["variant"]), {})[r["devices"]] = r
+    return out
+
+
+def estimate(compiled, state, variant, n):
+    """Per-device bytes at `n` devices computed from the counts compiled below it.
+
+    The state (parameters, EMA, Adam) at `n` is exact (`state`: {(devices, 'dp' or
+    'fsdp'): row}). The rest (batch, activations, gradients, gathers) is split into a
+    part that scales as 1/N and a fixed part: fitted as a + b/N through the two largest
+    compiled counts, or with one count, the fixed part taken as the whole gradients
+    (data-parallel) or the whole parameters and gradients (FSDP gathers them).
+    """
+    below = sorted(d for d in compiled if d < n)
+    if not below or (n, _STATE_KEY[variant]) not in state:
+        return None
+    rest = {d: compiled[d]["total_bytes"] - compiled[d]["state_bytes"] for d in below}
+    if len(below) >= 2:
+        n1, n2 = below[-2:]
+        b = (rest[n1] - rest[n2]) / (1 / n1 - 1 / n2)
+        a = rest[n1] - b / n1
+        if a < 0:
+            a, b = 0.0, rest[n2] * n2
+    else:
+        n1 = below[0]
+        whole = state[(n1, "dp")]["param_bytes"]
+        a = min(rest[n1], whole * (1 if variant == "data-parallel" else 2))
+        b = (rest[n1] - a) * n1
+    return state[(n, _STATE_KEY[variant])]["state_bytes"] + a + b / n
+
+
 def render():
-    """Markdown: exact state bytes of every config; the compiled rows that exist."""
+    """Markdown: exact state bytes; compiled (or computed) bytes and compile seconds."""
     gib = lambda b: f"{b / aot.GIB:.2f}"  # noqa: E731
     state = {(r["config"], r["devices"], r["variant"]): r for r in _read(_STATE.value)}
     print("| config (batch) | params | params + EMA + Adam, data-parallel | FSDP 8 | FSDP 64 "
@@ -129,22 +171,33 @@ def render():
             continue
         dp = rows[(8, "dp")]
         cells = [gib(rows[(n, "fsdp")]["state_bytes"]) if (n, "fsdp") in rows else "-"
-                 for n in (8, 64, 256)]  # fmt: skip
+                 for n in COUNTS]  # fmt: skip
         print(f"| {name} ({dp['batch']}) | {gib(dp['param_bytes'])} | {gib(dp['state_bytes'])} | "
               + " | ".join(cells) + " |")  # fmt: skip
+    compiled = newest_rows(_read(_COMPILED.value))
+    keys = sorted(compiled, key=lambda k: (CONFIGS.index(k[0]), _ORDER.get(k[1], 3)))
     print()
-    print("| config | devices | variant | total | state | temporaries | compile s |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    order = {"data-parallel": 0, "fsdp": 1, "fsdp + remat": 2}
-    # A config, device count and variant compiled again: the newest row stands.
-    newest = {(r["config"], r["devices"], r["variant"]): r for r in _read(_COMPILED.value)}
-    rows = sorted(newest.values(), key=lambda r: (
-        CONFIGS.index(r["config"]), r["devices"], order.get(r["variant"], 3)))  # fmt: skip
-    for r in rows:
-        sizes = " | ".join(gib(r[k]) for k in ("total_bytes", "state_bytes", "temp_bytes"))
-        print(
-            f"| {r['config']} | {r['devices']} | {r['variant']} | {sizes} | {r['compile_s']:.0f} |"
-        )
+    print("| config (batch) | variant | 8 devices | 64 devices | 256 devices |")
+    print("|---|---|---:|---:|---:|")
+    for name, variant in keys:
+        rows = compiled[(name, variant)]
+        own = {k[1:]: v for k, v in state.items() if k[0] == name}
+        cells = []
+        for n in COUNTS:
+            if n in rows:
+                cells.append(gib(rows[n]["total_bytes"]))
+                continue
+            value = estimate(rows, own, variant, n)
+            cells.append("-" if value is None else f"*{gib(value)}*")
+        batch = own[(8, "dp")]["batch"] if (8, "dp") in own else "?"
+        print(f"| {name} ({batch}) | {variant} | " + " | ".join(cells) + " |")
+    print()
+    print("| config | variant | compile s, 8 devices | 64 | 256 |")
+    print("|---|---|---:|---:|---:|")
+    for name, variant in keys:
+        rows = compiled[(name, variant)]
+        cells = [f"{rows[n]['compile_s']:.0f}" if n in rows else "-" for n in COUNTS]
+        print(f"| {name} | {variant} | " + " | ".join(cells) + " |")
 
 
 def main(argv):
