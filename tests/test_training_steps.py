@@ -190,7 +190,7 @@ def test_fsdp_step_keeps_activations_split_by_batch(fsdp_setups):
     activation. Without `parallel.FsdpGather` the partitioner follows the kernels'
     channel sharding into the activations (measured on this tiny UNet: dozens of all-to-alls
     of normalisation blocks and a gather of a whole-batch [16, 8, 8, 64] activation;
-    upsample64_256 at 8 devices: 281 all-to-alls and 12 GiB whole-batch buffers)."""
+    upsample64_256 at 8 devices: 256 all-to-alls, 10 whole-batch gathers up to 12 GiB)."""
     import re
 
     from diffusion_jax.training import aot as training_aot
