@@ -200,8 +200,10 @@ def test_fsdp_step_keeps_activations_split_by_batch(fsdp_setups):
     batch = training_aot.abstract_batch(config, mesh)
     hlo = setup.train_step.lower(setup.abstract_state, batch).compile().as_text()
     b = int(config.training.batch_size)
-    gathered = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", hlo)
-    shapes = [tuple(int(d) for d in g.split(",") if d) for g in gathered]
+    # Every array an all-gather returns, combined (tuple) and asynchronous ones included.
+    results = re.findall(r"= (.*?) all-gather(?:-start)?\(", hlo)
+    shapes = [tuple(int(d) for d in dims.split(",") if d)
+              for r in results for dims in re.findall(r"\[([\d,]*)\]", r)]  # fmt: skip
     assert shapes, "the FSDP step should all-gather its sharded kernels"
     activations = [s for s in shapes if len(s) >= 3 and s[0] == b]
     assert not activations, f"whole-batch activations gathered: {activations}"
@@ -240,9 +242,13 @@ def test_checkpoint_restores_under_another_mesh(single_device_run, fsdp_setups, 
     assert_trees_close(state.ema, state1.ema)
 
 
-def test_microbatched_step_equals_one_batch(single_device_run):
+@pytest.mark.parametrize("fsdp", [1, 8])
+def test_microbatched_step_equals_one_batch(single_device_run, fsdp):
+    """Two microbatches of 8 on 8 devices, parameters replicated or sharded (where each
+    microbatch's gradient is reduce-scattered into the sharded running sum)."""
     state1, metrics1, _ = single_device_run
-    state, metrics, _ = run_steps(tiny_config(microbatch=8), jax.devices())
+    config = tiny_config(mesh_fsdp=fsdp, microbatch=8, fsdp_min_size=256)
+    state, metrics, _ = run_steps(config, jax.devices())
     assert_trees_close(state.params, state1.params)
     assert_trees_close(state.ema, state1.ema)
     np.testing.assert_array_equal(state.sampler.counts, state1.sampler.counts)

@@ -177,13 +177,18 @@ def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
     data.update(split=data.eval_split, shuffle_buffer=0, random_flip=False, random_crop=False)
     n_dev = parallel.num_data_shards(mesh)
     batch = max(n_dev, training.batch_size - training.batch_size % n_dev)
+    whole = parallel.replicated_sharding(mesh)
+
+    def eval_step(params, examples, key, *, noised):
+        # Whole parameters, as in the train step (FSDP keeps activations split by batch).
+        params = jax.lax.with_sharding_constraint(params, whole)
+        return steps.classifier_eval_step(
+            params, examples, key, apply_fn=model.apply, diffusion=diffusion, noised=noised
+        )
+
     # Held-out terms on noised inputs (as training sees them) and on clean ones (t = 0).
     eval_steps = {
-        prefix: jax.jit(
-            functools.partial(
-                steps.classifier_eval_step, apply_fn=model.apply, diffusion=diffusion, noised=noised
-            )
-        )
+        prefix: jax.jit(functools.partial(eval_step, noised=noised))
         for prefix, noised in (("eval", bool(training.noised)), ("eval_clean", False))
     }
     base_key = jax.random.key(config.seed)

@@ -105,26 +105,26 @@ def _accumulate_grads(loss_fn, params, micro_inputs, k: int, fsdp=None):
     """Mean loss and gradient over k microbatches (lax.scan), plus per-example aux.
 
     loss_fn(params, inputs, j) -> (scalar mean loss over the microbatch, aux of [b] arrays).
-    With `fsdp` (a `parallel.FsdpGather`) the microbatches see whole parameters and the
-    gradients return in the state's sharded layout.
+    With `fsdp` (a `parallel.FsdpGather`) the microbatches see whole parameters and each
+    microbatch's gradient goes back to the state's sharded layout before it is summed
+    (a reduce-scatter a microbatch; the running sum stays sharded).
     """
-    if fsdp is not None:
-        loss, grads, aux = _accumulate_grads(loss_fn, fsdp.gather(params), micro_inputs, k)
-        return loss, fsdp.scatter(grads), aux
+    scatter = (lambda tree: tree) if fsdp is None else fsdp.scatter
+    whole = params if fsdp is None else fsdp.gather(params)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k == 1:
         inputs = jax.tree.map(lambda x: x[0], micro_inputs)
-        (loss, aux), grads = grad_fn(params, inputs, 0)
-        return loss, grads, jax.tree.map(lambda x: x[None], aux)
+        (loss, aux), grads = grad_fn(whole, inputs, 0)
+        return loss, scatter(grads), jax.tree.map(lambda x: x[None], aux)
 
     def body(carry, xs):
         loss_sum, grad_sum = carry
         j, inputs = xs
-        (loss, aux), grads = grad_fn(params, inputs, j)
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        (loss, aux), grads = grad_fn(whole, inputs, j)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, scatter(grads))
         return (loss_sum + loss, grad_sum), aux
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = scatter(jax.tree.map(jnp.zeros_like, params))
     (loss_sum, grad_sum), aux = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(k), micro_inputs)
     )
