@@ -9,7 +9,8 @@
 `state`: parameter + EMA + optimiser bytes per device from the shardings (exact on every
 backend; no compile) for 8, 64, 256 devices, data-parallel and FSDP. `compile`: the train
 step compiled by `diffusion_jax.jobs.plan` (launch.plan's code) for `config:devices:variant`
-jobs (dp, fsdp, fsdp_remat), one JSON line each as it finishes.
+jobs (dp, fsdp, fsdp_remat), one JSON line each as it finishes. `sample`: the config's
+sampling program (`config:devices` jobs). `render`: the README's tables.
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ VARIANTS = {
     "fsdp": plan.Variant(fsdp=True),
     "fsdp_remat": plan.Variant(fsdp=True, remat=True),
 }
-_MODE = flags.DEFINE_enum("mode", "state", ["state", "compile", "render"], "What to do.")
-_JOBS = flags.DEFINE_list("jobs", [], "config:devices:variant for --mode=compile.")
+_MODE = flags.DEFINE_enum("mode", "state", ["state", "compile", "sample", "render"], "What to do.")
+_JOBS = flags.DEFINE_list(
+    "jobs", [], "config:devices:variant for --mode=compile, config:devices for --mode=sample."
+)
 _OUT = flags.DEFINE_string("out", "", "JSON lines file to append to.")
 _STATE = flags.DEFINE_string("state", "bench/plan_state.jsonl", "--mode=render: state rows.")
 _COMPILED = flags.DEFINE_string(
     "compiled", "bench/plan_compiled.jsonl", "--mode=render: compiled rows."
+)
+_SAMPLING = flags.DEFINE_string(
+    "sampling", "bench/plan_sampling.jsonl", "--mode=render: sampling rows."
 )
 
 
@@ -108,6 +114,16 @@ def compile_rows():
         start = time.perf_counter()
         row = plan.compile_train_variant(_config(name), jax.devices()[: int(n)], VARIANTS[key])
         _write({"config": name, "variant": key, "wall_s": time.perf_counter() - start, **row})
+
+
+def sample_rows():
+    """The config's sampling program (guided where it names a classifier), launch.plan's."""
+    for job in _JOBS.value:
+        name, n = job.split(":")
+        config = plan.variant_config(_config(name), VARIANTS["dp"])
+        start = time.perf_counter()
+        row = plan.compile_sampling(config, jax.devices()[: int(n)])
+        _write({"config": name, "wall_s": time.perf_counter() - start, **row})
 
 
 def _read(path):
@@ -198,11 +214,23 @@ def render():
         rows = compiled[(name, variant)]
         cells = [f"{rows[n]['compile_s']:.0f}" if n in rows else "-" for n in COUNTS]
         print(f"| {name} | {variant} | " + " | ".join(cells) + " |")
+    sampling = _read(_SAMPLING.value)
+    if sampling:
+        newest = {(r["config"], r["devices"]): r for r in sampling}
+        print()
+        print("| config | program | devices | batch | steps | GiB per device | temporaries "
+              "| compile s |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for (name, n), r in sorted(newest.items(), key=lambda kv: CONFIGS.index(kv[0][0])):
+            sizes = f"{gib(r['total_bytes'])} | {gib(r['temp_bytes'])}"
+            print(f"| {name} | {r['variant']} | {n} | {r['batch']} | {r['steps']} | {sizes} "
+                  f"| {r['compile_s']:.0f} |")  # fmt: skip
 
 
 def main(argv):
     del argv
-    {"state": state_rows, "compile": compile_rows, "render": render}[_MODE.value]()
+    modes = {"state": state_rows, "compile": compile_rows, "sample": sample_rows, "render": render}
+    modes[_MODE.value]()
 
 
 if __name__ == "__main__":
