@@ -177,11 +177,11 @@ def classifier_hooks(config: Any, model: Any, diffusion: Any, mesh: Mesh):
     data.update(split=data.eval_split, shuffle_buffer=0, random_flip=False, random_crop=False)
     n_dev = parallel.num_data_shards(mesh)
     batch = max(n_dev, training.batch_size - training.batch_size % n_dev)
-    whole = parallel.replicated_sharding(mesh)
+    fsdp = parallel.FsdpGather.for_mesh(mesh, training.fsdp_min_size)
 
     def eval_step(params, examples, key, *, noised):
         # Whole parameters, as in the train step (FSDP keeps activations split by batch).
-        params = jax.lax.with_sharding_constraint(params, whole)
+        params = params if fsdp is None else fsdp.gather(params)
         return steps.classifier_eval_step(
             params, examples, key, apply_fn=model.apply, diffusion=diffusion, noised=noised
         )
